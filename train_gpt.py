@@ -1,0 +1,2070 @@
+"""Parameter Golf record-run script: train a small GPT in 10 minutes, pack it under 16,000,000
+bytes, and score it in bits per byte with evaluators that cannot leak validation data.
+
+Launch: torchrun --standalone --nproc_per_node=8 train_gpt.py  (or plain `python train_gpt.py`).
+Every setting is an environment variable; see the Hyperparameters class or README.md.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import difflib
+import glob
+import io
+import json
+import lzma
+import math
+import os
+import platform
+import struct
+import subprocess
+import sys
+import time
+import uuid
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+# ----------------------------------------------------------------------------- hyperparameters
+
+
+class SettingsError(ValueError):
+    """A malformed, out-of-range or unknown environment setting."""
+
+
+@dataclass(frozen=True)
+class Setting:
+    name: str  # environment variable; the attribute is its lower-case form
+    default: object
+    doc: str
+    check: object = None  # callable(value) -> bool, or a tuple of allowed values
+    rule: str = ""  # what `check` demands, for the error message
+
+
+def _positive(v):
+    return v > 0
+
+
+def _non_negative(v):
+    return v >= 0
+
+
+def _fraction(v):
+    return 0.0 <= v <= 1.0
+
+
+SETTINGS = (
+    # data, run and logging
+    Setting("DATA_PATH", "./data/datasets/fineweb10B_sp1024", "folder of fineweb_{train,val}_*.bin shards"),
+    Setting("TOKENIZER_PATH", "./data/tokenizers/fineweb_1024_bpe.model", "SentencePiece model used for bpb byte counts"),
+    Setting("RUN_ID", "", "name of the run; logs/{RUN_ID}.txt (default: a fresh id)"),
+    Setting("SEED", 1337, "random seed for init, data order of TTT adapters and sampling"),
+    Setting("LOG_DIR", "logs", "folder for the log file and, by default, the artifact"),
+    Setting("ARTIFACT_PATH", "", "where the compressed model is written (default {LOG_DIR}/{RUN_ID}.pgz)"),
+    Setting("EVAL_ONLY", "", "path of an existing artifact: skip training, load it and evaluate"),
+    Setting("TRAIN_LOG_EVERY", 200, "progress line every N steps (0 = only first and last)", _non_negative, ">= 0"),
+    Setting("VAL_LOSS_EVERY", 0, "validation every N steps during training (0 = only at the end)", _non_negative, ">= 0"),
+    Setting("VAL_BATCH_SIZE", 524288, "tokens per validation batch, all ranks together", _positive, "> 0"),
+    Setting("VAL_MAX_TOKENS", 0, "score only the first N validation tokens (0 = all; smoke runs and tests only)", _non_negative, ">= 0"),
+    # schedule
+    Setting("ITERATIONS", 20000, "maximum number of training steps", _positive, "> 0"),
+    Setting("MAX_WALLCLOCK_SECONDS", 600.0, "training wall-clock cap in seconds (0 = no cap)", _non_negative, ">= 0"),
+    Setting("WARMUP_STEPS", 20, "untimed compile warm-up steps; weights, optimizer and data are restored after", _non_negative, ">= 0"),
+    Setting("WARMDOWN_FRAC", 0.5, "LR warm-down over this fraction of the budget (wall clock, else ITERATIONS)", _fraction, "in [0, 1]"),
+    Setting("WARMDOWN_ITERS", 0, "if > 0, warm down over the last N steps instead (estimated by wall clock, as the baseline)", _non_negative, ">= 0"),
+    Setting("MIN_LR", 0.0, "floor of the LR multiplier during warm-down", _fraction, "in [0, 1]"),
+    Setting("TRAIN_BATCH_TOKENS", 786432, "tokens per optimizer step, all ranks and micro-steps together", _positive, "> 0"),
+    Setting("TRAIN_SEQ_LEN", 2048, "training sequence length", _positive, "> 0"),
+    # model
+    Setting("VOCAB_SIZE", 1024, "vocabulary size; must match the tokenizer", _positive, "> 0"),
+    Setting("NUM_LAYERS", 11, "transformer blocks", _positive, "> 0"),
+    Setting("MODEL_DIM", 512, "residual width", _positive, "> 0"),
+    Setting("NUM_HEADS", 8, "query heads", _positive, "> 0"),
+    Setting("NUM_KV_HEADS", 4, "key/value heads (GQA); must divide NUM_HEADS", _positive, "> 0"),
+    Setting("MLP_MULT", 3.0, "MLP hidden width as a multiple of MODEL_DIM", _positive, "> 0"),
+    Setting("MLP_ACT", "relu2", "MLP activation: relu2 = relu(x)^2, leaky_relu2 = leaky_relu(x, 0.5)^2", ("relu2", "leaky_relu2")),
+    Setting("TIE_EMBEDDINGS", True, "share the input embedding and the LM head"),
+    Setting("ROPE_BASE", 10000.0, "RoPE base frequency", _positive, "> 0"),
+    Setting("ROPE_DIMS", 0, "rotate only the first N dims of each head (0 = all; partial RoPE)", _non_negative, ">= 0"),
+    Setting("LOGIT_SOFTCAP", 30.0, "logits = cap * tanh(z / cap) (0 = off)", _non_negative, ">= 0"),
+    Setting("QK_GAIN_INIT", 1.5, "initial per-head query gain after QK-norm", _positive, "> 0"),
+    Setting("SMEAR_GATE", True, "mix the previous token's embedding in through a learned gate (never across BOS)"),
+    Setting("BIGRAM_VOCAB_SIZE", 2048, "rows of the hashed (previous, current) token embedding (0 = off)", lambda v: v == 0 or v >= 2, "0 or >= 2"),
+    Setting("BIGRAM_DIM", 128, "width of the BigramHash table before its projection", _positive, "> 0"),
+    Setting("UNET_SKIPS", True, "skip connections from the first half of the blocks to the second"),
+    Setting("ATTN_BACKEND", "auto", "auto = FlashAttention-3, else FlashAttention-2, else SDPA", ("auto", "fa3", "fa2", "sdpa")),
+    Setting("COMPILE", True, "torch.compile the model and Newton-Schulz on CUDA (never on CPU)"),
+    # optimizer
+    Setting("EMBED_LR", 0.6, "Adam LR of the untied input embedding", _non_negative, ">= 0"),
+    Setting("HEAD_LR", 0.008, "Adam LR of the untied LM head", _non_negative, ">= 0"),
+    Setting("TIED_EMBED_LR", 0.035, "Adam LR of the tied embedding", _non_negative, ">= 0"),
+    Setting("TIED_EMBED_INIT_STD", 0.005, "init std of the tied embedding", _positive, "> 0"),
+    Setting("MATRIX_LR", 0.025, "Muon LR of the 2-D block matrices", _non_negative, ">= 0"),
+    Setting("SCALAR_LR", 0.025, "Adam LR of gains, gates, scales and the BigramHash table", _non_negative, ">= 0"),
+    Setting("MUON_MOMENTUM", 0.99, "Muon momentum after warm-up", _fraction, "in [0, 1]"),
+    Setting("MUON_MOMENTUM_WARMUP_START", 0.92, "Muon momentum at step 0", _fraction, "in [0, 1]"),
+    Setting("MUON_MOMENTUM_WARMUP_STEPS", 1500, "steps of linear momentum warm-up", _non_negative, ">= 0"),
+    Setting("MUON_BACKEND_STEPS", 5, "Newton-Schulz iterations", _positive, "> 0"),
+    Setting("MUON_WD", 0.04, "decoupled weight decay of Muon matrices (scaled by LR)", _non_negative, ">= 0"),
+    Setting("ADAM_WD", 0.04, "decoupled weight decay of Adam embeddings (AdamW)", _non_negative, ">= 0"),
+    Setting("BETA1", 0.9, "Adam beta1", _fraction, "in [0, 1]"),
+    Setting("BETA2", 0.95, "Adam beta2", _fraction, "in [0, 1]"),
+    Setting("ADAM_EPS", 1e-8, "Adam epsilon", _positive, "> 0"),
+    Setting("GRAD_CLIP_NORM", 0.3, "global gradient-norm clip (0 = off)", _non_negative, ">= 0"),
+    # averaging and quantization-aware training
+    Setting("EMA_DECAY", 0.997, "EMA of all weights, updated every step (0 = off)", lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
+    Setting("SWA_ENABLED", False, "uniform average of snapshots late in training; exported instead of the EMA"),
+    Setting("SWA_EVERY", 50, "steps between SWA snapshots", _positive, "> 0"),
+    Setting("SWA_START_FRAC", 0.4, "take snapshots once the LR multiplier is below this", _fraction, "in [0, 1]"),
+    Setting("QAT_START", 0.15, "fake-quantize weights once the LR multiplier is below this (0 = never)", _fraction, "in [0, 1]"),
+    # quantization and the artifact
+    Setting("QUANT_BITS_ATTN", 6, "bits of attention matrices", lambda v: 2 <= v <= 8, "in [2, 8]"),
+    Setting("QUANT_BITS_MLP", 6, "bits of MLP matrices", lambda v: 2 <= v <= 8, "in [2, 8]"),
+    Setting("QUANT_BITS_EMBED", 8, "bits of the token embedding / LM head", lambda v: 2 <= v <= 8, "in [2, 8]"),
+    Setting("QUANT_BITS_OTHER", 8, "bits of other large matrices (BigramHash)", lambda v: 2 <= v <= 8, "in [2, 8]"),
+    Setting("QUANT_CLIP", "search", "row clip: search = MSE-best of a few quantiles, std = QUANT_CLIP_STD_K * std(row)", ("search", "std")),
+    Setting("QUANT_CLIP_STD_K", 4.0, "k of the k*std clip", _positive, "> 0"),
+    Setting("QUANT_PRUNE_FRAC", 0.0, "zero this fraction of smallest-magnitude weights before quantizing", lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
+    Setting("QUANT_FIT_TO_CAP", True, "if over SIZE_CAP_BYTES, raise pruning step by step until the artifact fits"),
+    Setting("GPTQ_ENABLED", True, "full-Hessian GPTQ (else round-to-nearest)"),
+    Setting("GPTQ_CALIBRATION", "train", "train = batches read inside the training budget, self = model-generated text", ("train", "self")),
+    Setting("GPTQ_RESERVE_SECONDS", 10.0, "training stops this much early to read calibration batches inside the cap", _non_negative, ">= 0"),
+    Setting("GPTQ_CALIB_SEQS", 64, "calibration sequences, all ranks together", _positive, "> 0"),
+    Setting("GPTQ_CALIB_TEMPERATURE", 0.8, "sampling temperature of self-generated calibration text", _positive, "> 0"),
+    Setting("GPTQ_BLOCK_SIZE", 128, "GPTQ column block size", _positive, "> 0"),
+    Setting("GPTQ_DAMP", 0.01, "GPTQ damping as a fraction of mean diag(H)", _positive, "> 0"),
+    Setting("GPTQ_ACT_ORDER", True, "GPTQ column order by descending diag(H)"),
+    Setting("ARTIFACT_COMPRESSOR", "zstd", "compressor of the artifact", ("zstd", "lzma")),
+    Setting("ARTIFACT_LEVEL", 22, "compression level (zstd 1-22, lzma 0-9)", lambda v: 0 <= v <= 22, "in [0, 22]"),
+    Setting("ARTIFACT_PACKING", "auto", "int8 containers, bit-packed values, or auto = the smaller after compression", ("auto", "int8", "bitpack")),
+    Setting("SIZE_CAP_BYTES", 16000000, "cap on code bytes + artifact bytes", _positive, "> 0"),
+    # evaluation
+    Setting("EVAL_SEQ_LEN", 2048, "window length of sliding-window evaluation", _positive, "> 0"),
+    Setting("EVAL_STRIDE", 64, "sliding-window stride; 0 = no sliding-window evaluation", _non_negative, ">= 0"),
+    Setting("EVAL_AUDIT", False, "run the legality audit on every evaluation path and log it"),
+    Setting("EVAL_DUMP", "", "write per-target records (position, nll, bytes) of each path to {EVAL_DUMP}.{path}.npz"),
+    Setting("TTT_ENABLED", True, "score-first per-document LoRA test-time training"),
+    Setting("TTT_LORA_RANK", 8, "LoRA rank on the block projections", _positive, "> 0"),
+    Setting("TTT_HEAD_RANK", 16, "LoRA rank on the LM head (0 = no head adapter)", _non_negative, ">= 0"),
+    Setting("TTT_TARGETS", "q,v", "comma list of adapted projections: q, k, v, o, mlp"),
+    Setting("TTT_BIAS", False, "also tune a per-document bias on each block's output"),
+    Setting("TTT_CHUNK_SIZE", 256, "tokens scored, then trained on, per TTT step", _positive, "> 0"),
+    Setting("TTT_CONTEXT_LEN", 1024, "tokens of context per TTT window (>= TTT_CHUNK_SIZE)", _positive, "> 0"),
+    Setting("TTT_STEPS", 1, "optimizer steps on each scored chunk", _positive, "> 0"),
+    Setting("TTT_OPTIMIZER", "adam", "optimizer of the adapters", ("adam", "adamw", "sgd")),
+    Setting("TTT_LR", 0.01, "adapter LR (0 = score with the base model only)", _non_negative, ">= 0"),
+    Setting("TTT_WD", 0.0, "adapter weight decay (adamw)", _non_negative, ">= 0"),
+    Setting("TTT_BETA1", 0.9, "adapter Adam beta1", _fraction, "in [0, 1]"),
+    Setting("TTT_BETA2", 0.95, "adapter Adam beta2", _fraction, "in [0, 1]"),
+    Setting("TTT_COSINE", True, "cosine decay of the adapter LR across the chunks of a document"),
+    Setting("TTT_MIN_DOC_LEN", 0, "shorter documents are scored by the base model", _non_negative, ">= 0"),
+    Setting("TTT_MAX_DOC_LEN", 0, "longer documents are scored by the base model (0 = no limit)", _non_negative, ">= 0"),
+    Setting("TTT_BATCH_SIZE", 64, "documents adapted together per rank", _positive, "> 0"),
+    Setting("TTT_DEADLINE_SECONDS", 0.0, "after this many seconds of evaluation, remaining documents get the base model (0 = none)", _non_negative, ">= 0"),
+    Setting("TTT_REPORT_BASE", True, "also score the TTT documents with the base model to log the TTT gain"),
+)
+
+# Prefixes of our own names: a variable with one of these prefixes that is not a setting is a typo.
+_NOT_OUR_PREFIXES = {"MAX", "MIN", "RUN", "DATA", "MODEL", "NUM", "LOG", "VOCAB", "SIZE"}
+_OUR_PREFIXES = {s.name.split("_")[0] for s in SETTINGS if "_" in s.name} - _NOT_OUR_PREFIXES
+
+
+def _parse_setting(setting: Setting, raw: str):
+    kind = type(setting.default)
+    try:
+        if kind is bool:
+            low = raw.strip().lower()
+            if low not in ("0", "1", "true", "false", "yes", "no", "on", "off"):
+                raise ValueError
+            value = low in ("1", "true", "yes", "on")
+        elif kind is int:
+            number = float(raw)  # accepts 786432, 7.86432e5 and 1e4
+            if not number.is_integer():
+                raise ValueError
+            value = int(number)
+        elif kind is float:
+            value = float(raw)
+            if not math.isfinite(value):
+                raise ValueError
+        else:
+            value = raw
+    except ValueError:
+        raise SettingsError(f"{setting.name}={raw!r} is not a valid {kind.__name__}; {setting.doc}") from None
+    check = setting.check
+    if isinstance(check, tuple):
+        if value not in check:
+            raise SettingsError(f"{setting.name}={raw!r} must be one of {', '.join(map(str, check))}")
+    elif check is not None and not check(value):
+        raise SettingsError(f"{setting.name}={raw!r} must be {setting.rule}; {setting.doc}")
+    return value
+
+
+class Hyperparameters:
+    """All settings, read once from the environment and validated; attribute = lower-case name."""
+
+    def __init__(self, environ=None, **overrides):
+        environ = os.environ if environ is None else environ
+        known = {s.name for s in SETTINGS}
+        for name in environ:
+            if name.split("_")[0] in _OUR_PREFIXES and "_" in name and name not in known:
+                close = difflib.get_close_matches(name, known, n=1)
+                hint = f"; did you mean {close[0]}?" if close else "; see the README's table of settings"
+                raise SettingsError(f"unknown setting {name}{hint}")
+        for s in SETTINGS:
+            value = s.default
+            if s.name in environ:
+                value = _parse_setting(s, environ[s.name])
+            setattr(self, s.name.lower(), value)
+        for key, value in overrides.items():
+            if key.upper() not in known:
+                raise SettingsError(f"unknown setting {key.upper()}")
+            setattr(self, key, _parse_setting(next(s for s in SETTINGS if s.name == key.upper()), str(value)))
+        self._check_consistency()
+
+    def _check_consistency(self):
+        if self.num_heads % self.num_kv_heads:
+            raise SettingsError(f"NUM_KV_HEADS={self.num_kv_heads} must divide NUM_HEADS={self.num_heads}")
+        if self.model_dim % self.num_heads or (self.model_dim // self.num_heads) % 2:
+            raise SettingsError(f"MODEL_DIM={self.model_dim} must be NUM_HEADS={self.num_heads} times an even head size")
+        if self.rope_dims > self.model_dim // self.num_heads or self.rope_dims % 2:
+            raise SettingsError(f"ROPE_DIMS={self.rope_dims} must be even and at most the head size {self.model_dim // self.num_heads}")
+        if self.ttt_context_len < self.ttt_chunk_size:
+            raise SettingsError(f"TTT_CONTEXT_LEN={self.ttt_context_len} must be >= TTT_CHUNK_SIZE={self.ttt_chunk_size}")
+        bad = set(self.ttt_target_list) - {"q", "k", "v", "o", "mlp"}
+        if bad or not self.ttt_target_list:
+            raise SettingsError(f"TTT_TARGETS={self.ttt_targets!r}: use a comma list of q, k, v, o, mlp")
+        if self.eval_stride > self.eval_seq_len:
+            raise SettingsError(f"EVAL_STRIDE={self.eval_stride} must be <= EVAL_SEQ_LEN={self.eval_seq_len}")
+
+    @property
+    def ttt_target_list(self) -> list[str]:
+        return [t.strip() for t in self.ttt_targets.split(",") if t.strip()]
+
+    def as_dict(self) -> dict:
+        return {s.name: getattr(self, s.name.lower()) for s in SETTINGS}
+
+    def describe(self) -> str:
+        return "\n".join(f"{k}={v}" for k, v in self.as_dict().items())
+
+
+# ----------------------------------------------------------------------------- runtime: devices, ranks, logging
+
+
+@dataclass
+class Runtime:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    distributed: bool = False
+
+    @property
+    def is_master(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def grad_accum_steps(self) -> int:
+        return 8 // self.world_size
+
+
+def setup_runtime() -> Runtime:
+    """One process per GPU (NCCL) or per CPU worker (gloo); WORLD_SIZE must divide 8."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size < 1 or 8 % world_size:
+        raise SettingsError(f"WORLD_SIZE={world_size} must divide 8 (1, 2, 4 or 8 processes) so the global batch stays the same")
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    else:
+        device = torch.device("cpu")
+    if world_size > 1:
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None)
+    return Runtime(rank, world_size, local_rank, device, world_size > 1)
+
+
+class Logger:
+    """Rank 0 writes every line to stdout and, flushed at once, to logs/{RUN_ID}.txt."""
+
+    def __init__(self, path: Path | None):
+        self.path = path
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.file = open(path, "a", encoding="utf-8")
+
+    def __call__(self, line: str = "", console: bool = True):
+        if self.path is None:
+            return
+        if console:
+            print(line, flush=True)
+        self.file.write(line + "\n")
+        self.file.flush()
+
+
+def environment_versions() -> str:
+    lines = [f"python {sys.version.split()[0]} torch {torch.__version__} numpy {np.__version__} platform {platform.platform()}"]
+    if torch.cuda.is_available():
+        lines.append(f"cuda {torch.version.cuda} device {torch.cuda.get_device_name()}")
+        with contextlib.suppress(Exception):
+            smi = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True, text=True, timeout=20)
+            lines.append(f"nvidia driver {smi.stdout.strip().splitlines()[0]}")
+    return "\n".join(lines)
+
+
+def sync_time(rt: Runtime) -> float:
+    """Wall clock after the device has finished its queued work."""
+    if rt.device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+def write_atomic(path: str | Path, data: bytes):
+    """Write to a temporary file and rename it, so a crash never leaves a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------- data: shards, loaders, documents
+
+SHARD_MAGIC, SHARD_VERSION, SHARD_HEADER_INTS = 20240520, 1, 256
+BOS_ID = 1
+
+
+class DataError(RuntimeError):
+    """Missing, corrupt or mismatched data; the message says what to run or fix."""
+
+
+DOWNLOAD_HINT = (
+    "download the official data with `python data/cached_challenge_fineweb.py --variant sp1024 --train-shards 10`, "
+    "or run the offline smoke run with `python3 data/smoke.py`"
+)
+
+
+def write_data_shard(path: str | Path, tokens: np.ndarray):
+    """Official shard: 256 little-endian int32 header (magic, version, count) then uint16 tokens."""
+    tokens = np.asarray(tokens)
+    if tokens.size and (tokens.min() < 0 or tokens.max() >= 2**16):
+        raise DataError(f"{path}: token ids must fit in uint16")
+    header = np.zeros(SHARD_HEADER_INTS, dtype="<i4")
+    header[:3] = (SHARD_MAGIC, SHARD_VERSION, tokens.size)
+    write_atomic(path, header.tobytes() + tokens.astype("<u2").tobytes())
+
+
+def load_data_shard(path: str | Path) -> np.ndarray:
+    path = Path(path)
+    size = path.stat().st_size
+    if size < SHARD_HEADER_INTS * 4:
+        raise DataError(f"{path}: {size} bytes is shorter than the 1024-byte shard header; the file is truncated, re-create it")
+    header = np.fromfile(path, dtype="<i4", count=SHARD_HEADER_INTS)
+    if header[0] != SHARD_MAGIC:
+        raise DataError(f"{path}: bad magic {header[0]} (expected {SHARD_MAGIC}); not a shard file, re-create it")
+    if header[1] != SHARD_VERSION:
+        raise DataError(f"{path}: shard version {header[1]} is not supported (expected {SHARD_VERSION})")
+    count = int(header[2])
+    if size != SHARD_HEADER_INTS * 4 + 2 * count:
+        raise DataError(f"{path}: header says {count} tokens ({SHARD_HEADER_INTS * 4 + 2 * count} bytes) but the file has {size} bytes; re-download or re-create it")
+    return np.fromfile(path, dtype="<u2", count=count, offset=SHARD_HEADER_INTS * 4)
+
+
+def shard_files(data_path: str, split: str) -> list[str]:
+    files = sorted(glob.glob(os.path.join(data_path, f"fineweb_{split}_*.bin")))
+    if not files:
+        raise DataError(f"no fineweb_{split}_*.bin shards in DATA_PATH={data_path}; {DOWNLOAD_HINT}")
+    return files
+
+
+def load_validation_tokens(data_path: str, vocab_size: int, max_tokens: int = 0) -> Tensor:
+    """All validation shards as one int64 stream (the official validation set is scored in full)."""
+    tokens = np.concatenate([load_data_shard(f) for f in shard_files(data_path, "val")])
+    if max_tokens:
+        tokens = tokens[:max_tokens]
+    if tokens.size < 2:
+        raise DataError(f"validation shards in {data_path} hold {tokens.size} tokens; at least 2 are needed")
+    if int(tokens.max()) >= vocab_size:
+        raise DataError(f"validation token id {int(tokens.max())} >= VOCAB_SIZE={vocab_size}; the shards were made with another tokenizer")
+    return torch.from_numpy(tokens.astype(np.int64))
+
+
+class TokenStream:
+    """Reads the train shards in order, forever, yielding contiguous spans."""
+
+    def __init__(self, pattern_files: list[str]):
+        self.files, self.file_idx, self.pos = pattern_files, 0, 0
+        self.tokens = load_data_shard(self.files[0])
+
+    def take(self, n: int) -> np.ndarray:
+        parts = []
+        while n > 0:
+            if self.pos >= self.tokens.size:
+                self.file_idx = (self.file_idx + 1) % len(self.files)
+                self.tokens, self.pos = load_data_shard(self.files[self.file_idx]), 0
+            k = min(n, self.tokens.size - self.pos)
+            parts.append(self.tokens[self.pos : self.pos + k])
+            self.pos, n = self.pos + k, n - k
+        return np.concatenate(parts)
+
+
+class DistributedTokenLoader:
+    """Each call takes the next world_size*local+1 tokens of the global stream; rank r keeps its slice.
+
+    Consecutive calls read consecutive spans, so 1 process with 8 micro-steps sees exactly the
+    tokens that 8 processes with 1 micro-step see.
+    """
+
+    def __init__(self, data_path: str, rt: Runtime):
+        self.files, self.rt = shard_files(data_path, "train"), rt
+        self.stream = TokenStream(self.files)
+
+    def next_batch(self, global_tokens: int, seq_len: int, grad_accum_steps: int) -> tuple[Tensor, Tensor]:
+        local = global_tokens // (self.rt.world_size * grad_accum_steps)
+        span = self.stream.take(local * self.rt.world_size + 1)
+        start = self.rt.rank * local
+        chunk = torch.from_numpy(span[start : start + local + 1].astype(np.int64))
+        x, y = chunk[:-1].reshape(-1, seq_len), chunk[1:].reshape(-1, seq_len)
+        return x.to(self.rt.device, non_blocking=True), y.to(self.rt.device, non_blocking=True)
+
+
+def document_spans(tokens: Tensor) -> list[tuple[int, int]]:
+    """[start, end) of each document: it starts at a BOS (or at 0) and ends at the next BOS.
+
+    Its targets are tokens[start+1 : end+1], so the next document's BOS is its last target and the
+    spans' targets together are exactly the flat stream's targets 1 .. N-1.
+    """
+    n = tokens.numel()
+    starts = torch.nonzero(tokens[:-1] == BOS_ID).flatten().tolist()
+    if not starts or starts[0] != 0:
+        starts = [0] + starts
+    ends = starts[1:] + [n - 1]
+    return [(s, e) for s, e in zip(starts, ends) if e > s]
+
+
+# ----------------------------------------------------------------------------- bytes: the official bpb accounting
+
+
+@dataclass
+class ByteTables:
+    base_bytes: Tensor  # int16 [vocab]: UTF-8 bytes of the piece without its leading space marker
+    has_leading_space: Tensor  # bool [vocab]: the piece starts with "▁"
+    is_boundary: Tensor  # bool [vocab]: control/unknown/unused pieces (0 bytes, no space after them)
+
+    def to(self, device) -> "ByteTables":
+        return ByteTables(self.base_bytes.to(device), self.has_leading_space.to(device), self.is_boundary.to(device))
+
+
+def build_byte_tables(sp, vocab_size: int) -> ByteTables:
+    """Tables of the official evaluator, from a SentencePiece processor."""
+    if sp.vocab_size() != vocab_size:
+        raise DataError(f"tokenizer has {sp.vocab_size()} pieces but VOCAB_SIZE={vocab_size}; set VOCAB_SIZE or TOKENIZER_PATH to match the shards")
+    base = np.zeros(vocab_size, dtype=np.int16)
+    space = np.zeros(vocab_size, dtype=np.bool_)
+    boundary = np.zeros(vocab_size, dtype=np.bool_)
+    for i in range(vocab_size):
+        if sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i):
+            boundary[i] = True
+            continue
+        if sp.is_byte(i):
+            base[i] = 1
+            continue
+        piece = sp.id_to_piece(i)
+        if piece.startswith("\u2581"):
+            space[i], piece = True, piece[1:]
+        base[i] = len(piece.encode("utf-8"))
+    return ByteTables(torch.from_numpy(base), torch.from_numpy(space), torch.from_numpy(boundary))
+
+
+def load_tokenizer_tables(tokenizer_path: str, vocab_size: int) -> ByteTables:
+    import sentencepiece as spm
+
+    if not os.path.isfile(tokenizer_path):
+        raise DataError(f"tokenizer not found at TOKENIZER_PATH={tokenizer_path}; {DOWNLOAD_HINT}")
+    return build_byte_tables(spm.SentencePieceProcessor(model_file=tokenizer_path), vocab_size)
+
+
+def target_bytes(prev: Tensor, tgt: Tensor, tables: ByteTables) -> Tensor:
+    """Bytes charged for predicting `tgt` after `prev`: base bytes plus a space unless prev is a boundary."""
+    extra = tables.has_leading_space[tgt] & ~tables.is_boundary[prev]
+    return tables.base_bytes[tgt].to(torch.int32) + extra.to(torch.int32)
+
+
+def bits_per_byte(nll_sum_nats: float, byte_count: float) -> float:
+    return nll_sum_nats / math.log(2.0) / byte_count
+
+
+# ----------------------------------------------------------------------------- model
+
+
+@dataclass
+class ModelConfig:
+    """The architecture; stored in the artifact so a model can be rebuilt from the file alone."""
+
+    vocab_size: int = 1024
+    num_layers: int = 11
+    model_dim: int = 512
+    num_heads: int = 8
+    num_kv_heads: int = 4
+    mlp_mult: float = 3.0
+    mlp_act: str = "relu2"
+    tie_embeddings: bool = True
+    tied_embed_init_std: float = 0.005
+    rope_base: float = 10000.0
+    rope_dims: int = 0
+    logit_softcap: float = 30.0
+    qk_gain_init: float = 1.5
+    smear_gate: bool = True
+    bigram_vocab_size: int = 2048
+    bigram_dim: int = 128
+    unet_skips: bool = True
+    qat_bits: dict = field(default_factory=lambda: {"attn": 6, "mlp": 6, "other": 8})
+
+    @classmethod
+    def from_args(cls, args: Hyperparameters) -> "ModelConfig":
+        names = [f for f in cls.__dataclass_fields__ if f != "qat_bits"]
+        qat_bits = {"attn": args.quant_bits_attn, "mlp": args.quant_bits_mlp, "other": args.quant_bits_other}
+        return cls(**{n: getattr(args, n) for n in names}, qat_bits=qat_bits)
+
+
+def _flash_attention_function(backend: str):
+    if backend == "fa3":
+        from flash_attn_interface import flash_attn_func
+    else:
+        from flash_attn import flash_attn_func
+    return flash_attn_func
+
+
+def select_attention_backend(choice: str, device: torch.device) -> str:
+    """FlashAttention-3, else FlashAttention-2, else SDPA; a forced choice that cannot load is an error."""
+    if device.type != "cuda":
+        if choice in ("fa3", "fa2"):
+            raise SettingsError(f"ATTN_BACKEND={choice} needs a CUDA GPU; use auto or sdpa")
+        return "sdpa"
+    for backend in ("fa3", "fa2") if choice == "auto" else (choice,):
+        if backend == "sdpa":
+            return backend
+        try:
+            _flash_attention_function(backend)
+            return backend
+        except ImportError as e:
+            if choice != "auto":
+                raise SettingsError(f"ATTN_BACKEND={choice} but it cannot be imported ({e}); use auto or sdpa") from None
+    return "sdpa"
+
+
+def causal_attention(q: Tensor, k: Tensor, v: Tensor, backend: str) -> Tensor:
+    """q: (B, T, H, D); k, v: (B, T, Hkv, D) -> (B, T, H, D); causal, grouped-query."""
+    if backend in ("fa3", "fa2"):
+        out = _flash_attention_function(backend)(q, k, v, causal=True)
+        return out[0] if isinstance(out, tuple) else out
+    y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, enable_gqa=True)
+    return y.transpose(1, 2)
+
+
+def fake_quantize_rows(w: Tensor, bits: int) -> Tensor:
+    """Per-row symmetric round-to-nearest onto the export grid (QAT forward)."""
+    qmax = 2 ** (bits - 1) - 1
+    scale = (w.detach().abs().amax(dim=1, keepdim=True) / qmax).clamp_min(1e-10)
+    return (w / scale).round().clamp(-qmax, qmax) * scale
+
+
+class CastedLinear(nn.Linear):
+    """fp32 weight used in the activations' dtype; straight-through fake quantization when QAT is on.
+
+    The QAT switch is a buffer, not a Python attribute, so a compiled graph reads it at run time
+    instead of constant-folding the value it had when it was traced.
+    """
+
+    def __init__(self, in_features: int, out_features: int, qat_bits: int = 0, zero_init: bool = False):
+        super().__init__(in_features, out_features, bias=False)
+        self.qat_bits = qat_bits
+        self.register_buffer("qat_on", torch.zeros(()), persistent=False)
+        if zero_init:
+            nn.init.zeros_(self.weight)
+
+    def forward(self, x: Tensor) -> Tensor:
+        w = self.weight
+        if self.qat_bits:
+            w = w + self.qat_on * (fake_quantize_rows(w, self.qat_bits) - w).detach()
+        return F.linear(x, w.to(x.dtype))
+
+
+def rms_norm(x: Tensor) -> Tensor:
+    return F.rms_norm(x, (x.size(-1),))
+
+
+class Rotary(nn.Module):
+    """RoPE on the first `rope_dims` of each head (all of them when rope_dims = 0)."""
+
+    def __init__(self, head_dim: int, rope_dims: int, base: float):
+        super().__init__()
+        self.rope_dims = rope_dims or head_dim
+        inv_freq = 1.0 / (base ** (torch.arange(0, self.rope_dims, 2, dtype=torch.float32) / self.rope_dims))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, x: Tensor) -> Tensor:  # x: (B, T, H, D)
+        t = torch.arange(x.size(1), device=x.device, dtype=torch.float32)
+        freqs = torch.outer(t, self.inv_freq)
+        cos, sin = freqs.cos()[None, :, None, :].to(x.dtype), freqs.sin()[None, :, None, :].to(x.dtype)
+        rot, rest = x[..., : self.rope_dims], x[..., self.rope_dims :]
+        x1, x2 = rot.chunk(2, dim=-1)
+        rot = torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin), dim=-1)
+        return torch.cat((rot, rest), dim=-1) if rest.numel() else rot
+
+
+class BatchedLoRA(nn.Module):
+    """One low-rank delta per document of a batch: x (B, T, in) -> x @ A[b] @ B[b]; B starts at zero."""
+
+    def __init__(self, batch: int, in_features: int, out_features: int, rank: int):
+        super().__init__()
+        self.A = nn.Parameter(torch.empty(batch, in_features, rank))
+        self.B = nn.Parameter(torch.empty(batch, rank, out_features))
+        self.reset()
+
+    @torch.no_grad()
+    def reset(self, generator: torch.Generator | None = None):
+        self.A.normal_(0.0, 1.0 / math.sqrt(self.A.size(1)), generator=generator)
+        self.B.zero_()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.bmm(torch.bmm(x, self.A.to(x.dtype)), self.B.to(x.dtype))
+
+
+class DocumentAdapters(nn.Module):
+    """Per-document TTT state: LoRA on the chosen projections of every block, on the LM head, and
+    optionally a bias on each block's output. Passed to GPT.forward; the base weights never change."""
+
+    def __init__(self, cfg: ModelConfig, batch: int, rank: int, head_rank: int, targets: list[str], block_bias: bool):
+        super().__init__()
+        d, kv = cfg.model_dim, cfg.num_kv_heads * (cfg.model_dim // cfg.num_heads)
+        out = {"q": d, "k": kv, "v": kv, "o": d, "mlp": d}
+        self.layers = nn.ModuleList(nn.ModuleDict({t: BatchedLoRA(batch, d, out[t], rank) for t in targets}) for _ in range(cfg.num_layers))
+        self.head = BatchedLoRA(batch, d, cfg.vocab_size, head_rank) if head_rank else None
+        self.bias = nn.Parameter(torch.zeros(batch, cfg.num_layers, 1, d)) if block_bias else None
+
+    @torch.no_grad()
+    def reset(self, seed: int):
+        """Fresh adapters; the seed makes a document's scores independent of what ran before it."""
+        generator = torch.Generator(device=self.layers[0].parameters().__next__().device).manual_seed(seed)
+        for m in self.modules():
+            if isinstance(m, BatchedLoRA):
+                m.reset(generator)
+        if self.bias is not None:
+            self.bias.zero_()
+
+    def delta(self, layer: int, target: str, x: Tensor) -> Tensor | int:
+        lora = self.layers[layer]
+        return lora[target](x) if target in lora else 0
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int, backend: str):
+        super().__init__()
+        self.layer, self.backend = layer, backend
+        self.num_heads, self.num_kv_heads = cfg.num_heads, cfg.num_kv_heads
+        self.head_dim = cfg.model_dim // cfg.num_heads
+        kv_dim, bits = self.num_kv_heads * self.head_dim, cfg.qat_bits["attn"]
+        self.c_q = CastedLinear(cfg.model_dim, cfg.model_dim, bits)
+        self.c_k = CastedLinear(cfg.model_dim, kv_dim, bits)
+        self.c_v = CastedLinear(cfg.model_dim, kv_dim, bits)
+        self.proj = CastedLinear(cfg.model_dim, cfg.model_dim, bits, zero_init=True)
+        self.q_gain = nn.Parameter(torch.full((cfg.num_heads,), cfg.qk_gain_init))
+        self.rotary = Rotary(self.head_dim, cfg.rope_dims, cfg.rope_base)
+
+    def forward(self, x: Tensor, adapters: DocumentAdapters | None) -> Tensor:
+        B, T, _ = x.shape
+        q, k, v = self.c_q(x), self.c_k(x), self.c_v(x)
+        if adapters is not None:
+            q, k, v = (t + adapters.delta(self.layer, name, x) for name, t in (("q", q), ("k", k), ("v", v)))
+        q = rms_norm(q.view(B, T, self.num_heads, self.head_dim))
+        k = rms_norm(k.view(B, T, self.num_kv_heads, self.head_dim))
+        q, k = self.rotary(q), self.rotary(k)
+        q = q * self.q_gain.to(q.dtype)[None, None, :, None]
+        y = causal_attention(q, k, v.view(B, T, self.num_kv_heads, self.head_dim), self.backend).reshape(B, T, -1)
+        out = self.proj(y)
+        return out if adapters is None else out + adapters.delta(self.layer, "o", y)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        hidden, bits = int(cfg.mlp_mult * cfg.model_dim), cfg.qat_bits["mlp"]
+        self.layer, self.leaky = layer, cfg.mlp_act == "leaky_relu2"
+        self.fc = CastedLinear(cfg.model_dim, hidden, bits)
+        self.proj = CastedLinear(hidden, cfg.model_dim, bits, zero_init=True)
+
+    def forward(self, x: Tensor, adapters: DocumentAdapters | None) -> Tensor:
+        h = self.fc(x)
+        h = (F.leaky_relu(h, 0.5) if self.leaky else F.relu(h)).square()
+        out = self.proj(h)
+        return out if adapters is None else out + adapters.delta(self.layer, "mlp", x)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int, backend: str):
+        super().__init__()
+        d = cfg.model_dim
+        self.layer = layer
+        self.attn = CausalSelfAttention(cfg, layer, backend)
+        self.mlp = MLP(cfg, layer)
+        self.attn_scale = nn.Parameter(torch.ones(d))
+        self.mlp_scale = nn.Parameter(torch.ones(d))
+        self.resid_mix = nn.Parameter(torch.stack((torch.ones(d), torch.zeros(d))))  # how much of x0 re-enters
+
+    def forward(self, x: Tensor, x0: Tensor, adapters: DocumentAdapters | None) -> Tensor:
+        mix = self.resid_mix.to(x.dtype)
+        x = mix[0] * x + mix[1] * x0
+        x = x + self.attn_scale.to(x.dtype) * self.attn(rms_norm(x), adapters)
+        x = x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x), adapters)
+        if adapters is not None and adapters.bias is not None:
+            x = x + adapters.bias[:, self.layer].to(x.dtype)
+        return x
+
+
+def document_start_mask(idx: Tensor) -> Tensor:
+    """True where a token has no in-document predecessor in this window: position 0 and every BOS."""
+    start = idx == BOS_ID
+    start[:, 0] = True
+    return start
+
+
+class SmearGate(nn.Module):
+    """x_t <- (1-g) x_t + g x_{t-1}, per-dimension gate g; the previous-token term is zero at a document start."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.gate = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: Tensor, idx: Tensor) -> Tensor:
+        g = torch.sigmoid(self.gate).to(x.dtype)
+        prev = F.pad(x[:, :-1], (0, 0, 1, 0)) * (~document_start_mask(idx)).unsqueeze(-1).to(x.dtype)
+        return (1 - g) * x + g * prev
+
+
+class BigramHash(nn.Module):
+    """Embedding of a hash of (previous, current) token; the last row stands for 'no previous token'."""
+
+    def __init__(self, buckets: int, dim: int, model_dim: int, qat_bits: int):
+        super().__init__()
+        self.buckets = buckets
+        self.table = nn.Embedding(buckets, dim)
+        nn.init.normal_(self.table.weight, std=0.02)
+        self.proj = CastedLinear(dim, model_dim, qat_bits, zero_init=True)
+        self.scale = nn.Parameter(torch.tensor(0.05))
+
+    def bucket_ids(self, idx: Tensor) -> Tensor:
+        prev = F.pad(idx[:, :-1], (1, 0))
+        h = torch.bitwise_xor(36313 * idx, 27191 * prev) % (self.buckets - 1)
+        return torch.where(document_start_mask(idx), self.buckets - 1, h)
+
+    def forward(self, idx: Tensor) -> Tensor:
+        return self.scale.to(self.proj.weight.dtype) * self.proj(self.table(self.bucket_ids(idx)))
+
+
+class GPT(nn.Module):
+    """The one forward pass of training, every evaluation path and TTT (adapters = None or per-document LoRA)."""
+
+    def __init__(self, cfg: ModelConfig, attn_backend: str = "sdpa"):
+        super().__init__()
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.model_dim)
+        nn.init.normal_(self.tok_emb.weight, std=cfg.tied_embed_init_std)
+        self.bigram = BigramHash(cfg.bigram_vocab_size, cfg.bigram_dim, cfg.model_dim, cfg.qat_bits["other"]) if cfg.bigram_vocab_size else None
+        self.smear = SmearGate(cfg.model_dim) if cfg.smear_gate else None
+        self.blocks = nn.ModuleList(Block(cfg, i, attn_backend) for i in range(cfg.num_layers))
+        self.num_encoder = cfg.num_layers // 2
+        num_skips = min(self.num_encoder, cfg.num_layers - self.num_encoder)
+        self.skip_weights = nn.Parameter(torch.ones(num_skips, cfg.model_dim)) if cfg.unet_skips and num_skips else None
+        self.lm_head = None if cfg.tie_embeddings else CastedLinear(cfg.model_dim, cfg.vocab_size, zero_init=True)
+
+    def forward(self, idx: Tensor, targets: Tensor | None = None, adapters: DocumentAdapters | None = None) -> Tensor:
+        """Logits (B, T, V) in fp32, or the mean cross-entropy when targets are given."""
+        x = self.tok_emb(idx)
+        if self.bigram is not None:
+            x = x + self.bigram(idx).to(x.dtype)
+        x = rms_norm(x)
+        if self.smear is not None:
+            x = self.smear(x, idx)
+        x0, skips = x, []
+        for i, block in enumerate(self.blocks):
+            if self.skip_weights is not None and i >= self.num_encoder and skips:
+                x = x + self.skip_weights[i - self.num_encoder].to(x.dtype) * skips.pop()
+            x = block(x, x0, adapters)
+            if self.skip_weights is not None and i < self.num_encoder:
+                skips.append(x)
+        x = rms_norm(x)
+        head = self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
+        logits = F.linear(x, head.to(x.dtype))
+        if adapters is not None and adapters.head is not None:
+            logits = logits + adapters.head(x)
+        logits = logits.float()
+        if self.cfg.logit_softcap:
+            logits = self.cfg.logit_softcap * torch.tanh(logits / self.cfg.logit_softcap)
+        if targets is None:
+            return logits
+        return F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1))
+
+    def set_qat(self, enabled: bool):
+        for m in self.modules():
+            if isinstance(m, CastedLinear):
+                m.qat_on.fill_(float(enabled))
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+# ----------------------------------------------------------------------------- optimizer: Muon, Adam groups, LR schedule
+
+
+def newton_schulz_orthogonalize(G: Tensor, steps: int, eps: float = 1e-7) -> Tensor:
+    """Quintic Newton-Schulz iteration towards the nearest semi-orthogonal matrix (bf16 on GPU)."""
+    a, b, c = 3.4445, -4.7750, 2.0315
+    X = G.to(torch.bfloat16 if G.is_cuda else torch.float32)
+    X = X / (X.norm() + eps)
+    transposed = X.size(0) > X.size(1)
+    if transposed:
+        X = X.T
+    for _ in range(steps):
+        A = X @ X.T
+        X = a * X + (b * A + c * A @ A) @ X
+    return X.T if transposed else X
+
+
+class Muon(torch.optim.Optimizer):
+    """Momentum on the gradient, then its orthogonalization; rank r orthogonalizes matrices i % world == r
+    and one all-reduce shares the updates. Decoupled weight decay, Nesterov momentum."""
+
+    def __init__(self, params, lr: float, momentum: float, backend_steps: int, weight_decay: float = 0.0, nesterov: bool = True, rt: Runtime | None = None):
+        super().__init__(params, dict(lr=lr, momentum=momentum, backend_steps=backend_steps, weight_decay=weight_decay, nesterov=nesterov))
+        self.rt = rt or Runtime()
+        self.orthogonalize = newton_schulz_orthogonalize
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            params = group["params"]
+            flat_dtype = torch.bfloat16 if params[0].is_cuda else torch.float32  # halves the all-reduce on GPUs
+            flat = torch.zeros(sum(p.numel() for p in params), device=params[0].device, dtype=flat_dtype)
+            offset = 0
+            for i, p in enumerate(params):
+                if i % self.rt.world_size == self.rt.rank and p.grad is not None:
+                    buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p.grad))
+                    buf.mul_(group["momentum"]).add_(p.grad)
+                    g = p.grad.add(buf, alpha=group["momentum"]) if group["nesterov"] else buf
+                    g = self.orthogonalize(g, group["backend_steps"])
+                    g = g * max(1.0, g.size(0) / g.size(1)) ** 0.5
+                    flat[offset : offset + p.numel()] = g.flatten()
+                offset += p.numel()
+            if self.rt.distributed:
+                dist.all_reduce(flat)
+            offset = 0
+            for p in params:
+                if group["weight_decay"]:
+                    p.mul_(1 - group["lr"] * group["weight_decay"])
+                p.add_(flat[offset : offset + p.numel()].view_as(p).to(p.dtype), alpha=-group["lr"])
+                offset += p.numel()
+
+
+CONTROL_PARAMETER_NAMES = ("q_gain", "attn_scale", "mlp_scale", "resid_mix", "skip_weights", "smear.gate", "bigram.scale")
+
+
+def build_optimizers(model: GPT, args: Hyperparameters, rt: Runtime) -> list[torch.optim.Optimizer]:
+    """Muon for 2-D block matrices; AdamW for embeddings; Adam for gains, gates and scales."""
+    matrices, scalars = [], []
+    for name, p in model.named_parameters():
+        if name.startswith(("tok_emb", "lm_head", "bigram.table")):
+            continue
+        (scalars if p.ndim < 2 or any(c in name for c in CONTROL_PARAMETER_NAMES) else matrices).append(p)
+    fused = {"fused": True} if rt.device.type == "cuda" else {}
+    adam = dict(betas=(args.beta1, args.beta2), eps=args.adam_eps, **fused)
+    embed_lr = args.tied_embed_lr if args.tie_embeddings else args.embed_lr
+    embeddings = [{"params": [model.tok_emb.weight], "lr": embed_lr, "base_lr": embed_lr}]
+    if model.bigram is not None:
+        embeddings.append({"params": [model.bigram.table.weight], "lr": embed_lr, "base_lr": embed_lr})
+    if model.lm_head is not None:
+        embeddings.append({"params": [model.lm_head.weight], "lr": args.head_lr, "base_lr": args.head_lr})
+    optimizers = [
+        torch.optim.AdamW(embeddings, weight_decay=args.adam_wd, **adam),
+        torch.optim.AdamW([{"params": scalars, "lr": args.scalar_lr, "base_lr": args.scalar_lr}], weight_decay=0.0, **adam),
+    ]
+    if matrices:
+        muon = Muon(matrices, args.matrix_lr, args.muon_momentum, args.muon_backend_steps, args.muon_wd, rt=rt)
+        for g in muon.param_groups:
+            g["base_lr"] = args.matrix_lr
+        optimizers.append(muon)
+    return optimizers
+
+
+def lr_multiplier(step: int, elapsed_ms: float, args: Hyperparameters, budget_ms: float) -> float:
+    """1 until the warm-down, then linear to 0 (floored at MIN_LR) at the end of the budget.
+
+    The budget is the wall clock when there is a cap, else ITERATIONS; WARMDOWN_ITERS > 0 uses the
+    baseline's rule (the last N steps, estimated from the average step time).
+    """
+    if args.warmdown_iters > 0:
+        if budget_ms > 0:
+            step_ms = elapsed_ms / max(step, 1)
+            remaining = max(budget_ms - elapsed_ms, 0.0) / max(args.warmdown_iters * step_ms, 1e-9)
+        else:
+            remaining = (args.iterations - step) / args.warmdown_iters
+    elif args.warmdown_frac > 0:
+        progress = step / args.iterations
+        if budget_ms > 0:
+            progress = max(progress, elapsed_ms / budget_ms)
+        remaining = (1.0 - progress) / args.warmdown_frac
+    else:
+        remaining = 1.0
+    return max(min(remaining, 1.0), args.min_lr)
+
+
+# ----------------------------------------------------------------------------- training: warm-up, step loop, averaging, calibration
+
+
+def autocast_context(device: torch.device):
+    """bf16 autocast on CUDA; exact fp32 on CPU (the causality audit compares bit for bit there)."""
+    if device.type == "cuda":
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+class WeightAverager:
+    """EMA of every weight after each step, and SWA: a uniform average of snapshots taken every
+    SWA_EVERY steps once the LR multiplier is below SWA_START_FRAC."""
+
+    def __init__(self, model: nn.Module, ema_decay: float, swa_enabled: bool, swa_every: int, swa_start_frac: float):
+        state = model.state_dict()
+        self.names, self.live = list(state), [t for t in state.values()]  # share storage with the parameters
+        self.ema_decay = ema_decay
+        self.ema = [t.detach().float().clone() for t in self.live] if ema_decay > 0 else None
+        self.swa_enabled, self.swa_every, self.swa_start_frac = swa_enabled, swa_every, swa_start_frac
+        self.swa_sum, self.swa_count = None, 0
+
+    @torch.no_grad()
+    def update(self, step: int, lr_mul: float):
+        live = [t.float() for t in self.live]
+        if self.ema is not None:
+            torch._foreach_lerp_(self.ema, live, 1.0 - self.ema_decay)
+        if self.swa_enabled and lr_mul < self.swa_start_frac and step % self.swa_every == 0:
+            if self.swa_sum is None:
+                self.swa_sum = [t.clone() for t in live]
+            else:
+                torch._foreach_add_(self.swa_sum, live)
+            self.swa_count += 1
+
+    def export(self) -> tuple[str, dict[str, Tensor]]:
+        """The weights to quantize: SWA if it took snapshots, else the EMA, else the raw weights."""
+        if self.swa_count:
+            return "swa", {n: (s / self.swa_count).to(t.dtype) for n, s, t in zip(self.names, self.swa_sum, self.live)}
+        if self.ema is not None:
+            return "ema", {n: e.to(t.dtype) for n, e, t in zip(self.names, self.ema, self.live)}
+        return "raw", {n: t.detach().clone() for n, t in zip(self.names, self.live)}
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    train_time_ms: float  # step loop plus in-budget calibration
+    stopped_early: bool
+    exported_weights: str
+    hessians: dict | None
+
+
+def gptq_target_modules(model: GPT) -> dict[str, CastedLinear]:
+    """Linear layers whose weights GPTQ quantizes (keyed by their weight's state-dict name)."""
+    out = {f"{name}.weight": m for name, m in model.named_modules() if isinstance(m, CastedLinear) and m.weight.size(1) >= 2}
+    return out
+
+
+@torch.no_grad()
+def collect_hessians(model: GPT, batches, rt: Runtime) -> dict[str, Tensor]:
+    """H = mean of x^T x over the inputs x of each GPTQ target layer, summed over ranks."""
+    targets = gptq_target_modules(model)
+    hessians = {n: torch.zeros(m.weight.size(1), m.weight.size(1), device=rt.device) for n, m in targets.items()}
+    counts = torch.zeros((), device=rt.device)
+
+    def hook(name):
+        def accumulate(module, inputs, output):
+            x = inputs[0].reshape(-1, inputs[0].size(-1)).float()
+            hessians[name].addmm_(x.T, x)
+
+        return accumulate
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in targets.items()]
+    try:
+        for x in batches:
+            with autocast_context(rt.device):
+                model(x)
+            counts += x.numel()
+    finally:
+        for h in handles:
+            h.remove()
+    if rt.distributed:
+        for h in hessians.values():
+            dist.all_reduce(h)
+        dist.all_reduce(counts)
+    return {n: h / counts.clamp_min(1) for n, h in hessians.items()}
+
+
+@torch.no_grad()
+def generate_calibration_batches(model: GPT, num_seqs: int, seq_len: int, temperature: float, rt: Runtime, seed: int, batch: int = 16):
+    """Sequences the model writes itself (from BOS, sampled at `temperature`): calibration without data."""
+    local = max(1, num_seqs // rt.world_size)
+    gen = torch.Generator(device=rt.device).manual_seed(seed + rt.rank)
+    for start in range(0, local, batch):
+        seqs = torch.full((min(batch, local - start), 1), BOS_ID, dtype=torch.long, device=rt.device)
+        for _ in range(seq_len - 1):
+            with autocast_context(rt.device):
+                logits = model(seqs)[:, -1]
+            probs = torch.softmax(logits / temperature, dim=-1)
+            seqs = torch.cat((seqs, torch.multinomial(probs, 1, generator=gen)), dim=1)
+        yield seqs
+
+
+def train_batches_for_calibration(loader: DistributedTokenLoader, args: Hyperparameters, rt: Runtime):
+    """Training tokens after the last step's (never validation data)."""
+    local_seqs = max(1, args.gptq_calib_seqs // rt.world_size)
+    per_call = 8
+    for start in range(0, local_seqs, per_call):
+        n = min(per_call, local_seqs - start)
+        x, _ = loader.next_batch(n * args.train_seq_len * rt.world_size, args.train_seq_len, 1)
+        yield x
+
+
+def train_progress_line(step: int, args: Hyperparameters, loss: Tensor, elapsed_ms: float) -> str:
+    tok_s = step * args.train_batch_tokens / max(elapsed_ms / 1000.0, 1e-9)
+    return f"step:{step}/{args.iterations} train_loss:{loss.item():.4f} train_time:{elapsed_ms:.0f}ms step_avg:{elapsed_ms / step:.2f}ms tok_s:{tok_s:.0f}"
+
+
+def train_model(model: GPT, args: Hyperparameters, rt: Runtime, log: Logger, evaluate_fn) -> TrainResult:
+    """Warm-up (restored afterwards), the timed step loop, weight averaging and in-budget calibration.
+
+    On return `model` holds the exported (averaged) weights.
+    """
+    accum = rt.grad_accum_steps
+    if args.train_batch_tokens % (rt.world_size * accum * args.train_seq_len):
+        raise SettingsError(
+            f"TRAIN_BATCH_TOKENS={args.train_batch_tokens} must be a multiple of 8 * TRAIN_SEQ_LEN={8 * args.train_seq_len} "
+            f"(world size {rt.world_size} x {accum} micro-steps x sequence length)"
+        )
+    compiled = torch.compile(model, dynamic=False) if args.compile and rt.device.type == "cuda" else model
+    train_forward = nn.parallel.DistributedDataParallel(compiled, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None) if rt.distributed else compiled
+    optimizers = build_optimizers(model, args, rt)
+    muon = next((o for o in optimizers if isinstance(o, Muon)), None)
+    loader = DistributedTokenLoader(args.data_path, rt)
+    calibrate_in_budget = args.gptq_enabled and args.gptq_calibration == "train"
+    reserve_s = args.gptq_reserve_seconds if calibrate_in_budget and args.max_wallclock_seconds > 0 else 0.0
+    budget_ms = 1000.0 * max(args.max_wallclock_seconds - reserve_s, 0.0) if args.max_wallclock_seconds > 0 else 0.0
+    local_tokens = args.train_batch_tokens // rt.world_size
+
+    def train_step(step: int, lr_mul: float) -> Tensor:
+        total = torch.zeros((), device=rt.device)
+        for micro in range(accum):
+            x, y = loader.next_batch(args.train_batch_tokens, args.train_seq_len, accum)
+            sync = contextlib.nullcontext() if (not rt.distributed or micro == accum - 1) else train_forward.no_sync()
+            with sync:
+                with autocast_context(rt.device):
+                    loss = train_forward(x, y)
+                (loss / accum).backward()
+            total += loss.detach()
+        if muon is not None and args.muon_momentum_warmup_steps:
+            frac = min(step / args.muon_momentum_warmup_steps, 1.0)
+            for g in muon.param_groups:
+                g["momentum"] = (1 - frac) * args.muon_momentum_warmup_start + frac * args.muon_momentum
+        for opt in optimizers:
+            for g in opt.param_groups:
+                g["lr"] = g["base_lr"] * lr_mul
+        if args.grad_clip_norm > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip_norm)
+        for opt in optimizers:
+            opt.step()
+        model.zero_grad(set_to_none=True)
+        return total / accum
+
+    if args.warmup_steps:
+        # Compile every graph (QAT on and off) on real training steps, then put everything back.
+        initial_model = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        initial_opts = [copy.deepcopy(o.state_dict()) for o in optimizers]
+        for s in range(args.warmup_steps):
+            model.set_qat(args.qat_start > 0 and s == args.warmup_steps - 1)
+            train_step(s, 1.0)
+        model.set_qat(False)
+        model.load_state_dict(initial_model)
+        for o, st in zip(optimizers, initial_opts):
+            o.load_state_dict(st)
+        loader = DistributedTokenLoader(args.data_path, rt)
+        log(f"warmup_steps:{args.warmup_steps} done (untimed; weights, optimizer state and data position restored)")
+
+    averager = WeightAverager(model, args.ema_decay, args.swa_enabled, args.swa_every, args.swa_start_frac)
+    training_ms, step, stop_after, qat_on = 0.0, 0, None, False
+    t0 = sync_time(rt)
+    while True:
+        last = step == args.iterations or (stop_after is not None and step >= stop_after)
+        if args.val_loss_every and (last or step % args.val_loss_every == 0) and step > 0:
+            training_ms += 1000.0 * (sync_time(rt) - t0)
+            result = evaluate_fn(model)
+            log(f"step:{step}/{args.iterations} val_loss:{result.val_loss:.4f} val_bpb:{result.val_bpb:.4f} train_time:{training_ms:.0f}ms step_avg:{training_ms / step:.2f}ms")
+            t0 = sync_time(rt)
+        if last:
+            if stop_after is not None and step < args.iterations:
+                log(f"stopping_early: wallclock_cap train_time:{training_ms + 1000.0 * (time.perf_counter() - t0):.0f}ms step:{step}/{args.iterations}")
+            break
+        elapsed_ms = training_ms + 1000.0 * (time.perf_counter() - t0)
+        lr_mul = lr_multiplier(step, elapsed_ms, args, budget_ms)
+        if args.qat_start > 0 and lr_mul < args.qat_start and not qat_on:
+            model.set_qat(True)
+            qat_on = True
+            log(f"qat:on step:{step} lr_mul:{lr_mul:.3f}")
+        loss = train_step(step, lr_mul)
+        averager.update(step, lr_mul)
+        step += 1
+        elapsed_ms = training_ms + 1000.0 * (time.perf_counter() - t0)
+        if args.train_log_every and (step % args.train_log_every == 0 or step == 1):
+            elapsed_ms = training_ms + 1000.0 * (sync_time(rt) - t0)
+            log(train_progress_line(step, args, loss, elapsed_ms))
+        reached_cap = torch.tensor(float(budget_ms > 0 and elapsed_ms >= budget_ms), device=rt.device)
+        if rt.distributed:
+            dist.all_reduce(reached_cap, op=dist.ReduceOp.MAX)
+        if stop_after is None and reached_cap.item() > 0:
+            stop_after = step
+    training_ms += 1000.0 * (sync_time(rt) - t0)
+    if step and not (args.train_log_every and step % args.train_log_every == 0):
+        log(train_progress_line(step, args, loss, training_ms))
+    model.set_qat(False)
+    kind, weights = averager.export()
+    model.load_state_dict(weights)
+    hessians = None
+    if calibrate_in_budget:
+        t1 = sync_time(rt)
+        hessians = collect_hessians(model, train_batches_for_calibration(loader, args, rt), rt)
+        calib_ms = 1000.0 * (sync_time(rt) - t1)
+        training_ms += calib_ms
+        within = args.max_wallclock_seconds <= 0 or training_ms <= 1000.0 * args.max_wallclock_seconds
+        log(f"gptq_calibration source:train seqs:{args.gptq_calib_seqs} time:{calib_ms:.0f}ms train_time_total:{training_ms:.0f}ms within_cap:{'yes' if within else 'no'}")
+    if rt.device.type == "cuda":
+        log(f"peak memory allocated: {torch.cuda.max_memory_allocated() // 2**20} MiB reserved: {torch.cuda.max_memory_reserved() // 2**20} MiB")
+    return TrainResult(step, training_ms, stop_after is not None, kind, hessians)
+
+
+# ----------------------------------------------------------------------------- artifact: quantization, GPTQ, packing, file format
+
+CLIP_QUANTILES = (0.999, 0.9995, 0.9999, 0.99999, 1.0)
+SMALL_TENSOR_NUMEL = 65536  # smaller float tensors are stored as floats, not quantized
+
+
+class ArtifactError(RuntimeError):
+    """An artifact file that cannot be read back: wrong magic, version, length or checksum."""
+
+
+def tensor_role(name: str, tensor: Tensor) -> str:
+    """attn / mlp / embed / other for quantized matrices; control (fp32) or small (fp16) otherwise."""
+    if not tensor.is_floating_point() or tensor.ndim != 2 or any(c in name for c in CONTROL_PARAMETER_NAMES):
+        return "control"
+    if name.startswith(("tok_emb", "lm_head")):
+        return "embed"
+    if tensor.numel() < SMALL_TENSOR_NUMEL:
+        return "small"
+    return "attn" if ".attn." in name else "mlp" if ".mlp." in name else "other"
+
+
+def role_bits(args: Hyperparameters) -> dict[str, int]:
+    return {"attn": args.quant_bits_attn, "mlp": args.quant_bits_mlp, "embed": args.quant_bits_embed, "other": args.quant_bits_other}
+
+
+def quantize_with_scale(w: Tensor, scale: Tensor, bits: int) -> Tensor:
+    qmax = 2 ** (bits - 1) - 1
+    return torch.clamp(torch.round(w / scale), -qmax, qmax).to(torch.int8)
+
+
+def row_scales(w: Tensor, bits: int, mode: str, std_k: float) -> Tensor:
+    """Per-row fp16 scale = clip / qmax; clip is the MSE-best of a few |w| quantiles, or k * std(row)."""
+    qmax = 2 ** (bits - 1) - 1
+    w = w.float()
+    absmax = w.abs().amax(dim=1, keepdim=True).clamp_min(1e-8)
+    if mode == "std":
+        clip = torch.minimum(std_k * w.std(dim=1, keepdim=True), absmax)
+        return (clip / qmax).clamp_min(1e-8).half().float()
+    best_scale, best_err = None, None
+    quantiles = torch.quantile(w.abs(), torch.tensor(CLIP_QUANTILES, device=w.device), dim=1).T  # (rows, Q)
+    for j in range(quantiles.size(1)):
+        scale = (quantiles[:, j : j + 1].clamp_min(1e-8) / qmax).half().float()
+        err = (w - quantize_with_scale(w, scale, bits).float() * scale).square().sum(dim=1, keepdim=True)
+        if best_err is None:
+            best_scale, best_err = scale, err
+        else:
+            better = err < best_err
+            best_scale, best_err = torch.where(better, scale, best_scale), torch.minimum(err, best_err)
+    return best_scale
+
+
+def gptq_quantize(w: Tensor, H: Tensor, scale: Tensor, bits: int, block_size: int, damp: float, act_order: bool, keep: Tensor | None = None) -> Tensor:
+    """Full-Hessian GPTQ of one weight (rows = outputs) on a fixed per-row grid.
+
+    Columns go in descending diag(H) order (act-order); each quantized column's error is spread
+    onto the columns not yet quantized through the Cholesky factor of H^-1. `keep` = False forces
+    a weight to 0 (magnitude pruning) and the following columns compensate for it.
+    """
+    W = w.float().clone()
+    H = H.float().clone()
+    n = W.size(1)
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(n, device=W.device)
+    W, H = W[:, perm], H[perm][:, perm]
+    keep = None if keep is None else keep[:, perm]
+    H += damp * torch.mean(torch.diag(H)) * torch.eye(n, device=W.device)
+    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    qmax = 2 ** (bits - 1) - 1
+    Q = torch.zeros_like(W, dtype=torch.int8)
+    for i1 in range(0, n, block_size):
+        i2 = min(i1 + block_size, n)
+        W1, Hinv1 = W[:, i1:i2].clone(), Hinv[i1:i2, i1:i2]
+        Err1 = torch.zeros_like(W1)
+        for i in range(i2 - i1):
+            col = W1[:, i]
+            q = torch.clamp(torch.round(col / scale[:, 0]), -qmax, qmax)
+            if keep is not None:
+                q = q * keep[:, i1 + i]
+            Q[:, i1 + i] = q.to(torch.int8)
+            err = (col - q * scale[:, 0]) / Hinv1[i, i]
+            W1[:, i:] -= err.unsqueeze(1) * Hinv1[i, i:].unsqueeze(0)
+            Err1[:, i] = err
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+    return Q[:, torch.argsort(perm)]
+
+
+def magnitude_keep_mask(w: Tensor, frac: float) -> Tensor | None:
+    if frac <= 0:
+        return None
+    k = int(frac * w.numel())
+    if k == 0:
+        return None
+    threshold = w.abs().flatten().kthvalue(k).values
+    return (w.abs() > threshold).float()
+
+
+@dataclass
+class QuantizedTensor:
+    q: Tensor  # int8 values in [-qmax, qmax]
+    scale: Tensor  # fp16 per-row scale (rows, 1)
+    bits: int
+
+    def dequantize(self, dtype=torch.float32) -> Tensor:
+        return (self.q.float() * self.scale.float()).to(dtype)
+
+
+def quantize_state_dict(state: dict[str, Tensor], args: Hyperparameters, hessians: dict | None, log=None) -> dict[str, object]:
+    """Each tensor by role: QuantizedTensor (GPTQ where a Hessian exists, else round-to-nearest), fp16 or fp32."""
+    bits_of = role_bits(args)
+    out = {}
+    for name, t in state.items():
+        role = tensor_role(name, t)
+        if role == "control":
+            out[name] = t.detach().float().cpu()
+            continue
+        if role == "small":
+            out[name] = t.detach().half().cpu()
+            continue
+        bits, w = bits_of[role], t.detach().float()
+        scale = row_scales(w, bits, args.quant_clip, args.quant_clip_std_k)
+        keep = magnitude_keep_mask(w, args.quant_prune_frac)
+        if args.gptq_enabled and hessians is not None and name in hessians:
+            H = hessians[name].to(w.device)
+            q = gptq_quantize(w, H, scale, bits, args.gptq_block_size, args.gptq_damp, args.gptq_act_order, keep)
+        else:
+            q = quantize_with_scale(w, scale, bits)
+            if keep is not None:
+                q = q * keep.to(torch.int8)
+        out[name] = QuantizedTensor(q.cpu(), scale.half().cpu(), bits)
+    return out
+
+
+def dequantize_state_dict(qstate: dict[str, object]) -> dict[str, Tensor]:
+    return {n: (v.dequantize() if isinstance(v, QuantizedTensor) else v.float()) for n, v in qstate.items()}
+
+
+def prune_smallest_quantized(qstate: dict[str, object], frac: float) -> dict[str, object]:
+    """Zero the smallest-magnitude nonzero quantized weights (|q * scale|), `frac` of each tensor's entries."""
+    out = {}
+    for name, v in qstate.items():
+        if isinstance(v, QuantizedTensor) and frac > 0:
+            mag = (v.q.float() * v.scale.float()).abs()
+            k = int(frac * mag.numel())
+            if k:
+                threshold = mag.flatten().kthvalue(k).values
+                v = QuantizedTensor(torch.where(mag <= threshold, torch.zeros_like(v.q), v.q), v.scale, v.bits)
+        out[name] = v
+    return out
+
+
+def pack_bits(values: np.ndarray, bits: int) -> bytes:
+    """Signed values in [-2^(b-1), 2^(b-1)) as a dense little-bit-order stream of b-bit fields."""
+    u = (values.astype(np.int16) + (1 << (bits - 1))).astype(np.uint8)
+    fields = np.unpackbits(u[:, None], axis=1, bitorder="little")[:, :bits]
+    return np.packbits(fields.reshape(-1), bitorder="little").tobytes()
+
+
+def unpack_bits(data: bytes, bits: int, count: int) -> np.ndarray:
+    fields = np.unpackbits(np.frombuffer(data, dtype=np.uint8), bitorder="little")[: count * bits].reshape(count, bits)
+    u = np.packbits(np.pad(fields, ((0, 0), (0, 8 - bits))), axis=1, bitorder="little")[:, 0]
+    return (u.astype(np.int16) - (1 << (bits - 1))).astype(np.int8)
+
+
+ARTIFACT_MAGIC = b"PGA\x01"
+ARTIFACT_FORMAT_VERSION = 1
+COMPRESSORS = ("zstd", "lzma")
+_ARTIFACT_HEADER = struct.Struct("<4sBBII")  # magic, format version, compressor, payload bytes, crc32 of payload
+
+
+def compress(data: bytes, compressor: str, level: int) -> bytes:
+    if compressor == "zstd":
+        import zstandard
+
+        return zstandard.ZstdCompressor(level=min(level, 22)).compress(data)
+    return lzma.compress(data, preset=min(level, 9) | lzma.PRESET_EXTREME)
+
+
+def decompress(data: bytes, compressor: str) -> bytes:
+    if compressor == "zstd":
+        import zstandard
+
+        return zstandard.ZstdDecompressor().decompress(data)
+    return lzma.decompress(data)
+
+
+def serialize_quantized(qstate: dict[str, object], config: ModelConfig, packing: str) -> bytes:
+    """Manifest (JSON) + sections: quantized values, then scales, then fp16, then fp32 tensors.
+
+    Like data sits together so the compressor sees long homogeneous runs.
+    """
+    sections = {"values": [], "scales": [], "fp16": [], "fp32": []}
+    entries = []
+    for name, v in qstate.items():
+        if isinstance(v, QuantizedTensor):
+            flat = v.q.numpy().reshape(-1)
+            raw = pack_bits(flat, v.bits) if packing == "bitpack" else flat.tobytes()
+            sections["values"].append(raw)
+            sections["scales"].append(v.scale.numpy().astype("<f2").tobytes())
+            entries.append({"name": name, "kind": "q", "shape": list(v.q.shape), "bits": v.bits, "nbytes": len(raw)})
+        else:
+            kind = "fp16" if v.dtype == torch.float16 else "fp32"
+            sections[kind].append(v.numpy().astype("<f2" if kind == "fp16" else "<f4").tobytes())
+            entries.append({"name": name, "kind": kind, "shape": list(v.shape)})
+    manifest = json.dumps({"config": config.__dict__, "packing": packing, "tensors": entries}, separators=(",", ":")).encode()
+    body = b"".join(b"".join(parts) for parts in sections.values())
+    return struct.pack("<I", len(manifest)) + manifest + body
+
+
+def deserialize_quantized(raw: bytes) -> tuple[ModelConfig, dict[str, object]]:
+    (mlen,) = struct.unpack_from("<I", raw)
+    manifest = json.loads(raw[4 : 4 + mlen])
+    entries, packing = manifest["tensors"], manifest["packing"]
+    sizes = {"values": 0, "scales": 0, "fp16": 0, "fp32": 0}
+    for e in entries:
+        n = int(np.prod(e["shape"]))
+        if e["kind"] == "q":
+            sizes["values"] += e["nbytes"]
+            sizes["scales"] += 2 * e["shape"][0]
+        else:
+            sizes[e["kind"]] += n * (2 if e["kind"] == "fp16" else 4)
+    offsets, pos = {}, 4 + mlen
+    for key in ("values", "scales", "fp16", "fp32"):
+        offsets[key], pos = pos, pos + sizes[key]
+    if pos != len(raw):
+        raise ArtifactError(f"artifact body has {len(raw)} bytes but its manifest describes {pos}")
+    out = {}
+    for e in entries:
+        shape, n = e["shape"], int(np.prod(e["shape"]))
+        if e["kind"] == "q":
+            data = raw[offsets["values"] : offsets["values"] + e["nbytes"]]
+            offsets["values"] += e["nbytes"]
+            flat = unpack_bits(data, e["bits"], n) if packing == "bitpack" else np.frombuffer(data, dtype=np.int8)
+            scale = np.frombuffer(raw, dtype="<f2", count=shape[0], offset=offsets["scales"])
+            offsets["scales"] += 2 * shape[0]
+            out[e["name"]] = QuantizedTensor(torch.from_numpy(flat.copy()).view(shape), torch.from_numpy(scale.copy()).view(shape[0], 1), e["bits"])
+        else:
+            dtype, width = ("<f2", 2) if e["kind"] == "fp16" else ("<f4", 4)
+            arr = np.frombuffer(raw, dtype=dtype, count=n, offset=offsets[e["kind"]])
+            offsets[e["kind"]] += n * width
+            out[e["name"]] = torch.from_numpy(arr.copy()).view(shape)
+    return ModelConfig(**manifest["config"]), out
+
+
+def encode_artifact(qstate: dict[str, object], config: ModelConfig, compressor: str, level: int, packing: str) -> tuple[bytes, str]:
+    """The artifact file's bytes; with packing 'auto', whichever of int8 containers and bit-packing compresses smaller."""
+    candidates = ("int8", "bitpack") if packing == "auto" else (packing,)
+    best = None
+    for p in candidates:
+        payload = compress(serialize_quantized(qstate, config, p), compressor, level)
+        if best is None or len(payload) < len(best[0]):
+            best = (payload, p)
+    payload, chosen = best
+    header = _ARTIFACT_HEADER.pack(ARTIFACT_MAGIC, ARTIFACT_FORMAT_VERSION, COMPRESSORS.index(compressor), len(payload), zlib.crc32(payload))
+    return header + payload, chosen
+
+
+def read_artifact(path: str | Path) -> tuple[ModelConfig, dict[str, object]]:
+    path = Path(path)
+    if not path.is_file():
+        raise ArtifactError(f"artifact {path} does not exist; train one first or check EVAL_ONLY/ARTIFACT_PATH")
+    data = path.read_bytes()
+    if len(data) < _ARTIFACT_HEADER.size:
+        raise ArtifactError(f"{path}: {len(data)} bytes is too short for an artifact; the file is truncated")
+    magic, version, comp, length, crc = _ARTIFACT_HEADER.unpack_from(data)
+    if magic != ARTIFACT_MAGIC:
+        raise ArtifactError(f"{path}: not a train_gpt.py artifact (bad magic {magic!r})")
+    if version != ARTIFACT_FORMAT_VERSION or comp >= len(COMPRESSORS):
+        raise ArtifactError(f"{path}: artifact format {version}/compressor {comp} is not supported by this script")
+    payload = data[_ARTIFACT_HEADER.size :]
+    if len(payload) != length:
+        raise ArtifactError(f"{path}: payload has {len(payload)} bytes, header says {length}; the file is truncated or padded")
+    if zlib.crc32(payload) != crc:
+        raise ArtifactError(f"{path}: checksum mismatch; the file is corrupt, re-create or re-download it")
+    try:
+        return deserialize_quantized(decompress(payload, COMPRESSORS[comp]))
+    except ArtifactError:
+        raise
+    except Exception as e:
+        raise ArtifactError(f"{path}: cannot decode the artifact ({type(e).__name__}: {e})") from None
+
+
+def load_model_from_artifact(path: str | Path, device: torch.device, attn_backend: str = "sdpa") -> GPT:
+    """A fresh model built from the artifact file alone."""
+    config, qstate = read_artifact(path)
+    model = GPT(config, attn_backend).to(device)
+    model.load_state_dict({k: v.to(device) for k, v in dequantize_state_dict(qstate).items()})
+    return model
+
+
+@dataclass
+class SizeReport:
+    code_bytes: int
+    artifact_bytes: int
+    cap_bytes: int
+
+    @property
+    def total_bytes(self) -> int:
+        return self.code_bytes + self.artifact_bytes
+
+    @property
+    def fits(self) -> bool:
+        return self.total_bytes <= self.cap_bytes
+
+
+def code_size_bytes() -> int:
+    """Bytes of the exact script file that is running (the one that ships)."""
+    return Path(__file__).stat().st_size
+
+
+def write_artifact(qstate: dict[str, object], config: ModelConfig, args: Hyperparameters, path: Path, log: Logger) -> tuple[SizeReport, str, dict]:
+    """Compress, write atomically, check the cap; over the cap, optionally prune until it fits."""
+    timings = {}
+    t0 = time.perf_counter()
+    blob, packing = encode_artifact(qstate, config, args.artifact_compressor, args.artifact_level, args.artifact_packing)
+    timings["compress_ms"] = 1000.0 * (time.perf_counter() - t0)
+    code = code_size_bytes()
+    prune = 0.0
+    while args.quant_fit_to_cap and code + len(blob) > args.size_cap_bytes and prune < 0.5:
+        over = code + len(blob) - args.size_cap_bytes
+        prune = min(0.5, prune + max(0.005, 1.5 * over / len(blob)))
+        blob, packing = encode_artifact(prune_smallest_quantized(qstate, prune), config, args.artifact_compressor, args.artifact_level, packing)
+        log(f"fit_to_cap: pruned {prune:.3f} of each quantized tensor -> {code + len(blob)} bytes")
+    write_atomic(path, blob)
+    report = SizeReport(code, path.stat().st_size, args.size_cap_bytes)
+    timings["prune_frac"] = prune
+    return report, packing, timings
+
+
+# ----------------------------------------------------------------------------- evaluation: the score ledger
+
+
+class LeakageError(RuntimeError):
+    """An evaluator broke the score-first rule; the run stops rather than report a tainted score."""
+
+
+@dataclass
+class EvalResult:
+    val_loss: float  # mean nats per target token
+    val_bpb: float
+    nll_sum: float
+    byte_sum: int
+    targets: int
+
+
+class ScoreLedger:
+    """Per target position p = 1 .. N-1 of a token stream (target tokens[p], previous tokens[p-1]):
+    its nll in float64, its bytes, and how often it was scored.
+
+    `record` refuses a position scored before; `result` refuses a ledger with a position unscored;
+    `require_scored` refuses an adapter update on a position not yet scored. Every evaluation path
+    writes here, so no setting can re-score, skip, or train before scoring.
+    """
+
+    def __init__(self, tokens: Tensor, tables: ByteTables):
+        self.num_targets = tokens.numel() - 1
+        device = tokens.device
+        self.nll = torch.zeros(self.num_targets, dtype=torch.float64, device=device)
+        self.count = torch.zeros(self.num_targets, dtype=torch.int32, device=device)
+        self.bytes = target_bytes(tokens[:-1], tokens[1:], tables.to(device))
+        self.updates = 0  # adapter optimizer steps, each checked by require_scored
+        self.check_normalization = False  # audit: measure sum(p) - 1 of every scored distribution
+        self.normalization_error = 0.0
+
+    def record(self, positions: Tensor, nll: Tensor):
+        idx = positions.reshape(-1) - 1
+        if idx.numel() == 0:
+            return
+        if int(idx.min()) < 0 or int(idx.max()) >= self.num_targets:
+            raise LeakageError(f"scored position outside 1..{self.num_targets}")
+        self.count.index_add_(0, idx, torch.ones_like(idx, dtype=torch.int32))
+        if int(self.count[idx].max()) > 1:
+            twice = int(idx[self.count[idx] > 1][0]) + 1
+            raise LeakageError(f"target position {twice} scored twice; every token must be scored exactly once")
+        self.nll[idx] = nll.reshape(-1).to(torch.float64)
+
+    def require_scored(self, positions: Tensor):
+        idx = positions.reshape(-1) - 1
+        unscored = self.count[idx] == 0
+        if bool(unscored.any()):
+            raise LeakageError(f"an update would train on target position {int(idx[unscored][0]) + 1} before it was scored")
+        self.updates += 1
+
+    def note_distribution(self, logp: Tensor):
+        if self.check_normalization:
+            err = (torch.logsumexp(logp.float(), dim=-1)).abs().max()
+            self.normalization_error = max(self.normalization_error, float(err))
+
+    def merge(self, rt: Runtime):
+        """Each rank scored its share; after this every rank holds all of them."""
+        if rt.distributed:
+            dist.all_reduce(self.nll)
+            dist.all_reduce(self.count)
+
+    def result(self) -> EvalResult:
+        unscored, repeated = int((self.count == 0).sum()), int((self.count > 1).sum())
+        if unscored or repeated:
+            raise LeakageError(f"{unscored} targets never scored and {repeated} scored more than once out of {self.num_targets}")
+        nll_sum = float(np.sum(self.nll.cpu().numpy()))
+        byte_sum = int(self.bytes.sum())
+        return EvalResult(nll_sum / self.num_targets, bits_per_byte(nll_sum, byte_sum), nll_sum, byte_sum, self.num_targets)
+
+    def dump(self, path: str | Path):
+        """Per-target records that re-aggregate to the logged score: bpb = sum(nll) / ln 2 / sum(bytes)."""
+        buf = io.BytesIO()
+        np.savez(buf, position=np.arange(1, self.num_targets + 1, dtype=np.int64), nll=self.nll.cpu().numpy(), bytes=self.bytes.cpu().numpy().astype(np.int32))
+        write_atomic(path, buf.getvalue())
+
+
+def token_nll(model, x: Tensor, y: Tensor, adapters: DocumentAdapters | None = None, ledger: ScoreLedger | None = None) -> Tensor:
+    """Per-token cross-entropy under the full softmax over the vocabulary: the one scoring rule of every path."""
+    with autocast_context(x.device):
+        logits = model(x, adapters=adapters)
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    if ledger is not None:
+        ledger.note_distribution(logp)
+    return -logp.gather(-1, y.unsqueeze(-1)).squeeze(-1)
+
+
+# ----------------------------------------------------------------------------- evaluation: standard and sliding windows
+
+
+def window_plan(num_targets: int, window: int, stride: int) -> list[tuple[int, int, int]]:
+    """Windows (a, s, e): inputs tokens[a:e], targets tokens[a+1:e+1], scoring target positions s+1 .. e.
+
+    stride >= window: non-overlapping windows, the last one shorter (standard evaluation).
+    stride < window: each window ends `stride` after the previous one and scores only the targets
+    the previous did not, each with at least window - stride tokens of context.
+    """
+    if stride >= window:
+        return [(a, a, min(a + window, num_targets)) for a in range(0, num_targets, window)]
+    end = min(window, num_targets)
+    plan = [(0, 0, end)]
+    while end < num_targets:
+        new_end = min(end + stride, num_targets)
+        plan.append((max(0, new_end - window), end, new_end))
+        end = new_end
+    return plan
+
+
+@torch.no_grad()
+def score_windows(model, tokens: Tensor, ledger: ScoreLedger, rt: Runtime, window: int, stride: int, batch_tokens: int):
+    """Standard (stride = window) and sliding-window scoring; windows are dealt round-robin to ranks."""
+    plan = window_plan(tokens.numel() - 1, window, stride)[rt.rank :: rt.world_size]
+    by_length: dict[int, list] = {}
+    for w in plan:
+        by_length.setdefault(w[2] - w[0], []).append(w)
+    batch_seqs = max(1, batch_tokens // (window * rt.world_size))
+    for length, windows in by_length.items():
+        offsets = torch.arange(length, device=tokens.device)
+        for i in range(0, len(windows), batch_seqs):
+            chunk = torch.tensor(windows[i : i + batch_seqs], device=tokens.device)
+            a, s = chunk[:, 0:1], chunk[:, 1:2]
+            idx = a + offsets  # (B, length) token indices of the inputs
+            nll = token_nll(model, tokens[idx], tokens[idx + 1], ledger=ledger)
+            scored = idx + 1 > s
+            ledger.record((idx + 1)[scored], nll[scored])
+
+
+# ----------------------------------------------------------------------------- evaluation: score-first per-document LoRA TTT
+
+
+class BatchedAdam:
+    """Adam / AdamW / SGD over parameters whose first dimension is the document, each document with its own LR."""
+
+    def __init__(self, params: list[Tensor], kind: str, betas: tuple[float, float], weight_decay: float, eps: float = 1e-8):
+        self.params, self.kind, self.betas, self.wd, self.eps = params, kind, betas, weight_decay, eps
+        self.m = [torch.zeros_like(p) for p in params]
+        self.v = [torch.zeros_like(p) for p in params]
+        self.t = 0
+
+    def reset(self):
+        for buf in self.m + self.v:
+            buf.zero_()
+        self.t = 0
+
+    @torch.no_grad()
+    def step(self, lr: Tensor):
+        """lr: (documents,) learning rates; a document with lr 0 is left exactly as it is."""
+        self.t += 1
+        b1, b2 = self.betas
+        for p, m, v in zip(self.params, self.m, self.v):
+            if p.grad is None:
+                continue
+            g = p.grad
+            lr_p = lr.view(-1, *([1] * (p.ndim - 1)))
+            if self.kind == "sgd":
+                p.sub_(lr_p * g)
+                continue
+            m.lerp_(g, 1 - b1)
+            v.lerp_(g * g, 1 - b2)
+            update = (m / (1 - b1**self.t)) / ((v / (1 - b2**self.t)).sqrt() + self.eps)
+            if self.kind == "adamw" and self.wd:
+                p.mul_(1 - lr_p * self.wd)
+            p.sub_(lr_p * update)
+
+
+def zigzag_ranks(num_items: int, world_size: int) -> list[int]:
+    """Rank of each item of a length-sorted list: 0..W-1, W-1..0, ... so every rank gets long and short ones."""
+    out = []
+    for i in range(num_items):
+        r, pos = divmod(i, world_size)
+        out.append(pos if r % 2 == 0 else world_size - 1 - pos)
+    return out
+
+
+@dataclass
+class TTTStats:
+    docs_adapted: int = 0
+    docs_base: int = 0
+    docs_after_deadline: int = 0
+    updates: int = 0
+
+
+class ScoreFirstLoRATTT:
+    """Score-first per-document LoRA test-time training.
+
+    Documents (split at BOS) are sorted by length, dealt to ranks in zigzag order and batched. For
+    each document, fresh adapters; its targets are cut into chunks. Chunk c is scored under no-grad
+    with the adapters as they are and recorded in the ledger; only then do the adapters take
+    TTT_STEPS steps on chunk c (the ledger checks it holds those positions) before chunk c+1 is
+    scored. The last chunk is never trained on. Documents outside [TTT_MIN_DOC_LEN,
+    TTT_MAX_DOC_LEN] and everything after TTT_DEADLINE_SECONDS are scored the same way without
+    adapters (the base model).
+    """
+
+    def __init__(self, cfg: ModelConfig, args: Hyperparameters, rt: Runtime):
+        self.args = args
+        self.adapters = DocumentAdapters(cfg, args.ttt_batch_size, args.ttt_lora_rank, args.ttt_head_rank, args.ttt_target_list, args.ttt_bias).to(rt.device)
+        self.optimizer = BatchedAdam(list(self.adapters.parameters()), args.ttt_optimizer, (args.ttt_beta1, args.ttt_beta2), args.ttt_wd)
+
+    def __call__(self, model, tokens: Tensor, ledger: ScoreLedger, rt: Runtime, base_ledger: ScoreLedger | None = None, deadline: float | None = None, log=None) -> TTTStats:
+        """Score every target of `tokens` once into `ledger` (and, if given, the base model's scores into `base_ledger`)."""
+        args, stats = self.args, TTTStats()
+        docs = document_spans(tokens)
+        order = sorted(range(len(docs)), key=lambda i: (docs[i][1] - docs[i][0], i))
+        ranks = zigzag_ranks(len(order), rt.world_size)
+        mine = [docs[d] for d, r in zip(order, ranks) if r == rt.rank]
+        max_len = args.ttt_max_doc_len or float("inf")
+        adaptable = args.ttt_lr > 0
+        adapt = [d for d in mine if adaptable and args.ttt_min_doc_len <= d[1] - d[0] <= max_len]
+        base = [d for d in mine if not (adaptable and args.ttt_min_doc_len <= d[1] - d[0] <= max_len)]
+        bs = args.ttt_batch_size
+        batches = [(b, False) for b in _batched(base, bs)] + [(b, True) for b in _batched(adapt, bs)]
+        t_start, nll_sum, byte_sum, done = time.perf_counter(), 0.0, 0, 0
+        for k, (batch, wants_adapters) in enumerate(batches):
+            late = deadline is not None and time.perf_counter() > deadline
+            use = wants_adapters and not late
+            if wants_adapters and late:
+                stats.docs_after_deadline += len(batch)
+            elif use:
+                stats.docs_adapted += len(batch)
+            else:
+                stats.docs_base += len(batch)
+            nll, nbytes = self.score_batch(model, tokens, ledger, batch, use, base_ledger)
+            nll_sum, byte_sum, done = nll_sum + nll, byte_sum + nbytes, done + len(batch)
+            if log is not None and (k + 1) % max(1, len(batches) // 10) == 0:
+                elapsed = time.perf_counter() - t_start
+                eta = elapsed / done * (len(mine) - done)
+                log(f"ttt_progress docs:{done}/{len(mine)} running_bpb:{bits_per_byte(nll_sum, max(byte_sum, 1)):.4f} elapsed:{elapsed:.1f}s eta:{eta:.1f}s")
+        stats.updates = ledger.updates
+        return stats
+
+    def chunk_windows(self, tokens: Tensor, batch: list[tuple[int, int]], c: int, rows: int):
+        """Inputs, targets, positions and the mask of chunk c's targets for each document (left-aligned, zero padded)."""
+        C, ctx = self.args.ttt_chunk_size, self.args.ttt_context_len
+        spans = []
+        for s, e in batch:
+            t0 = c * C
+            if t0 >= e - s:
+                spans.append(None)
+                continue
+            t1 = min(t0 + C, e - s)
+            w0 = max(0, t1 - ctx)
+            spans.append((s + w0, s + t1, t0 - w0))
+        width = max(b - a for a, b, _ in filter(None, spans))
+        width = min(-(-width // C) * C, max(ctx, width))  # few distinct shapes for the compiler
+        x = torch.zeros(rows, width, dtype=torch.long, device=tokens.device)
+        y = torch.zeros_like(x)
+        pos = torch.ones_like(x)
+        mask = torch.zeros(rows, width, dtype=torch.bool, device=tokens.device)
+        for i, span in enumerate(spans):
+            if span is None:
+                continue
+            a, b, first = span
+            x[i, : b - a], y[i, : b - a] = tokens[a:b], tokens[a + 1 : b + 1]
+            pos[i, : b - a] = torch.arange(a + 1, b + 1, device=tokens.device)
+            mask[i, first : b - a] = True
+        return x, y, pos, mask
+
+    def score_batch(self, model, tokens, ledger, batch, use_adapters, base_ledger) -> tuple[float, int]:
+        args = self.args
+        C = args.ttt_chunk_size
+        lengths = [e - s for s, e in batch]
+        num_chunks = [-(-n // C) for n in lengths]
+        adapters = self.adapters if use_adapters else None
+        rows = args.ttt_batch_size if use_adapters else len(batch)
+        if adapters is not None:
+            adapters.reset(self.args.seed * 1_000_003 + batch[0][0])
+            self.optimizer.reset()
+        nll_sum, byte_sum = 0.0, 0
+        for c in range(max(num_chunks)):
+            x, y, pos, mask = self.chunk_windows(tokens, batch, c, rows)
+            with torch.no_grad():
+                nll = token_nll(model, x, y, adapters, ledger)
+            ledger.record(pos[mask], nll[mask])
+            nll_sum += float(nll[mask].double().sum())
+            byte_sum += int(ledger.bytes[pos[mask] - 1].sum())
+            if base_ledger is not None:
+                if adapters is None:
+                    base_ledger.record(pos[mask], nll[mask])
+                else:
+                    with torch.no_grad():
+                        base_nll = token_nll(model, x, y, None)
+                    base_ledger.record(pos[mask], base_nll[mask])
+            trains = [i for i in range(len(batch)) if c < num_chunks[i] - 1]
+            if adapters is None or not trains:
+                continue
+            train_mask = torch.zeros_like(mask)
+            train_mask[trains] = mask[trains]
+            ledger.require_scored(pos[train_mask])
+            lr = torch.zeros(rows, device=tokens.device)
+            for i in trains:
+                decay = 0.5 * (1 + math.cos(math.pi * c / max(num_chunks[i] - 1, 1))) if args.ttt_cosine else 1.0
+                lr[i] = args.ttt_lr * decay
+            for _ in range(args.ttt_steps):
+                with torch.enable_grad():
+                    nll_t = token_nll(model, x, y, adapters)
+                    per_doc = (nll_t * train_mask).sum(dim=1) / train_mask.sum(dim=1).clamp_min(1)
+                    per_doc.sum().backward()
+                self.optimizer.step(lr)
+                for p in self.adapters.parameters():
+                    p.grad = None
+        return nll_sum, byte_sum
+
+
+def _batched(items: list, size: int) -> list[list]:
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+# ----------------------------------------------------------------------------- evaluation: legality audit
+
+
+@dataclass
+class AuditReport:
+    path: str
+    checks: dict  # name -> (passed, detail)
+
+    @property
+    def passed(self) -> bool:
+        return all(ok for ok, _ in self.checks.values())
+
+    def line(self) -> str:
+        parts = " ".join(f"{name}:{'ok' if ok else 'FAIL'}[{detail}]" for name, (ok, detail) in self.checks.items())
+        return f"eval_audit path:{self.path} verdict:{'PASS' if self.passed else 'FAIL'} {parts}"
+
+
+def perturb_after(tokens: Tensor, t: int, vocab_size: int, seed: int = 0) -> Tensor:
+    """A copy whose tokens after index t are replaced at random; BOS tokens stay, so documents keep their bounds."""
+    g = torch.Generator().manual_seed(seed)
+    tail = tokens[t + 1 :]
+    repl = torch.randint(2, vocab_size, tail.shape, generator=g).to(tokens.device)
+    out = tokens.clone()
+    out[t + 1 :] = torch.where(tail == BOS_ID, tail, repl)
+    return out
+
+
+def audit_scorer(path: str, scorer, model, tokens: Tensor, tables: ByteTables, rt: Runtime, vocab_size: int, full_ledger: ScoreLedger | None = None, probe_tokens: int = 8192) -> AuditReport:
+    """The four legality checks on one evaluation path.
+
+    1 exactly_once: every target of the run scored once (the ledger of the full run, and the probes).
+    2 causal: rerun on a probe with every token after t replaced; losses at positions <= t must not
+      move (bit for bit on CPU in fp32) while later ones do.
+    3 normalized: each scored distribution sums to 1 over the whole vocabulary.
+    4 score_before_update: every adapter update was on positions already recorded (enforced by the
+      ledger; a violation stops the scorer).
+    """
+    checks = {}
+    if full_ledger is not None:
+        once = int((full_ledger.count == 1).sum())
+        checks["exactly_once"] = (once == full_ledger.num_targets, f"{once}/{full_ledger.num_targets}")
+    probe = tokens[: min(probe_tokens, tokens.numel())]
+    t = probe.numel() // 2
+    ledgers = []
+    try:
+        for toks in (probe, perturb_after(probe, t, vocab_size)):
+            ledger = ScoreLedger(toks, tables)
+            ledger.check_normalization = True
+            scorer(model, toks, ledger, rt)
+            ledger.merge(rt)
+            ledger.result()
+            ledgers.append(ledger)
+    except LeakageError as e:
+        checks.setdefault("exactly_once", (True, "full run"))
+        checks["score_before_update"] = (False, str(e))
+        return AuditReport(path, checks)
+    a, b = ledgers
+    before = float((a.nll[:t] - b.nll[:t]).abs().max()) if t else 0.0
+    later_moved = bool((a.nll[t:] != b.nll[t:]).any())
+    tolerance = 0.0 if tokens.device.type == "cpu" else 1e-3
+    checks.setdefault("exactly_once", (True, f"probe {a.num_targets}"))
+    checks["causal"] = (before <= tolerance and later_moved, f"max_dnll_upto_t:{before:.3g} later_moved:{later_moved} t:{t}")
+    norm = max(a.normalization_error, b.normalization_error)
+    checks["normalized"] = (norm <= 1e-4, f"max_abs_log_sum_p:{norm:.2g}")
+    checks["score_before_update"] = (True, f"updates:{a.updates} all_on_scored_positions")
+    return AuditReport(path, checks)
+
+
+# ----------------------------------------------------------------------------- evaluation: the paths and the report
+
+FINAL_LABELS = {"standard": "roundtrip", "sliding_window": "sliding_window", "ttt_lora": "ttt_lora"}
+
+
+def evaluation_paths(args: Hyperparameters, ttt: ScoreFirstLoRATTT | None) -> list[tuple[str, object]]:
+    """(name, scorer) of each enabled path; a scorer is f(model, tokens, ledger, rt)."""
+
+    def windows(window, stride):
+        return lambda model, tokens, ledger, rt, **_: score_windows(model, tokens, ledger, rt, window, stride, args.val_batch_size)
+
+    paths = [("standard", windows(args.train_seq_len, args.train_seq_len))]
+    if args.eval_stride:
+        paths.append(("sliding_window", windows(args.eval_seq_len, args.eval_stride)))
+    if ttt is not None:
+        paths.append(("ttt_lora", ttt))
+    return paths
+
+
+def dummy_token_stream(length: int, vocab_size: int, doc_len: int, device) -> Tensor:
+    """Random tokens with a BOS every doc_len: compile warm-up without touching validation data."""
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(2, vocab_size, (length,), generator=g)
+    tokens[::doc_len] = BOS_ID
+    return tokens.to(device)
+
+
+def evaluate_standard(model, tokens: Tensor, tables: ByteTables, args: Hyperparameters, rt: Runtime) -> EvalResult:
+    ledger = ScoreLedger(tokens, tables)
+    score_windows(model, tokens, ledger, rt, args.train_seq_len, args.train_seq_len, args.val_batch_size)
+    ledger.merge(rt)
+    return ledger.result()
+
+
+def evaluate_artifact(path: Path, args: Hyperparameters, rt: Runtime, log: Logger, tables: ByteTables, val_tokens: Tensor, scheme: str, backend: str) -> tuple[dict, list]:
+    """Everything after training, timed as the evaluation: decompress, rebuild, warm up, score each path."""
+    t_start = sync_time(rt)
+    model = load_model_from_artifact(path, rt.device, backend)
+    model.requires_grad_(False)
+    log(f"artifact_load decompress_and_rebuild:{1000.0 * (sync_time(rt) - t_start):.0f}ms")
+    forward = torch.compile(model) if args.compile and rt.device.type == "cuda" else model
+    ttt = ScoreFirstLoRATTT(model.cfg, args, rt) if args.ttt_enabled else None
+    paths = evaluation_paths(args, ttt)
+    if forward is not model:
+        t0 = sync_time(rt)
+        doc_len = args.ttt_context_len + 2 * args.ttt_chunk_size
+        dummy = dummy_token_stream(max(2 * args.eval_seq_len, args.train_seq_len, args.ttt_batch_size * doc_len) + 1, model.cfg.vocab_size, doc_len, rt.device)
+        for _, scorer in paths:
+            scorer(forward, dummy, ScoreLedger(dummy, tables), rt)
+        log(f"eval_compile_warmup:{1000.0 * (sync_time(rt) - t0):.0f}ms (dummy tokens)")
+    results, audits = {}, []
+    for name, scorer in paths:
+        ledger = ScoreLedger(val_tokens, tables)
+        base_ledger = ScoreLedger(val_tokens, tables) if name == "ttt_lora" and args.ttt_report_base else None
+        t0 = sync_time(rt)
+        if name == "ttt_lora":
+            deadline = t_start + args.ttt_deadline_seconds if args.ttt_deadline_seconds > 0 else None
+            stats = scorer(forward, val_tokens, ledger, rt, base_ledger=base_ledger, deadline=deadline, log=log)
+        else:
+            scorer(forward, val_tokens, ledger, rt)
+        ledger.merge(rt)
+        result = ledger.result()
+        label = f"final_{scheme}_{FINAL_LABELS[name]}"
+        log(f"{label} val_loss:{result.val_loss:.4f} val_bpb:{result.val_bpb:.4f} eval_time:{1000.0 * (sync_time(rt) - t0):.0f}ms")
+        log(f"{label}_exact val_loss:{result.val_loss:.8f} val_bpb:{result.val_bpb:.8f}")
+        results[name] = result
+        if name == "ttt_lora":
+            counts = torch.tensor([stats.docs_adapted, stats.docs_base, stats.docs_after_deadline, stats.updates], device=rt.device)
+            if rt.distributed:
+                dist.all_reduce(counts)
+            log(f"ttt_docs adapted:{int(counts[0])} base_model:{int(counts[1])} after_deadline:{int(counts[2])} chunk_updates:{int(counts[3])}")
+            if base_ledger is not None:
+                base_ledger.merge(rt)
+                base = base_ledger.result()
+                log(f"ttt_base_same_docs val_bpb:{base.val_bpb:.8f} ttt_gain_bpb:{base.val_bpb - result.val_bpb:.6f}")
+        if args.eval_dump and rt.is_master:
+            ledger.dump(f"{args.eval_dump}.{name}.npz")
+        if args.eval_audit:
+            report = audit_scorer(name, scorer, forward, val_tokens, tables, rt, model.cfg.vocab_size, ledger)
+            log(report.line())
+            audits.append(report)
+    total_s = sync_time(rt) - t_start
+    projected = total_s * rt.world_size / 8
+    log(f"eval_time_total:{1000.0 * total_s:.0f}ms projected_8gpu_s:{projected:.1f} fits_600s:{'yes' if projected <= 600 else 'no'}")
+    return results, audits
+
+
+# ----------------------------------------------------------------------------- main: train -> average -> quantize -> write -> reload -> evaluate
+
+
+def quantization_scheme(args: Hyperparameters) -> str:
+    return f"int{max(args.quant_bits_attn, args.quant_bits_mlp)}_{args.artifact_compressor}"
+
+
+def broadcast_run_id(args: Hyperparameters, rt: Runtime) -> str:
+    run_id = [args.run_id or f"{time.strftime('%Y%m%d_%H%M%S')}_{uuid.uuid4().hex[:6]}"]
+    if rt.distributed:
+        dist.broadcast_object_list(run_id, src=0)
+    return run_id[0]
+
+
+def quantize_and_write(model: GPT, hessians, args: Hyperparameters, rt: Runtime, log: Logger, path: Path, scheme: str) -> SizeReport | None:
+    """Rank 0 quantizes (GPTQ where Hessians exist), packs and writes the artifact; the others wait."""
+    report = None
+    if rt.is_master:
+        t0 = sync_time(rt)
+        qstate = quantize_state_dict(model.state_dict(), args, hessians)
+        quant_ms = 1000.0 * (sync_time(rt) - t0)
+        report, packing, timings = write_artifact(qstate, model.cfg, args, path, log)
+        t1 = time.perf_counter()
+        read_artifact(path)
+        decode_ms = 1000.0 * (time.perf_counter() - t1)
+        method = "gptq" if args.gptq_enabled and hessians else "rtn"
+        log(f"quant_stages quantize_{method}:{quant_ms:.0f}ms compress:{timings['compress_ms']:.0f}ms decompress:{decode_ms:.0f}ms packing:{packing} fit_prune:{timings['prune_frac']:.3f}")
+        log(f"Serialized model {scheme}: {report.artifact_bytes} bytes")
+        log(f"Code size: {report.code_bytes} bytes")
+        log(f"Total submission size {scheme}: {report.total_bytes} bytes")
+        log(f"size_check total_bytes:{report.total_bytes} cap_bytes:{report.cap_bytes} fits:{'yes' if report.fits else 'no'}")
+        if not report.fits:
+            log(f"WARNING: OVER THE CAP by {report.total_bytes - report.cap_bytes} bytes: this run is NOT a valid submission (files kept at {path})")
+    if rt.distributed:
+        dist.barrier()
+    return report
+
+
+def run(args: Hyperparameters, rt: Runtime):
+    run_id = broadcast_run_id(args, rt)
+    log_dir = Path(args.log_dir)
+    log = Logger(log_dir / f"{run_id}.txt" if rt.is_master else None)
+    source = Path(__file__).read_bytes()
+    log(source.decode("utf-8"), console=False)
+    log("=" * 100, console=False)
+    log(environment_versions())
+    log(args.describe().replace(f"RUN_ID={args.run_id}", f"RUN_ID={run_id}"))
+    import hashlib
+
+    log(f"code_sha256:{hashlib.sha256(source).hexdigest()} code_bytes:{len(source)}")
+    backend = select_attention_backend(args.attn_backend, rt.device)
+    log(f"world_size:{rt.world_size} grad_accum_steps:{rt.grad_accum_steps} device:{rt.device.type}")
+    log(f"attention_backend:{backend}")
+    torch.manual_seed(args.seed)
+    np.random.seed(args.seed)
+    tables = load_tokenizer_tables(args.tokenizer_path, args.vocab_size)
+    val_tokens = load_validation_tokens(args.data_path, args.vocab_size, args.val_max_tokens).to(rt.device)
+    log(f"val_tokens:{val_tokens.numel()} targets:{val_tokens.numel() - 1}")
+    scheme = quantization_scheme(args)
+    pre_quant, train_result, size = None, None, None
+    if args.eval_only:
+        artifact_path = Path(args.eval_only)
+        log(f"eval_only artifact:{artifact_path}")
+    else:
+        artifact_path = Path(args.artifact_path or log_dir / f"{run_id}.pgz")
+        model = GPT(ModelConfig.from_args(args), backend).to(rt.device)
+        log(f"model_params:{count_parameters(model)}")
+        train_result = train_model(model, args, rt, log, lambda m: evaluate_standard(m, val_tokens, tables, args, rt))
+        pre_quant = evaluate_standard(model, val_tokens, tables, args, rt)
+        log(f"pre_quant weights:{train_result.exported_weights} val_loss:{pre_quant.val_loss:.4f} val_bpb:{pre_quant.val_bpb:.4f}")
+        hessians = train_result.hessians
+        if args.gptq_enabled and args.gptq_calibration == "self":
+            t0 = sync_time(rt)
+            batches = generate_calibration_batches(model, args.gptq_calib_seqs, args.train_seq_len, args.gptq_calib_temperature, rt, args.seed)
+            hessians = collect_hessians(model, batches, rt)
+            log(f"gptq_calibration source:self seqs:{args.gptq_calib_seqs} time:{1000.0 * (sync_time(rt) - t0):.0f}ms")
+        size = quantize_and_write(model, hessians, args, rt, log, artifact_path, scheme)
+        del model
+    results, audits = evaluate_artifact(artifact_path, args, rt, log, tables, val_tokens, scheme, backend)
+    if pre_quant is not None:
+        log(f"quant_gap_bpb:{results['standard'].val_bpb - pre_quant.val_bpb:.6f}")
+    verdict = "SKIPPED" if not audits else "PASS" if all(a.passed for a in audits) else "FAIL"
+    log(f"eval_audit_verdict:{verdict}")
+    problems = []
+    if size is not None and not size.fits:
+        problems.append("over_size_cap")
+    if train_result is not None and train_result.train_time_ms > 600_000:
+        problems.append("train_time_over_600s")
+    if verdict == "FAIL":
+        problems.append("audit_failed")
+    log(f"submission_valid:{'no reason:' + ','.join(problems) if problems else 'yes'}")
+
+
+def main():
+    try:
+        args = Hyperparameters()
+        rt = setup_runtime()
+    except SettingsError as e:
+        sys.exit(f"error: {e}")
+    code = 0
+    try:
+        run(args, rt)
+    except (SettingsError, DataError, ArtifactError, LeakageError) as e:
+        if rt.is_master:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        code = 1
+    finally:
+        if rt.distributed:
+            dist.destroy_process_group()
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()
