@@ -1,0 +1,434 @@
+#!/usr/bin/env python3
+"""Turn a text corpus into shards in the official Parameter Golf format.
+
+Inputs are JSON Lines files with a "text" field (plain, .gz or .xz) or .txt files (one document per
+file, or several separated by --txt-doc-separator). The output uses the official layout, so
+train_gpt.py only needs DATA_PATH and TOKENIZER_PATH pointed at it:
+
+    <out>/tokenizers/fineweb_{V}_bpe.model              (with --train-tokenizer)
+    <out>/datasets/fineweb10B_sp{V}/fineweb_val_000000.bin, fineweb_train_000000.bin, ...
+
+Each document is written as [BOS=1] + token ids with no EOS, documents concatenated, 10**8 tokens
+per shard, exactly as the official export. Examples:
+
+    python3 data/build_shards.py corpus.jsonl.xz --train-tokenizer --vocab-size 1024 \\
+        --val-docs 1000 --output-dir /tmp/mydata
+    python3 data/build_shards.py 'books/*.txt' --tokenizer data/tokenizers/fineweb_1024_bpe.model \\
+        --val-file heldout.jsonl --output-dir /tmp/mydata
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import gzip
+import itertools
+import json
+import lzma
+import multiprocessing
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+import sentencepiece as spm
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import train_gpt  # noqa: E402  (the shard format and BOS id live there, in one place)
+
+DEFAULT_SHARD_TOKENS = 10**8
+DOCS_PER_BATCH = 256
+MAX_TOKEN_ID = 2**16 - 1  # shards store uint16 ids
+TOKENIZER_MAX_SENTENCES = 2_000_000  # SentencePiece samples this many lines; bounds its memory
+TOKENIZER_MAX_LINE_BYTES = 16384  # longer lines are skipped by the trainer (its default, 4192, drops many paragraphs)
+
+
+class BuildError(Exception):
+    """A problem with the inputs or options; main() prints it as one line and exits with 1."""
+
+
+# ----------------------------------------------------------------------------- reading documents
+
+
+def expand_inputs(patterns: Iterable[str]) -> list[Path]:
+    """Files named directly or through globs, in the order given (each glob sorted)."""
+    paths = []
+    for pattern in patterns:
+        is_glob = any(c in pattern for c in "*?[")
+        matches = sorted(glob.glob(pattern)) if is_glob else [pattern]
+        if not matches or not all(os.path.isfile(m) for m in matches):
+            raise BuildError(f"input not found: {pattern}" + (" (the glob matches no files)" if is_glob else ""))
+        paths.extend(Path(m) for m in matches)
+    return paths
+
+
+def open_text(path: Path):
+    if path.suffix == ".xz":
+        return lzma.open(path, "rt", encoding="utf-8")
+    if path.suffix == ".gz":
+        return gzip.open(path, "rt", encoding="utf-8")
+    return open(path, encoding="utf-8")
+
+
+def is_txt(path: Path) -> bool:
+    name = path.name[: -len(path.suffix)] if path.suffix in (".xz", ".gz") else path.name
+    return name.endswith(".txt")
+
+
+def iter_jsonl_texts(path: Path) -> Iterator[str]:
+    with open_text(path) as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise BuildError(f"{path}:{line_no}: not valid JSON ({e.msg})") from None
+            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                raise BuildError(f'{path}:{line_no}: no "text" field with a string')
+            yield record["text"]
+
+
+def iter_txt_documents(path: Path, separator: str | None) -> Iterator[str]:
+    with open_text(path) as f:
+        text = f.read()
+    if separator is None:
+        yield text
+        return
+    # Separator-delimited files often end with a separator; empty pieces are not documents.
+    yield from (doc for doc in text.split(separator) if doc.strip())
+
+
+def read_documents(paths: list[Path], txt_separator: str | None = None) -> Iterator[str]:
+    for path in paths:
+        try:
+            if is_txt(path):
+                yield from iter_txt_documents(path, txt_separator)
+            else:
+                yield from iter_jsonl_texts(path)
+        except (OSError, EOFError, lzma.LZMAError, UnicodeDecodeError) as e:
+            raise BuildError(f"{path}: cannot read: {e}") from None
+
+
+def require_documents(stream, what: str):
+    """Fail before any output is written when a split would be empty."""
+    if next(iter(stream()), None) is None:
+        raise BuildError(f"no {what} documents: the corpus is empty or --val-docs takes all of it")
+
+
+# ----------------------------------------------------------------------------- tokenizer
+
+
+def check_vocab_size(vocab_size: int):
+    if not 4 < vocab_size <= MAX_TOKEN_ID + 1:  # 4 special pieces, ids stored as uint16
+        raise BuildError(f"--vocab-size must be in [5, {MAX_TOKEN_ID + 1}] so token ids fit in uint16, got {vocab_size}")
+
+
+def train_tokenizer(documents: Iterable[str], vocab_size: int, model_path: Path, *, byte_fallback: bool = False, threads: int = 1) -> Path:
+    """Train a SentencePiece BPE model with the official spec; writes model_path and its .vocab."""
+    check_vocab_size(vocab_size)
+    model_path.parent.mkdir(parents=True, exist_ok=True)
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=training_lines(documents),
+        model_prefix=str(model_path.with_suffix("")),
+        model_type="bpe",
+        vocab_size=vocab_size,
+        character_coverage=0.999,
+        split_digits=True,
+        normalization_rule_name="nmt_nfkc",
+        add_dummy_prefix=False,
+        byte_fallback=byte_fallback,
+        pad_id=0,
+        bos_id=train_gpt.BOS_ID,
+        eos_id=2,
+        unk_id=3,
+        hard_vocab_limit=False,  # as the official models: a small corpus may give a few pieces less
+        input_sentence_size=TOKENIZER_MAX_SENTENCES,
+        shuffle_input_sentence=True,
+        max_sentence_length=TOKENIZER_MAX_LINE_BYTES,
+        num_threads=threads,
+        minloglevel=2,
+    )
+    return model_path
+
+
+def training_lines(documents: Iterable[str]) -> Iterator[str]:
+    """Non-empty lines: nmt_nfkc turns newlines into spaces anyway, and lines keep each sentence short."""
+    for doc in documents:
+        for line in doc.replace("\x00", " ").splitlines():
+            if line.strip():
+                yield line
+
+
+def load_tokenizer(model_path: Path) -> spm.SentencePieceProcessor:
+    """Load a model and check that its ids fit the shard format and its BOS is the one train_gpt.py expects."""
+    if not model_path.is_file():
+        raise BuildError(f"tokenizer not found: {model_path}")
+    try:
+        sp = spm.SentencePieceProcessor(model_file=str(model_path))
+    except (OSError, RuntimeError):
+        raise BuildError(f"not a SentencePiece model: {model_path}") from None
+    if sp.vocab_size() > MAX_TOKEN_ID + 1:
+        raise BuildError(f"{model_path}: vocabulary of {sp.vocab_size()} does not fit uint16 shards (at most {MAX_TOKEN_ID + 1})")
+    if sp.bos_id() != train_gpt.BOS_ID:
+        raise BuildError(f"{model_path}: bos_id is {sp.bos_id()}, but shards need BOS = {train_gpt.BOS_ID}")
+    return sp
+
+
+# ----------------------------------------------------------------------------- tokenizing in parallel
+
+_worker_sp: spm.SentencePieceProcessor | None = None
+
+
+def _init_worker(model_path: str):
+    global _worker_sp
+    _worker_sp = spm.SentencePieceProcessor(model_file=model_path)
+
+
+def _init_pool_worker(model_path: str):
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is handled once, by the parent
+    _init_worker(model_path)
+
+
+def encode_batch(texts: list[str]) -> tuple[int, int, np.ndarray]:
+    """(documents, UTF-8 bytes, tokens): each document as [BOS] + ids, concatenated."""
+    encoded = _worker_sp.encode(texts, num_threads=1)  # parallelism comes from the processes
+    total = len(encoded) + sum(map(len, encoded))
+    flat = itertools.chain.from_iterable(itertools.chain((train_gpt.BOS_ID,), ids) for ids in encoded)
+    tokens = np.fromiter(flat, dtype=np.uint16, count=total)
+    return len(texts), sum(len(t.encode("utf-8")) for t in texts), tokens
+
+
+def batched(items: Iterable[str], size: int) -> Iterator[list[str]]:
+    it = iter(items)
+    while batch := list(itertools.islice(it, size)):
+        yield batch
+
+
+def ordered_parallel_map(pool, func, items: Iterable, max_pending: int) -> Iterator:
+    """pool.imap, but reading the input only as fast as results are consumed.
+
+    Pool.imap pulls its whole input in a helper thread, which would hold a large corpus in memory."""
+    pending = collections.deque()
+    for item in items:
+        pending.append(pool.apply_async(func, (item,)))
+        if len(pending) >= max_pending:
+            yield pending.popleft().get()
+    while pending:
+        yield pending.popleft().get()
+
+
+class ParallelEncoder:
+    """Encodes document batches on `workers` processes (in this process when workers == 1)."""
+
+    def __init__(self, model_path: Path, workers: int):
+        self.model_path, self.workers, self.pool = str(model_path), workers, None
+
+    def __enter__(self):
+        if self.workers > 1:
+            self.pool = multiprocessing.Pool(self.workers, _init_pool_worker, (self.model_path,))
+        else:
+            _init_worker(self.model_path)
+        return self
+
+    def __exit__(self, *exc):
+        if self.pool is not None:
+            self.pool.terminate()
+
+    def encode(self, documents: Iterable[str]) -> Iterator[tuple[int, int, np.ndarray]]:
+        batches = batched(documents, DOCS_PER_BATCH)
+        if self.pool is None:
+            return map(encode_batch, batches)
+        return ordered_parallel_map(self.pool, encode_batch, batches, max_pending=2 * self.workers)
+
+
+# ----------------------------------------------------------------------------- writing shards
+
+
+class ShardWriter:
+    """Cuts the token stream of one split into shards of exactly `shard_tokens` (the last may be shorter)."""
+
+    def __init__(self, directory: Path, split: str, shard_tokens: int):
+        self.directory, self.split, self.shard_tokens = directory, split, shard_tokens
+        self.parts, self.buffered, self.shards_written = [], 0, 0
+        directory.mkdir(parents=True, exist_ok=True)
+        # Stale shards from an earlier, larger build would otherwise be read as part of this one.
+        for stale in directory.glob(f"fineweb_{split}_*.bin"):
+            stale.unlink()
+
+    def add(self, tokens: np.ndarray):
+        self.parts.append(tokens)
+        self.buffered += tokens.size
+        while self.buffered >= self.shard_tokens:
+            self._write(self.shard_tokens)
+
+    def close(self):
+        if self.buffered:
+            self._write(self.buffered)
+
+    def _write(self, count: int):
+        stream = np.concatenate(self.parts)
+        path = self.directory / f"fineweb_{self.split}_{self.shards_written:06d}.bin"
+        train_gpt.write_data_shard(path, stream[:count])
+        self.parts, self.buffered = [stream[count:]], stream.size - count
+        self.shards_written += 1
+
+
+class Progress:
+    """A status line on stderr: rewritten in place on a terminal, every 10 s in a log."""
+
+    def __init__(self, label: str):
+        self.label, self.start = label, time.time()
+        self.tty = sys.stderr.isatty()
+        self.interval = 0.5 if self.tty else 10.0
+        self.last = self.start
+
+    def update(self, docs: int, tokens: int, final: bool = False):
+        now = time.time()
+        if not final and now - self.last < self.interval:
+            return
+        self.last = now
+        rate = tokens / max(now - self.start, 1e-9)
+        line = f"{self.label}: {docs:,} docs, {tokens:,} tokens, {rate:,.0f} tokens/s"
+        end = "\n" if final or not self.tty else ""
+        print(("\r" if self.tty else "") + line, end=end, file=sys.stderr, flush=True)
+
+
+def write_split(encoder: ParallelEncoder, documents: Iterable[str], directory: Path, split: str, shard_tokens: int) -> dict:
+    """Tokenize `documents` into fineweb_{split}_*.bin; returns counts for the summary."""
+    writer, progress = ShardWriter(directory, split, shard_tokens), Progress(split)
+    docs = text_bytes = tokens = 0
+    for n_docs, n_bytes, batch_tokens in encoder.encode(documents):
+        writer.add(batch_tokens)
+        docs, text_bytes, tokens = docs + n_docs, text_bytes + n_bytes, tokens + batch_tokens.size
+        progress.update(docs, tokens)
+    writer.close()
+    progress.update(docs, tokens, final=True)
+    return {"docs": docs, "tokens": tokens, "bytes": text_bytes, "shards": writer.shards_written}
+
+
+def write_dataset(val_docs: Iterable[str], train_docs: Iterable[str], model_path: Path, dataset_dir: Path, *,
+                  shard_tokens: int = DEFAULT_SHARD_TOKENS, workers: int = 1) -> dict:
+    """Write the validation split, then the training split, with the tokenizer at model_path."""
+    with ParallelEncoder(model_path, workers) as encoder:
+        val = write_split(encoder, val_docs, dataset_dir, "val", shard_tokens)
+        train = write_split(encoder, train_docs, dataset_dir, "train", shard_tokens)
+    for split, stats in (("validation", val), ("training", train)):
+        if stats["docs"] == 0:
+            raise BuildError(f"no {split} documents: the corpus is empty or --val-docs takes all of it")
+    return {"val": val, "train": train}
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def default_workers() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def parse_separator(raw: str | None) -> str | None:
+    """Decode backslash escapes so that --txt-doc-separator '\\n\\n' means a blank line."""
+    if raw is None:
+        return None
+    return raw.encode("latin-1", "backslashreplace").decode("unicode_escape")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("inputs", nargs="+", help="JSON Lines (.jsonl, .jsonl.gz, .jsonl.xz) or .txt files, or globs of them")
+    tok = p.add_mutually_exclusive_group(required=True)
+    tok.add_argument("--tokenizer", type=Path, help="an existing SentencePiece model")
+    tok.add_argument("--train-tokenizer", action="store_true", help="train a BPE tokenizer (official spec) on the training documents first")
+    p.add_argument("--vocab-size", type=int, help="vocabulary of the trained tokenizer (with --train-tokenizer)")
+    p.add_argument("--byte-fallback", action="store_true", help="trained tokenizer: byte pieces instead of <unk> (the official sp1024 has none)")
+    p.add_argument("--output-dir", type=Path, required=True, help="root of the tokenizers/ and datasets/ folders")
+    val = p.add_mutually_exclusive_group(required=True)
+    val.add_argument("--val-docs", type=int, help="the first N documents of the inputs are the validation set")
+    val.add_argument("--val-file", action="append", help="a separate validation corpus (repeatable; files or globs)")
+    p.add_argument("--shard-tokens", type=int, default=DEFAULT_SHARD_TOKENS, help="tokens per shard (default: 10**8)")
+    p.add_argument("--workers", type=int, default=default_workers(), help="tokenizer processes (default: all CPU cores)")
+    p.add_argument("--max-docs", type=int, help="read at most N documents of the inputs (validation ones included), for quick runs")
+    p.add_argument("--tokenizer-train-docs", type=int, default=1_000_000, help="train the tokenizer on at most N documents (default: 10**6)")
+    p.add_argument("--txt-doc-separator", help=r"split .txt files into documents at this string, e.g. '\n\n' (default: one file = one document)")
+    return p
+
+
+def check_args(args):
+    if args.train_tokenizer:
+        if args.vocab_size is None:
+            raise BuildError("--train-tokenizer needs --vocab-size")
+        check_vocab_size(args.vocab_size)
+    if args.tokenizer is not None and (args.vocab_size is not None or args.byte_fallback):
+        raise BuildError("--vocab-size and --byte-fallback only apply with --train-tokenizer")
+    for name in ("val_docs", "shard_tokens", "workers", "max_docs", "tokenizer_train_docs"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise BuildError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    if args.txt_doc_separator == "":
+        raise BuildError("--txt-doc-separator must not be empty")
+
+
+def corpus_streams(args, separator: str | None):
+    """Factories of (validation, training) document iterators; each call re-reads the files."""
+    paths = expand_inputs(args.inputs)
+    if args.val_file:
+        val_paths = expand_inputs(args.val_file)
+        return (lambda: read_documents(val_paths, separator),
+                lambda: itertools.islice(read_documents(paths, separator), args.max_docs))
+    return (lambda: itertools.islice(read_documents(paths, separator), min(args.val_docs, args.max_docs or args.val_docs)),
+            lambda: itertools.islice(read_documents(paths, separator), args.val_docs, args.max_docs))
+
+
+def run(args) -> dict:
+    check_args(args)
+    separator = parse_separator(args.txt_doc_separator)
+    val_stream, train_stream = corpus_streams(args, separator)
+    require_documents(val_stream, "validation")
+    require_documents(train_stream, "training")
+    if args.train_tokenizer:
+        model_path = args.output_dir / "tokenizers" / f"fineweb_{args.vocab_size}_bpe.model"
+        print(f"training a {args.vocab_size}-piece BPE tokenizer -> {model_path}", file=sys.stderr, flush=True)
+        start = time.time()
+        docs = itertools.islice(train_stream(), args.tokenizer_train_docs)
+        train_tokenizer(docs, args.vocab_size, model_path, byte_fallback=args.byte_fallback, threads=args.workers)
+        print(f"tokenizer trained in {time.time() - start:.1f}s", file=sys.stderr, flush=True)
+    else:
+        model_path = args.tokenizer
+    vocab_size = load_tokenizer(model_path).vocab_size()
+    if args.train_tokenizer and vocab_size != args.vocab_size:
+        print(f"note: the corpus gave {vocab_size} pieces, not {args.vocab_size}; use VOCAB_SIZE={vocab_size}", file=sys.stderr)
+    dataset_dir = args.output_dir / "datasets" / f"fineweb10B_sp{vocab_size}"
+    stats = write_dataset(val_stream(), train_stream(), model_path, dataset_dir, shard_tokens=args.shard_tokens, workers=args.workers)
+    return {**stats, "vocab_size": vocab_size, "tokenizer": str(model_path), "dataset_dir": str(dataset_dir)}
+
+
+def format_summary(result: dict) -> str:
+    lines = []
+    for split in ("train", "val"):
+        s = result[split]
+        lines.append(f"{split:>5}: {s['docs']:,} docs, {s['tokens']:,} tokens, {s['shards']} shard(s), "
+                     f"{s['bytes'] / s['tokens']:.3f} bytes/token")
+    lines.append("(bytes/token: UTF-8 bytes of the text per shard token, BOS tokens included)")
+    lines.append(f"DATA_PATH={result['dataset_dir']} TOKENIZER_PATH={result['tokenizer']} VOCAB_SIZE={result['vocab_size']}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        result = run(args)
+    except (BuildError, train_gpt.DataError, OSError) as e:  # OSError: e.g. a full disk; it names the file
+        print(f"build_shards: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    print(format_summary(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,191 @@
+#!/usr/bin/env python3
+"""Offline smoke run: build a tiny dataset from text bundled with Python, then train on it.
+
+    python3 data/smoke.py                  # prepare the data (first time only), then train
+    python3 data/smoke.py --prepare-only   # only build data/smoke/
+    python3 data/smoke.py --steps 50       # shorter training
+    python3 data/smoke.py --rebuild        # rebuild the data even if it exists
+
+Needs no download: the corpus is the English documentation shipped with the interpreter (the
+pydoc topics, one document per topic) plus the docstrings of the standard-library modules (one
+document per module). A 1024-piece tokenizer is trained on it with the official spec, shards are
+written in the official layout under data/smoke/, and train_gpt.py runs a tiny model on them with
+the settings in SMOKE_ENV; any of them set in your environment wins. The exit code is train_gpt.py's.
+The numbers mean nothing for the leaderboard: this checks that the whole pipeline runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import inspect
+import io
+import json
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import build_shards  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+SMOKE_DIR = REPO / "data" / "smoke"
+VOCAB_SIZE = 1024
+TOKENIZER_PATH = SMOKE_DIR / "tokenizers" / f"fineweb_{VOCAB_SIZE}_bpe.model"
+DATASET_DIR = SMOKE_DIR / "datasets" / f"fineweb10B_sp{VOCAB_SIZE}"
+BUILD_INFO = SMOKE_DIR / "build_info.json"  # written last: its presence means the data is complete
+VAL_TEXT_BYTES = 90_000  # about 30k validation tokens at ~3 bytes/token
+
+# A tiny model that trains in a few minutes on 2 CPU cores. Paths are relative to the repo root.
+SMOKE_ENV = {
+    "DATA_PATH": f"./data/smoke/datasets/fineweb10B_sp{VOCAB_SIZE}",
+    "TOKENIZER_PATH": f"./data/smoke/tokenizers/fineweb_{VOCAB_SIZE}_bpe.model",
+    "RUN_ID": "smoke",
+    "VOCAB_SIZE": str(VOCAB_SIZE),
+    "NUM_LAYERS": "2",
+    "MODEL_DIM": "64",
+    "NUM_HEADS": "4",
+    "NUM_KV_HEADS": "2",
+    "MLP_MULT": "2",
+    "TRAIN_SEQ_LEN": "128",
+    "TRAIN_BATCH_TOKENS": "8192",
+    "ITERATIONS": "150",
+    "MAX_WALLCLOCK_SECONDS": "0",
+    "WARMUP_STEPS": "2",
+    "VAL_BATCH_SIZE": "8192",
+    "TRAIN_LOG_EVERY": "25",
+    "EVAL_SEQ_LEN": "128",
+    "EVAL_STRIDE": "32",
+    "TTT_CHUNK_SIZE": "32",
+    "TTT_CONTEXT_LEN": "64",
+    "TTT_BATCH_SIZE": "8",
+    "BIGRAM_VOCAB_SIZE": "512",
+    "BIGRAM_DIM": "32",
+    "GPTQ_CALIB_SEQS": "8",
+    "EMA_DECAY": "0.95",  # a 150-step run: the record decay (0.997) would export mostly the initial weights
+    "EVAL_AUDIT": "1",
+}
+
+# Modules whose import has visible side effects (a browser, a terminal escape) or needs a display.
+SKIP_MODULES = {"antigravity", "this", "idlelib", "tkinter", "turtle", "turtledemo", "readline"}
+
+
+# ----------------------------------------------------------------------------- corpus
+
+
+def topic_documents() -> list[str]:
+    """The pydoc help topics (language reference prose), sorted by name so the split is stable."""
+    from pydoc_data.topics import topics
+
+    return [topics[name] for name in sorted(topics)]
+
+
+def import_quietly(name: str):
+    """The module, or None if importing it fails or prints anything."""
+    captured = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(captured), contextlib.redirect_stderr(captured):
+            module = importlib.import_module(name)
+    except Exception:
+        return None
+    return None if captured.getvalue() else module
+
+
+def module_document(module) -> str:
+    """The module's docstring followed by those of its public classes and functions."""
+    parts = [inspect.cleandoc(module.__doc__)] if isinstance(module.__doc__, str) else []
+    for name, obj in vars(module).items():
+        defined_here = getattr(obj, "__module__", None) == module.__name__
+        if name.startswith("_") or not defined_here or not (inspect.isclass(obj) or inspect.isfunction(obj)):
+            continue
+        if isinstance(obj.__doc__, str) and obj.__doc__.strip():  # own docstring only, not an inherited one
+            parts.append(f"{name}: {inspect.cleandoc(obj.__doc__)}")
+    return "\n\n".join(parts)
+
+
+def stdlib_documents() -> list[str]:
+    names = sorted(n for n in sys.stdlib_module_names if not n.startswith("_") and n not in SKIP_MODULES)
+    with warnings.catch_warnings():  # deprecated modules warn on import and on attribute access
+        warnings.simplefilter("ignore")
+        modules = [import_quietly(name) for name in names]
+        docs = [module_document(m) for m in modules if m is not None]
+    return [doc for doc in docs if doc.strip()]
+
+
+def smoke_corpus() -> tuple[list[str], list[str]]:
+    """(validation, training) documents: the first pydoc topics up to VAL_TEXT_BYTES, then the rest."""
+    topics = topic_documents()
+    val_count, size = 0, 0
+    while size < VAL_TEXT_BYTES:
+        size += len(topics[val_count].encode("utf-8"))
+        val_count += 1
+    return topics[:val_count], topics[val_count:] + stdlib_documents()
+
+
+# ----------------------------------------------------------------------------- steps
+
+
+def prepare_data() -> dict:
+    val_docs, train_docs = smoke_corpus()
+    workers = build_shards.default_workers()
+    print(f"smoke: training a {VOCAB_SIZE}-piece tokenizer on {len(train_docs)} documents", file=sys.stderr, flush=True)
+    build_shards.train_tokenizer(train_docs, VOCAB_SIZE, TOKENIZER_PATH, threads=workers)
+    vocab = build_shards.load_tokenizer(TOKENIZER_PATH).vocab_size()
+    if vocab != VOCAB_SIZE:  # VOCAB_SIZE in SMOKE_ENV must match the tokenizer
+        raise build_shards.BuildError(f"the smoke corpus gave a vocabulary of {vocab}, not {VOCAB_SIZE}")
+    stats = build_shards.write_dataset(val_docs, train_docs, TOKENIZER_PATH, DATASET_DIR, workers=workers)
+    BUILD_INFO.write_text(json.dumps(stats, indent=2) + "\n")
+    return stats
+
+
+def training_env(steps: int | None) -> dict[str, str]:
+    """SMOKE_ENV, overridden by the caller's environment, overridden by --steps."""
+    overridden = sorted(k for k in SMOKE_ENV if k in os.environ and os.environ[k] != SMOKE_ENV[k])
+    if overridden:
+        print(f"smoke: from your environment: {', '.join(f'{k}={os.environ[k]}' for k in overridden)}", file=sys.stderr)
+    env = {**SMOKE_ENV, **os.environ}
+    if steps is not None:
+        env["ITERATIONS"] = str(steps)
+    return env
+
+
+def train(steps: int | None) -> int:
+    command = [sys.executable, "train_gpt.py"]
+    print(f"smoke: running {' '.join(command)} in {REPO}", file=sys.stderr, flush=True)
+    try:
+        return subprocess.run(command, cwd=REPO, env=training_env(steps)).returncode
+    except KeyboardInterrupt:  # the child got the Ctrl-C too
+        return 130
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--prepare-only", action="store_true", help="build the data, do not train")
+    p.add_argument("--rebuild", action="store_true", help="rebuild the data even if data/smoke/ is complete")
+    p.add_argument("--steps", type=int, help="training steps (ITERATIONS; default from SMOKE_ENV)")
+    args = p.parse_args(argv)
+    if args.steps is not None and args.steps < 1:
+        p.error("--steps must be at least 1")
+
+    if args.rebuild or not BUILD_INFO.is_file():
+        BUILD_INFO.unlink(missing_ok=True)
+        try:
+            stats = prepare_data()
+        except build_shards.BuildError as e:
+            print(f"smoke: error: {e}", file=sys.stderr)
+            return 1
+    else:
+        stats = json.loads(BUILD_INFO.read_text())
+        print(f"smoke: using the existing data in {SMOKE_DIR.relative_to(REPO)} (--rebuild to redo it)", file=sys.stderr)
+    print(build_shards.format_summary({**stats, "vocab_size": VOCAB_SIZE,
+                                       "tokenizer": SMOKE_ENV["TOKENIZER_PATH"], "dataset_dir": SMOKE_ENV["DATA_PATH"]}))
+    if args.prepare_only:
+        return 0
+    return train(args.steps)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

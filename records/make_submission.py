@@ -1,0 +1,463 @@
+"""Build a record folder from the logs of finished runs (one per seed), or refuse with the reason.
+
+    python3 records/make_submission.py logs/seed1337.txt logs/seed42.txt logs/seed2025.txt \\
+        --name "Int6 GPTQ LoRA TTT" --author "Jane Doe" --github-id janedoe --blurb "..."
+
+writes `records/track_10min_16mb/<YYYY-MM-DD>_<Name>/` (`--non-record`:
+`records/track_non_record_16mb/...`) with submission.json, a README.md skeleton (method to fill
+in, per-seed results, the exact command, compliance notes), the logs as `train_seed{seed}.log`
+and the exact train_gpt.py that produced them.
+
+Everything in submission.json comes from what the logs prove. It refuses, creating nothing, when
+  - the script's sha256 differs from the `code_sha256` a run logged, or the runs disagree on it,
+  - a run's counted size (artifact bytes + shipped code bytes) is not under 16,000,000 bytes,
+  - a log has no final score, no seed, or two logs share a seed,
+  - the runs differ in a setting other than SEED and RUN_ID (then no single command reproduces them).
+
+With `--wrap`, the shipped train_gpt.py is a self-extracting lzma + base85 copy of the script; its
+size is then the counted code size, and it is checked to decode to the logged script and to load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import datetime as dt
+import hashlib
+import importlib.util
+import json
+import lzma
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import logparse
+import stats
+
+CAP_BYTES = 16_000_000
+TRAIN_LIMIT_MS = 600_000
+EVAL_LIMIT_S = 600.0
+PER_RUN_SETTINGS = ("SEED", "RUN_ID")  # the only settings allowed to differ between the seeds
+RECORDS_DIR = Path(__file__).resolve().parent
+REPO_ROOT = RECORDS_DIR.parent
+TRUE_WORDS, FALSE_WORDS = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
+class SubmissionError(Exception):
+    """A reason to refuse; main() prints it as one line and exits 1."""
+
+
+# ----------------------------------------------------------------------------- checks
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def load_runs(paths: list[str]) -> list[logparse.RunLog]:
+    runs = []
+    for path in paths:
+        try:
+            run = logparse.parse_log(path)
+        except OSError as e:
+            raise SubmissionError(f"cannot read {path}: {e}") from None
+        if run.final_val_bpb is None or run.final_val_loss is None:
+            raise SubmissionError(f"{path}: no final score (no final_..._exact line); did the run finish?")
+        if run.seed is None:
+            raise SubmissionError(f"{path}: no seed logged (SEED=... line)")
+        runs.append(run)
+    seeds = [r.seed for r in runs]
+    if len(set(seeds)) != len(seeds):
+        dup = sorted({s for s in seeds if seeds.count(s) > 1})
+        raise SubmissionError(f"several logs for seed {', '.join(map(str, dup))}; give one log per seed")
+    return runs
+
+
+def check_code_hash(runs: list[logparse.RunLog], script: Path, script_sha: str):
+    """The shipped script must be byte for byte the one every run logged."""
+    for run in runs:
+        if run.code_sha256 is None:
+            raise SubmissionError(f"{run.path}: no code_sha256 line, so nothing proves which script ran")
+    hashes = {r.code_sha256 for r in runs}
+    if len(hashes) > 1:
+        detail = ", ".join(f"{Path(r.path).name}={r.code_sha256[:12]}" for r in runs)
+        raise SubmissionError(f"the runs ran different scripts (code_sha256 {detail})")
+    logged = hashes.pop()
+    if logged != script_sha:
+        raise SubmissionError(
+            f"{script} has sha256 {script_sha[:12]}..., the runs logged {logged[:12]}...: "
+            "pass --script with the exact train_gpt.py that ran"
+        )
+
+
+def check_same_settings(runs: list[logparse.RunLog]):
+    first = runs[0]
+    for run in runs[1:]:
+        names = (set(first.settings) | set(run.settings)) - set(PER_RUN_SETTINGS)
+        differ = sorted(n for n in names if first.settings.get(n) != run.settings.get(n))
+        if differ:
+            shown = ", ".join(f"{n} ({first.settings.get(n)} vs {run.settings.get(n)})" for n in differ[:5])
+            raise SubmissionError(f"{Path(run.path).name} and {Path(first.path).name} differ in settings other than SEED/RUN_ID: {shown}")
+
+
+def counted_totals(runs: list[logparse.RunLog], code_bytes: int) -> dict[int, int]:
+    """Per seed: artifact bytes + bytes of the shipped script, which must be under the cap."""
+    totals = {}
+    for run in runs:
+        if run.artifact_bytes is not None:
+            totals[run.seed] = run.artifact_bytes + code_bytes
+        elif run.total_bytes is not None:
+            totals[run.seed] = run.total_bytes
+        else:
+            raise SubmissionError(f"{run.path}: no artifact size logged (Serialized model ... bytes)")
+        if totals[run.seed] >= CAP_BYTES:
+            raise SubmissionError(
+                f"seed {run.seed}: {totals[run.seed]:,} bytes (artifact + code) is not under the {CAP_BYTES:,}-byte cap"
+            )
+    return totals
+
+
+# ----------------------------------------------------------------------------- the shipped script
+
+
+def wrap_source(source: bytes) -> bytes:
+    """A self-extracting script: lzma-compressed source in a base85 string (no quote or backslash in it)."""
+    payload = base64.b85encode(lzma.compress(source, preset=9 | lzma.PRESET_EXTREME)).decode("ascii")
+    return (
+        "import lzma,base64\n"
+        f'exec(compile(lzma.decompress(base64.b85decode("{payload}")),"<train_gpt>","exec"))\n'
+    ).encode("ascii")
+
+
+def unwrap_source(wrapped: bytes) -> bytes:
+    payload = re.search(rb'b85decode\("([^"]*)"\)', wrapped)
+    if payload is None:
+        raise SubmissionError("the wrapped script has no b85decode payload")
+    return lzma.decompress(base64.b85decode(payload.group(1)))
+
+
+def check_wrapped(path: Path, source: bytes):
+    """The wrapper decodes to the exact logged source and loads in a fresh interpreter (main() not run)."""
+    if unwrap_source(path.read_bytes()) != source:
+        raise SubmissionError("the wrapped script does not decode to the original source")
+    probe = "import runpy, sys; runpy.run_path(sys.argv[1], run_name='train_gpt_wrap_check')"
+    done = subprocess.run([sys.executable, "-c", probe, str(path)], capture_output=True, text=True, timeout=300)
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        raise SubmissionError(f"the wrapped script does not load: {last}")
+
+
+# ----------------------------------------------------------------------------- settings and the command
+
+
+def script_defaults(script: Path) -> dict[str, object] | None:
+    """NAME -> default from the script's SETTINGS (each has .name and .default); None if it cannot be read."""
+    spec = importlib.util.spec_from_file_location("train_gpt_for_defaults", script)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the script loads
+    try:
+        spec.loader.exec_module(module)
+        return {s.name: s.default for s in module.SETTINGS}
+    except Exception as e:  # any failure only costs the shorter command line
+        print(f"warning: cannot read the defaults of {script} ({type(e).__name__}: {e}); the command lists every setting", file=sys.stderr)
+        return None
+    finally:
+        sys.modules.pop(spec.name, None)
+
+
+def same_as_default(default: object, logged: str) -> bool:
+    if isinstance(default, bool):
+        low = logged.strip().lower()
+        return (low in TRUE_WORDS and default) or (low in FALSE_WORDS and not default)
+    if isinstance(default, (int, float)):
+        try:
+            return float(logged) == float(default)
+        except ValueError:
+            return False
+    return logged == str(default)
+
+
+def env_value(logged: str) -> str:
+    """Logged booleans read True/False; the environment takes 1/0 just as well and is shorter."""
+    return {"True": "1", "False": "0"}.get(logged, logged)
+
+
+def changed_settings(run: logparse.RunLog, defaults: dict[str, object] | None) -> dict[str, str]:
+    return {
+        name: env_value(value)
+        for name, value in run.settings.items()
+        if name not in PER_RUN_SETTINGS and (defaults is None or name not in defaults or not same_as_default(defaults[name], value))
+    }
+
+
+def command(runs: list[logparse.RunLog], changed: dict[str, str], script_rel: str) -> str:
+    seeds = " ".join(str(r.seed) for r in runs)
+    nproc = runs[0].world_size or 8
+    env = "".join(f"  {name}={shlex.quote(value)} \\\n" for name, value in changed.items())
+    return (
+        f"for SEED in {seeds}; do\n"
+        f"  SEED=$SEED RUN_ID=seed$SEED \\\n{env}"
+        f"  torchrun --standalone --nproc_per_node={nproc} {script_rel}\n"
+        "done"
+    )
+
+
+# ----------------------------------------------------------------------------- submission.json and README
+
+
+def compliance(runs: list[logparse.RunLog], totals: dict[int, int]) -> dict[str, bool]:
+    train_ms = [r.train_time_ms for r in runs]
+    audit_pass = all(r.audit_verdict == "PASS" for r in runs)
+    return {
+        "train_under_600s": None not in train_ms and max(train_ms) <= TRAIN_LIMIT_MS,
+        "artifact_under_16mb": all(total < CAP_BYTES for total in totals.values()),
+        "eval_under_600s": all(r.projected_8gpu_eval_s is not None and r.projected_8gpu_eval_s <= EVAL_LIMIT_S for r in runs),
+        "score_first_ttt": audit_pass,
+        "no_pre_quant_ttt": audit_pass and all(r.scored_after_serialization for r in runs),
+        "three_seeds": len({r.seed for r in runs}) >= 3,
+        "audit_passed": audit_pass,
+    }
+
+
+def _round(value: float | None, digits: int = 8) -> float | None:
+    return None if value is None else round(value, digits)
+
+
+def _joined(values) -> str | None:
+    unique = list(dict.fromkeys(v for v in values if v))
+    return ", ".join(unique) or None
+
+
+def hardware(runs: list[logparse.RunLog]) -> str | None:
+    return _joined(f"{r.world_size or 1}x {r.versions.get('device') or r.device or 'unknown device'}" for r in runs)
+
+
+def seed_result(run: logparse.RunLog) -> dict:
+    return {
+        "val_bpb": run.final_val_bpb,
+        "val_loss": run.final_val_loss,
+        "artifact_bytes": run.artifact_bytes,
+        "steps": run.steps,
+        "step_avg_ms": run.step_avg_ms,
+        "eval_time_s": _round(run.eval_time_s, 3),
+    }
+
+
+def submission(args: argparse.Namespace, runs: list[logparse.RunLog], totals: dict[int, int], code_bytes: int) -> dict:
+    bpbs, losses = [r.final_val_bpb for r in runs], [r.final_val_loss for r in runs]
+    return {
+        "author": args.author,
+        "github_id": args.github_id,
+        "name": args.name,
+        "blurb": args.blurb,
+        "date": args.date,
+        "val_loss": _round(stats.mean(losses)),
+        "val_bpb": _round(stats.mean(bpbs)),
+        "bytes_total": max(totals.values()),
+        "bytes_code": code_bytes,
+        "track": "non_record_16mb" if args.non_record else "10min_16mb",
+        "seeds": [r.seed for r in runs],
+        "seed_results": {str(r.seed): seed_result(r) for r in runs},
+        "val_bpb_std": _round(stats.sample_std(bpbs)),
+        "hardware": hardware(runs),
+        "pytorch_version": _joined(r.versions.get("torch") for r in runs),
+        "technique_summary": args.technique_summary,
+        "compliance": compliance(runs, totals),
+    }
+
+
+def _cell(value, fmt: str = "{}") -> str:
+    return "-" if value is None else fmt.format(value)
+
+
+def results_tables(runs: list[logparse.RunLog], totals: dict[int, int]) -> str:
+    bpbs, losses = [r.final_val_bpb for r in runs], [r.final_val_loss for r in runs]
+    rows = [
+        "| Seed | val_bpb | val_loss | Steps | ms/step | Train (s) | Artifact bytes | Total bytes | Eval (s) |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in runs:
+        train_s = None if r.train_time_ms is None else r.train_time_ms / 1000
+        rows.append(
+            f"| {r.seed} | {r.final_val_bpb:.8f} | {r.final_val_loss:.8f} | {_cell(r.steps)} | {_cell(r.step_avg_ms, '{:.2f}')} "
+            f"| {_cell(train_s, '{:.1f}')} | {_cell(r.artifact_bytes, '{:,}')} | {totals[r.seed]:,} | {_cell(r.eval_time_s, '{:.1f}')} |"
+        )
+    rows.append(
+        f"| **mean ± std** | **{stats.mean(bpbs):.8f} ± {_cell(stats.sample_std(bpbs), '{:.8f}')}** "
+        f"| {stats.mean(losses):.8f} ± {_cell(stats.sample_std(losses), '{:.8f}')} | | | | | | |"
+    )
+    rows += [
+        "",
+        "Every evaluation path of the reloaded artifact (bpb); the score is the last one:",
+        "",
+        "| Seed | " + " | ".join(logparse.EVAL_PATHS) + " | pre-quant | quant gap | TTT gain |",
+        "|---:|" + "---:|" * (len(logparse.EVAL_PATHS) + 3),
+    ]
+    for r in runs:
+        paths = " | ".join(_cell(r.finals[p].val_bpb if p in r.finals else None, "{:.8f}") for p in logparse.EVAL_PATHS)
+        rows.append(
+            f"| {r.seed} | {paths} | {_cell(r.pre_quant_val_bpb, '{:.4f}')} | {_cell(r.quant_gap_bpb, '{:.6f}')} | {_cell(r.ttt_gain_bpb, '{:.6f}')} |"
+        )
+    return "\n".join(rows)
+
+
+def compliance_notes(runs: list[logparse.RunLog], totals: dict[int, int], flags: dict[str, bool], script_sha: str, wrapped: bool) -> str:
+    def box(ok: bool) -> str:
+        return "[x]" if ok else "[ ]"
+
+    train = [r.train_time_ms for r in runs if r.train_time_ms is not None]
+    evals = [r.projected_8gpu_eval_s for r in runs if r.projected_8gpu_eval_s is not None]
+    verdicts = ", ".join(f"seed {r.seed}: {r.audit_verdict or 'none'}" for r in runs)
+    lines = [
+        f"- {box(flags['train_under_600s'])} Training under 600 s: at most {_cell(max(train, default=None), '{:.0f}')} ms (`train_time`).",
+        f"- {box(flags['artifact_under_16mb'])} Under {CAP_BYTES:,} bytes: at most {max(totals.values()):,} bytes "
+        "(artifact + shipped train_gpt.py), checked per seed.",
+        f"- {box(flags['eval_under_600s'])} Evaluation under 600 s on 8 GPUs: at most {_cell(max(evals, default=None), '{:.1f}')} s projected (`projected_8gpu_s`).",
+        f"- {box(flags['audit_passed'])} Evaluation audit (`eval_audit_verdict`): {verdicts}.",
+        f"- {box(flags['score_first_ttt'])} Score-first TTT: every token is scored before any update that used it (audit).",
+        f"- {box(flags['no_pre_quant_ttt'])} No pre-quant TTT: every score comes from the artifact reloaded after it was written.",
+        f"- {box(flags['three_seeds'])} {len(runs)} seed(s): {', '.join(str(r.seed) for r in runs)}.",
+        f"- Code: every log records `code_sha256:{script_sha}`, the sha256 of the script"
+        + (" that `train_gpt.py` here decompresses to (lzma + base85 wrapper)." if wrapped else " shipped here as `train_gpt.py`."),
+        "- No validation data during training and no network during evaluation (see the method).",
+    ]
+    invalid = [r for r in runs if r.submission_valid is False]
+    if invalid:
+        lines.append("- Logged `submission_valid:no`: " + "; ".join(f"seed {r.seed}: {r.submission_reason or 'no reason given'}" for r in invalid))
+    return "\n".join(lines)
+
+
+def data_variant(run: logparse.RunLog) -> str:
+    """The downloader variant of the run's DATA_PATH (…/fineweb10B_sp8192 -> sp8192)."""
+    m = re.search(r"fineweb10B_(\w+)", run.settings.get("DATA_PATH", ""))
+    return m.group(1) if m else "sp1024"
+
+
+def readme(args: argparse.Namespace, runs, totals, sub: dict, cmd: str, script_sha: str) -> str:
+    std = _cell(sub["val_bpb_std"], "{:.8f}")
+    return f"""# {args.name}
+
+{args.blurb}
+
+**val_bpb {sub['val_bpb']:.8f} ± {std}** (mean ± sample std over {len(runs)} seeds), val_loss {sub['val_loss']:.8f};
+at most {sub['bytes_total']:,} bytes of the {CAP_BYTES:,}-byte cap. Hardware: {sub['hardware']}, PyTorch {sub['pytorch_version']}.
+
+## Method
+
+_TODO: what changed relative to the previous record, why it helps, and what did not work._
+
+Techniques: {args.technique_summary}
+
+## Results
+
+{results_tables(runs, totals)}
+
+## Command
+
+From the repository root, with the data from `python3 data/cached_challenge_fineweb.py --variant {data_variant(runs[0])}`:
+
+```bash
+{cmd}
+```
+
+Settings not listed are the script's defaults.
+
+## Compliance
+
+{compliance_notes(runs, totals, sub['compliance'], script_sha, args.wrap)}
+"""
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def slug(name: str) -> str:
+    cleaned = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._-")
+    if not cleaned:
+        raise SubmissionError(f"--name {name!r} leaves nothing usable for a folder name")
+    return cleaned
+
+
+def write_folder(dest: Path, files: dict[str, bytes], wrapped_source: bytes | None):
+    """Write into a temporary sibling and rename it into place, so a failure leaves nothing behind."""
+    temp = dest.with_name(f".{dest.name}.partial")
+    shutil.rmtree(temp, ignore_errors=True)
+    temp.mkdir(parents=True)
+    try:
+        for name, data in files.items():
+            (temp / name).write_bytes(data)
+        if wrapped_source is not None:
+            check_wrapped(temp / "train_gpt.py", wrapped_source)
+        os.rename(temp, dest)
+    except BaseException:
+        shutil.rmtree(temp, ignore_errors=True)
+        raise
+
+
+def build(args: argparse.Namespace) -> Path:
+    script = Path(args.script)
+    try:
+        source = script.read_bytes()
+    except OSError as e:
+        raise SubmissionError(f"cannot read --script {script}: {e}") from None
+    script_sha = sha256_bytes(source)
+    runs = load_runs(args.logs)
+    check_code_hash(runs, script, script_sha)
+    check_same_settings(runs)
+    shipped = wrap_source(source) if args.wrap else source
+    totals = counted_totals(runs, len(shipped))
+
+    track = "track_non_record_16mb" if args.non_record else "track_10min_16mb"
+    dest = Path(args.out_root) / track / f"{args.date}_{slug(args.name)}"
+    if dest.exists():
+        raise SubmissionError(f"{dest} already exists; choose another --name or --date, or remove it")
+
+    sub = submission(args, runs, totals, len(shipped))
+    script_rel = os.path.relpath(dest / "train_gpt.py", REPO_ROOT) if dest.resolve().is_relative_to(REPO_ROOT) else str(dest / "train_gpt.py")
+    cmd = command(runs, changed_settings(runs[0], script_defaults(script)), script_rel)
+    files = {
+        "submission.json": (json.dumps(sub, indent=2) + "\n").encode(),
+        "README.md": readme(args, runs, totals, sub, cmd, script_sha).encode(),
+        "train_gpt.py": shipped,
+        **{f"train_seed{r.seed}.log": Path(r.path).read_bytes() for r in runs},
+    }
+    write_folder(dest, files, source if args.wrap else None)
+    return dest
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="Build a records/ submission folder from run logs, or refuse (exit 1) with the reason.")
+    parser.add_argument("logs", nargs="+", help="logs/{RUN_ID}.txt of each run, one per seed")
+    parser.add_argument("--name", required=True, help="submission name; also the folder name after the date")
+    parser.add_argument("--author", required=True)
+    parser.add_argument("--github-id", required=True)
+    parser.add_argument("--blurb", default="TODO: one-paragraph summary of the submission.")
+    parser.add_argument("--technique-summary", default="TODO: comma-separated list of techniques.")
+    parser.add_argument("--date", default=dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d"), help="YYYY-MM-DD (default: today, UTC)")
+    parser.add_argument("--non-record", action="store_true", help="write under records/track_non_record_16mb/")
+    parser.add_argument("--script", default=str(REPO_ROOT / "train_gpt.py"), help="the exact train_gpt.py that ran (default: the repository's)")
+    parser.add_argument("--wrap", action="store_true", help="ship a self-extracting lzma+base85 train_gpt.py; its size is the counted code size")
+    parser.add_argument("--out-root", default=str(RECORDS_DIR), help="folder holding the track folders (default: records/)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if not re.fullmatch(r"\d{4}-\d{2}-\d{2}", args.date):
+        print(f"error: --date {args.date!r} is not YYYY-MM-DD", file=sys.stderr)
+        return 1
+    try:
+        dest = build(args)
+    except SubmissionError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"wrote {dest}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

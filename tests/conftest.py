@@ -1,0 +1,82 @@
+"""Shared helpers for the CPU test suite: tiny configurations, toy byte tables, synthetic shards."""
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import train_gpt  # noqa: E402
+
+SHARED_DATA = REPO.parent / "shared" / "data"
+SP1024 = SHARED_DATA / "tokenizers" / "fineweb_1024_bpe.model"
+
+TINY = dict(
+    VOCAB_SIZE=64, NUM_LAYERS=4, MODEL_DIM=32, NUM_HEADS=4, NUM_KV_HEADS=2, MLP_MULT=2,
+    TRAIN_SEQ_LEN=32, TRAIN_BATCH_TOKENS=8 * 32 * 2, BIGRAM_VOCAB_SIZE=31, BIGRAM_DIM=8,
+    EVAL_SEQ_LEN=32, EVAL_STRIDE=8, VAL_BATCH_SIZE=32 * 16, TTT_CHUNK_SIZE=8, TTT_CONTEXT_LEN=16,
+    TTT_BATCH_SIZE=4, TTT_LORA_RANK=2, TTT_HEAD_RANK=2, WARMUP_STEPS=0, MAX_WALLCLOCK_SECONDS=0,
+    COMPILE=0, GPTQ_CALIB_SEQS=4,
+)
+
+
+def tiny_args(**overrides) -> train_gpt.Hyperparameters:
+    """Hyperparameters of a tiny model, independent of the caller's environment."""
+    env = {k: str(v) for k, v in {**TINY, **overrides}.items()}
+    return train_gpt.Hyperparameters(env)
+
+
+def randomize(model: torch.nn.Module, seed: int = 0, std: float = 0.3) -> torch.nn.Module:
+    """Give every parameter (zero-initialised ones included) random values, so each feature acts."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * std)
+    return model
+
+
+def tiny_model(seed: int = 0, randomized: bool = True, **overrides) -> train_gpt.GPT:
+    torch.manual_seed(seed)
+    model = train_gpt.GPT(train_gpt.ModelConfig.from_args(tiny_args(**overrides)))
+    return randomize(model, seed) if randomized else model
+
+
+def toy_tables(vocab: int = 64) -> train_gpt.ByteTables:
+    """Byte tables for a synthetic vocabulary: ids 0-3 are control/unknown, the rest 1-3 bytes, odd ids with a leading space."""
+    ids = torch.arange(vocab)
+    base = torch.where(ids < 4, 0, 1 + ids % 3).to(torch.int16)
+    space = (ids % 2 == 1) & (ids >= 4)
+    boundary = ids < 4
+    return train_gpt.ByteTables(base, space, boundary)
+
+
+def synthetic_stream(num_docs: int, vocab: int = 64, seed: int = 0, min_len: int = 5, max_len: int = 60) -> np.ndarray:
+    """Documents [BOS] + tokens drawn from a few repeating patterns (learnable), concatenated."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(num_docs):
+        n = int(rng.integers(min_len, max_len))
+        pattern = rng.integers(4, vocab, size=int(rng.integers(2, 6)))
+        out.append(np.concatenate([[train_gpt.BOS_ID], np.resize(pattern, n)]))
+    return np.concatenate(out).astype(np.uint16)
+
+
+@pytest.fixture
+def synthetic_data(tmp_path):
+    """A DATA_PATH with one train and one val shard of synthetic documents."""
+    train_gpt.write_data_shard(tmp_path / "fineweb_train_000000.bin", synthetic_stream(400, seed=1))
+    train_gpt.write_data_shard(tmp_path / "fineweb_val_000000.bin", synthetic_stream(30, seed=2))
+    return tmp_path
+
+
+@pytest.fixture
+def sp1024():
+    if not SP1024.is_file():
+        pytest.skip("../shared/data is not beside the repository")
+    import sentencepiece as spm
+
+    return spm.SentencePieceProcessor(model_file=str(SP1024))

@@ -1,0 +1,242 @@
+"""Tests of data/build_shards.py and data/smoke.py (CPU, no network, no ../shared data)."""
+
+import gzip
+import json
+import lzma
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import sentencepiece as spm
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "data"))
+import build_shards  # noqa: E402
+import smoke  # noqa: E402
+import train_gpt  # noqa: E402
+
+VOCAB = 300
+WORDS = ("the of and to in is was for on that with as by at from his her an which were are this be "
+         "river mountain city station library garden harbor winter summer north south village bridge "
+         "engine signal record market council school island forest valley castle tower museum").split()
+
+
+def make_text(rng: random.Random) -> str:
+    """A few ASCII sentences with digits, punctuation and line breaks.
+
+    Lower case only: in a corpus this small, a character seen a few times (a capital letter) falls
+    outside character_coverage 0.999, becomes <unk> and does not decode back."""
+    sentences = []
+    for _ in range(rng.randint(2, 6)):
+        words = [rng.choice(WORDS) for _ in range(rng.randint(4, 14))]
+        sentences.append(" ".join(words) + f", in {rng.randint(1000, 2024)}.")
+    return " ".join(sentences[:2]) + "\n" + " ".join(sentences[2:])
+
+
+def normalized(text: str) -> str:
+    """What nmt_nfkc makes of ASCII text: whitespace runs and newlines become one space, ends stripped."""
+    return " ".join(text.split())
+
+
+def write_jsonl(path: Path, texts: list[str], opener=open):
+    with opener(path, "wt", encoding="utf-8") as f:
+        for i, text in enumerate(texts):
+            f.write(json.dumps({"id": i, "text": text}) + "\n")
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> tuple[list[str], list[str]]:
+    """(input arguments, documents in reading order) over .xz, .gz, plain JSONL and .txt files."""
+    root = tmp_path_factory.mktemp("corpus")
+    rng = random.Random(0)
+    texts = [make_text(rng) for _ in range(60)]
+    write_jsonl(root / "a.jsonl.xz", texts[:20], lzma.open)
+    write_jsonl(root / "b.jsonl.gz", texts[20:35], gzip.open)
+    write_jsonl(root / "c.jsonl", texts[35:50])
+    (root / "d.txt").write_text(texts[50])
+    (root / "e.txt").write_text("\n@@\n".join(texts[51:]) + "\n@@\n")  # trailing separator: no empty document
+    inputs = [str(root / n) for n in ("a.jsonl.xz", "b.jsonl.gz", "c.jsonl", "d.txt", "e.txt")]
+    return inputs, texts
+
+
+@pytest.fixture(scope="module")
+def built(corpus, tmp_path_factory):
+    """One build with a trained tokenizer, 2 workers and 3 documents per batch (many batches to reorder)."""
+    inputs, _ = corpus
+    out = tmp_path_factory.mktemp("out")
+    argv = [*inputs, "--train-tokenizer", "--vocab-size", str(VOCAB), "--val-docs", "7",
+            "--output-dir", str(out), "--workers", "2", "--txt-doc-separator", r"\n@@\n"]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(build_shards, "DOCS_PER_BATCH", 3)
+        assert build_shards.main(argv) == 0
+    return out
+
+
+def dataset_dir(out: Path) -> Path:
+    return out / "datasets" / f"fineweb10B_sp{VOCAB}"
+
+
+def split_tokens(out: Path, split: str) -> np.ndarray:
+    files = sorted(dataset_dir(out).glob(f"fineweb_{split}_*.bin"))
+    assert files, f"no {split} shards"
+    return np.concatenate([train_gpt.load_data_shard(f) for f in files])
+
+
+def documents_of(tokens: np.ndarray) -> list[np.ndarray]:
+    starts = np.flatnonzero(tokens == train_gpt.BOS_ID)
+    return [tokens[s + 1 : e] for s, e in zip(starts, [*starts[1:], tokens.size])]
+
+
+def tokenizer(out: Path) -> spm.SentencePieceProcessor:
+    return spm.SentencePieceProcessor(model_file=str(out / "tokenizers" / f"fineweb_{VOCAB}_bpe.model"))
+
+
+def test_trained_tokenizer_follows_the_official_spec(built):
+    sp = tokenizer(built)
+    assert sp.vocab_size() == VOCAB
+    assert (sp.pad_id(), sp.bos_id(), sp.eos_id(), sp.unk_id()) == (0, 1, 2, 3)
+    assert all(len(p) == 1 for p in sp.encode("20245", out_type=str))  # split_digits
+    assert not sp.encode("river", out_type=str)[0].startswith("\u2581")  # no dummy prefix
+    assert sp.decode(sp.encode("ﬁve\tmen")) == "five men"  # nmt_nfkc: ligature unfolded, tab -> space
+
+
+def test_shard_header_and_size(built):
+    for path in dataset_dir(built).glob("fineweb_*.bin"):
+        header = np.fromfile(path, dtype="<i4", count=256)
+        assert (header[0], header[1]) == (20240520, 1)
+        assert not header[3:].any()
+        assert path.stat().st_size == 1024 + 2 * int(header[2])
+
+
+def test_split_by_val_docs_and_exact_tokens(built, corpus):
+    _, texts = corpus
+    sp = tokenizer(built)
+    for split, docs in (("val", texts[:7]), ("train", texts[7:])):
+        tokens = split_tokens(built, split)
+        expected = np.concatenate([np.array([1] + sp.encode(t), dtype=np.uint16) for t in docs])
+        assert tokens[0] == train_gpt.BOS_ID
+        assert tokens.size == expected.size and np.array_equal(tokens, expected)  # order kept across workers
+
+
+def test_val_documents_decode_to_the_original_texts(built, corpus):
+    _, texts = corpus
+    sp = tokenizer(built)
+    decoded = [sp.decode(doc.tolist()) for doc in documents_of(split_tokens(built, "val"))]
+    assert decoded == [normalized(t) for t in texts[:7]]
+
+
+def test_txt_files_give_one_or_separated_documents(built, corpus):
+    _, texts = corpus
+    sp = tokenizer(built)
+    decoded = [sp.decode(doc.tolist()) for doc in documents_of(split_tokens(built, "train"))]
+    assert len(decoded) == len(texts) - 7  # d.txt = 1 document, e.txt = 9, no empty one after the last @@
+    assert decoded[-10:] == [normalized(t) for t in texts[50:]]
+
+
+def test_small_shards_cut_the_same_stream(built, corpus, tmp_path):
+    inputs, _ = corpus
+    model = built / "tokenizers" / f"fineweb_{VOCAB}_bpe.model"
+    argv = [*inputs, "--tokenizer", str(model), "--val-docs", "7", "--output-dir", str(tmp_path),
+            "--shard-tokens", "700", "--workers", "1", "--txt-doc-separator", r"\n@@\n"]
+    assert build_shards.main(argv) == 0
+    files = sorted(dataset_dir(tmp_path).glob("fineweb_train_*.bin"))
+    sizes = [train_gpt.load_data_shard(f).size for f in files]
+    assert len(files) > 2 and set(sizes[:-1]) == {700} and 0 < sizes[-1] <= 700
+    assert np.array_equal(split_tokens(tmp_path, "train"), split_tokens(built, "train"))
+
+
+def test_val_file_and_max_docs(built, corpus, tmp_path):
+    inputs, _ = corpus
+    model = built / "tokenizers" / f"fineweb_{VOCAB}_bpe.model"
+    argv = [inputs[2], "--tokenizer", str(model), "--val-file", inputs[1], "--max-docs", "4",
+            "--output-dir", str(tmp_path), "--workers", "1"]
+    assert build_shards.main(argv) == 0
+    assert len(documents_of(split_tokens(tmp_path, "val"))) == 15  # all of b.jsonl.gz
+    assert len(documents_of(split_tokens(tmp_path, "train"))) == 4
+
+
+def test_missing_input_is_a_one_line_error(tmp_path):
+    script = REPO / "data" / "build_shards.py"
+    result = subprocess.run([sys.executable, str(script), str(tmp_path / "nope.jsonl"), "--train-tokenizer",
+                             "--vocab-size", "300", "--val-docs", "1", "--output-dir", str(tmp_path)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert result.stderr.strip() == f"build_shards: error: input not found: {tmp_path / 'nope.jsonl'}"
+
+
+@pytest.mark.parametrize(
+    "lines, message",
+    [
+        (['{"text": "fine"}', '{"body": "no text here"}'], 'bad.jsonl:2: no "text" field'),
+        (['{"text": "fine"}', "not json"], "bad.jsonl:2: not valid JSON"),
+        ([], "no validation documents"),
+    ],
+)
+def test_bad_jsonl_is_a_one_line_error(tmp_path, capsys, lines, message):
+    path = tmp_path / "bad.jsonl"
+    path.write_text("".join(line + "\n" for line in lines))
+    argv = [str(path), "--train-tokenizer", "--vocab-size", "300", "--val-docs", "1", "--output-dir", str(tmp_path)]
+    assert build_shards.main(argv) == 1
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_vocab_too_large_for_uint16_is_an_error(corpus, tmp_path, capsys):
+    inputs, _ = corpus
+    argv = [inputs[2], "--train-tokenizer", "--vocab-size", "65537", "--val-docs", "1", "--output-dir", str(tmp_path)]
+    assert build_shards.main(argv) == 1
+    assert "--vocab-size must be in [5, 65536]" in capsys.readouterr().err
+    assert not (tmp_path / "tokenizers").exists()
+
+
+def test_val_docs_taking_the_whole_corpus_is_an_error(tmp_path, capsys):
+    path = tmp_path / "two.jsonl"
+    write_jsonl(path, ["one document", "another document"])
+    argv = [str(path), "--train-tokenizer", "--vocab-size", "300", "--val-docs", "2", "--output-dir", str(tmp_path)]
+    assert build_shards.main(argv) == 1
+    assert "no training documents" in capsys.readouterr().err
+    assert not (tmp_path / "datasets").exists()  # checked before anything is written
+
+
+def test_smoke_corpus_is_real_english():
+    val, train = smoke.smoke_corpus()
+    text = "\n".join(val + train)
+    assert len(text.encode("utf-8")) > 300_000
+    assert len(val) + len(train) > 50 and len(val) >= 5
+    words = text.lower().split()
+    for common in ("the", "and", "is", "of", "to"):
+        assert words.count(common) > 500, common
+    assert all(doc.strip() for doc in val + train)
+
+
+def test_smoke_prepare_only_writes_loadable_shards(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(smoke, "TOKENIZER_PATH", tmp_path / "tokenizers" / "fineweb_1024_bpe.model")
+    monkeypatch.setattr(smoke, "DATASET_DIR", tmp_path / "datasets" / "fineweb10B_sp1024")
+    monkeypatch.setattr(smoke, "BUILD_INFO", tmp_path / "build_info.json")
+    assert smoke.main(["--prepare-only"]) == 0
+    val = train_gpt.load_data_shard(smoke.DATASET_DIR / "fineweb_val_000000.bin")
+    train = train_gpt.load_data_shard(smoke.DATASET_DIR / "fineweb_train_000000.bin")
+    assert val[0] == train[0] == train_gpt.BOS_ID
+    assert 20_000 <= val.size <= 40_000 and train.size > 200_000
+    assert int(max(val.max(), train.max())) < 1024
+    mtime = smoke.BUILD_INFO.stat().st_mtime_ns
+    assert smoke.main(["--prepare-only"]) == 0  # second time: data reused, not rebuilt
+    assert smoke.BUILD_INFO.stat().st_mtime_ns == mtime
+    assert "using the existing data" in capsys.readouterr().err
+
+
+def test_smoke_env_precedence(monkeypatch):
+    monkeypatch.setenv("MODEL_DIM", "96")
+    monkeypatch.setenv("ITERATIONS", "7")
+    env = smoke.training_env(steps=None)
+    assert env["MODEL_DIM"] == "96" and env["ITERATIONS"] == "7" and env["NUM_LAYERS"] == smoke.SMOKE_ENV["NUM_LAYERS"]
+    assert smoke.training_env(steps=3)["ITERATIONS"] == "3"  # --steps wins over the environment
+
+
+def test_smoke_env_names_are_train_gpt_settings():
+    known = {s.name for s in train_gpt.SETTINGS}
+    assert set(smoke.SMOKE_ENV) <= known, set(smoke.SMOKE_ENV) - known
