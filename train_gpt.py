@@ -131,6 +131,7 @@ SETTINGS = (
     Setting("QUANT_BITS_OTHER", 8, "bits of other large matrices (BigramHash)", lambda v: 2 <= v <= 8, "in [2, 8]"),
     Setting("QUANT_CLIP", "search", "row clip: search = MSE-best of a few quantiles, std = QUANT_CLIP_STD_K * std(row)", ("search", "std")),
     Setting("QUANT_CLIP_STD_K", 4.0, "k of the k*std clip", _positive, "> 0"),
+    Setting("QUANT_FLOAT_MAX_NUMEL", 65536, "2-D tensors with fewer elements are stored in fp16, not quantized", _non_negative, ">= 0"),
     Setting("QUANT_PRUNE_FRAC", 0.0, "zero this fraction of smallest-magnitude weights before quantizing", lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
     Setting("QUANT_FIT_TO_CAP", True, "if over SIZE_CAP_BYTES, raise pruning step by step until the artifact fits"),
     Setting("GPTQ_ENABLED", True, "full-Hessian GPTQ (else round-to-nearest)"),
@@ -225,7 +226,7 @@ class Hyperparameters:
         for key, value in overrides.items():
             if key.upper() not in known:
                 raise SettingsError(f"unknown setting {key.upper()}")
-            setattr(self, key, _parse_setting(next(s for s in SETTINGS if s.name == key.upper()), str(value)))
+            setattr(self, key.lower(), _parse_setting(next(s for s in SETTINGS if s.name == key.upper()), str(value)))
         self._check_consistency()
 
     def _check_consistency(self):
@@ -420,7 +421,7 @@ class TokenStream:
 
 
 class DistributedTokenLoader:
-    """Each call takes the next world_size*local+1 tokens of the global stream; rank r keeps its slice.
+    """Each call takes the next world_size*(local+1) tokens of the global stream; rank r keeps the r-th span.
 
     Consecutive calls read consecutive spans, so 1 process with 8 micro-steps sees exactly the
     tokens that 8 processes with 1 micro-step see.
@@ -432,8 +433,8 @@ class DistributedTokenLoader:
 
     def next_batch(self, global_tokens: int, seq_len: int, grad_accum_steps: int) -> tuple[Tensor, Tensor]:
         local = global_tokens // (self.rt.world_size * grad_accum_steps)
-        span = self.stream.take(local * self.rt.world_size + 1)
-        start = self.rt.rank * local
+        span = self.stream.take((local + 1) * self.rt.world_size)
+        start = self.rt.rank * (local + 1)
         chunk = torch.from_numpy(span[start : start + local + 1].astype(np.int64))
         x, y = chunk[:-1].reshape(-1, seq_len), chunk[1:].reshape(-1, seq_len)
         return x.to(self.rt.device, non_blocking=True), y.to(self.rt.device, non_blocking=True)
@@ -655,12 +656,21 @@ class DocumentAdapters(nn.Module):
         self.bias = nn.Parameter(torch.zeros(batch, cfg.num_layers, 1, d)) if block_bias else None
 
     @torch.no_grad()
-    def reset(self, seed: int):
-        """Fresh adapters; the seed makes a document's scores independent of what ran before it."""
-        generator = torch.Generator(device=self.layers[0].parameters().__next__().device).manual_seed(seed)
-        for m in self.modules():
-            if isinstance(m, BatchedLoRA):
-                m.reset(generator)
+    def reset(self, seeds: int | list[int]):
+        """Fresh adapters, row i drawn from seeds[i] alone (an int s means s, s+1, ...): a document's
+        scores depend neither on what ran before it nor on the documents batched with it, so the
+        result is the same on 1 or 8 GPUs and for any TTT_BATCH_SIZE."""
+        loras = [m for m in self.modules() if isinstance(m, BatchedLoRA)]
+        if loras:
+            rows, device = loras[0].A.size(0), loras[0].A.device
+            seeds = list(range(seeds, seeds + rows)) if isinstance(seeds, int) else seeds
+            sizes = [m.A[0].numel() for m in loras]
+            flat = torch.empty(len(seeds), sum(sizes), device=device)
+            for i, seed in enumerate(seeds):
+                flat[i].normal_(generator=torch.Generator(device=device).manual_seed(seed))
+            for m, part in zip(loras, flat.split(sizes, dim=1)):
+                m.A[: len(seeds)].copy_(part.view(len(seeds), *m.A.shape[1:]) / math.sqrt(m.A.size(1)))
+                m.B.zero_()
         if self.bias is not None:
             self.bias.zero_()
 
@@ -1161,20 +1171,19 @@ def train_model(model: GPT, args: Hyperparameters, rt: Runtime, log: Logger, eva
 # ----------------------------------------------------------------------------- artifact: quantization, GPTQ, packing, file format
 
 CLIP_QUANTILES = (0.999, 0.9995, 0.9999, 0.99999, 1.0)
-SMALL_TENSOR_NUMEL = 65536  # smaller float tensors are stored as floats, not quantized
 
 
 class ArtifactError(RuntimeError):
     """An artifact file that cannot be read back: wrong magic, version, length or checksum."""
 
 
-def tensor_role(name: str, tensor: Tensor) -> str:
+def tensor_role(name: str, tensor: Tensor, float_max_numel: int = 65536) -> str:
     """attn / mlp / embed / other for quantized matrices; control (fp32) or small (fp16) otherwise."""
     if not tensor.is_floating_point() or tensor.ndim != 2 or any(c in name for c in CONTROL_PARAMETER_NAMES):
         return "control"
     if name.startswith(("tok_emb", "lm_head")):
         return "embed"
-    if tensor.numel() < SMALL_TENSOR_NUMEL:
+    if tensor.numel() < float_max_numel:
         return "small"
     return "attn" if ".attn." in name else "mlp" if ".mlp." in name else "other"
 
@@ -1195,11 +1204,11 @@ def row_scales(w: Tensor, bits: int, mode: str, std_k: float) -> Tensor:
     absmax = w.abs().amax(dim=1, keepdim=True).clamp_min(1e-8)
     if mode == "std":
         clip = torch.minimum(std_k * w.std(dim=1, keepdim=True), absmax)
-        return (clip / qmax).clamp_min(1e-8).half().float()
+        return (clip / qmax).clamp_min(2**-24).half().float()  # 2^-24: the smallest fp16 > 0
     best_scale, best_err = None, None
     quantiles = torch.quantile(w.abs(), torch.tensor(CLIP_QUANTILES, device=w.device), dim=1).T  # (rows, Q)
     for j in range(quantiles.size(1)):
-        scale = (quantiles[:, j : j + 1].clamp_min(1e-8) / qmax).half().float()
+        scale = (quantiles[:, j : j + 1] / qmax).clamp_min(2**-24).half().float()
         err = (w - quantize_with_scale(w, scale, bits).float() * scale).square().sum(dim=1, keepdim=True)
         if best_err is None:
             best_scale, best_err = scale, err
@@ -1271,7 +1280,7 @@ def quantize_state_dict(state: dict[str, Tensor], args: Hyperparameters, hessian
     bits_of = role_bits(args)
     out = {}
     for name, t in state.items():
-        role = tensor_role(name, t)
+        role = tensor_role(name, t, args.quant_float_max_numel)
         if role == "control":
             out[name] = t.detach().float().cpu()
             continue
@@ -1302,9 +1311,10 @@ def prune_smallest_quantized(qstate: dict[str, object], frac: float) -> dict[str
     for name, v in qstate.items():
         if isinstance(v, QuantizedTensor) and frac > 0:
             mag = (v.q.float() * v.scale.float()).abs()
-            k = int(frac * mag.numel())
+            nonzero = mag[v.q != 0]
+            k = min(int(frac * mag.numel()), nonzero.numel())
             if k:
-                threshold = mag.flatten().kthvalue(k).values
+                threshold = nonzero.kthvalue(k).values
                 v = QuantizedTensor(torch.where(mag <= threshold, torch.zeros_like(v.q), v.q), v.scale, v.bits)
         out[name] = v
     return out
@@ -1435,8 +1445,8 @@ def read_artifact(path: str | Path) -> tuple[ModelConfig, dict[str, object]]:
         raise ArtifactError(f"{path}: checksum mismatch; the file is corrupt, re-create or re-download it")
     try:
         return deserialize_quantized(decompress(payload, COMPRESSORS[comp]))
-    except ArtifactError:
-        raise
+    except ArtifactError as e:
+        raise ArtifactError(f"{path}: {e}") from None
     except Exception as e:
         raise ArtifactError(f"{path}: cannot decode the artifact ({type(e).__name__}: {e})") from None
 
@@ -1757,7 +1767,7 @@ class ScoreFirstLoRATTT:
         adapters = self.adapters if use_adapters else None
         rows = args.ttt_batch_size if use_adapters else len(batch)
         if adapters is not None:
-            adapters.reset(self.args.seed * 1_000_003 + batch[0][0])
+            adapters.reset([self.args.seed * 1_000_003 + s for s, _ in batch])
             self.optimizer.reset()
         nll_sum, byte_sum = 0.0, 0
         for c in range(max(num_chunks)):
@@ -1841,7 +1851,7 @@ def audit_scorer(path: str, scorer, model, tokens: Tensor, tables: ByteTables, r
         once = int((full_ledger.count == 1).sum())
         checks["exactly_once"] = (once == full_ledger.num_targets, f"{once}/{full_ledger.num_targets}")
     probe = tokens[: min(probe_tokens, tokens.numel())]
-    t = probe.numel() // 2
+    t = probe.numel() // 2 + 1  # not N/2: a window end for power-of-two windows, where no window can show a leak
     ledgers = []
     try:
         for toks in (probe, perturb_after(probe, t, vocab_size)):
@@ -1851,9 +1861,12 @@ def audit_scorer(path: str, scorer, model, tokens: Tensor, tables: ByteTables, r
             ledger.merge(rt)
             ledger.result()
             ledgers.append(ledger)
-    except LeakageError as e:
-        checks.setdefault("exactly_once", (True, "full run"))
-        checks["score_before_update"] = (False, str(e))
+    except LeakageError as e:  # the ledger stopped the scorer: charge the check whose rule it broke
+        if "before it was scored" in str(e):
+            checks.setdefault("exactly_once", (True, "full run"))
+            checks["score_before_update"] = (False, str(e))
+        else:
+            checks["exactly_once"] = (False, str(e))
         return AuditReport(path, checks)
     a, b = ledgers
     before = float((a.nll[:t] - b.nll[:t]).abs().max()) if t else 0.0

@@ -59,14 +59,15 @@ SMOKE_ENV = {
     "TRAIN_LOG_EVERY": "25",
     "EVAL_SEQ_LEN": "128",
     "EVAL_STRIDE": "32",
-    "TTT_CHUNK_SIZE": "32",
-    "TTT_CONTEXT_LEN": "64",
+    "TTT_CHUNK_SIZE": "64",
+    "TTT_CONTEXT_LEN": "128",
     "TTT_BATCH_SIZE": "8",
     "BIGRAM_VOCAB_SIZE": "512",
     "BIGRAM_DIM": "32",
     "GPTQ_CALIB_SEQS": "8",
     "EMA_DECAY": "0.95",  # a 150-step run: the record decay (0.997) would export mostly the initial weights
     "EVAL_AUDIT": "1",
+    "QUANT_FLOAT_MAX_NUMEL": "1024",  # quantize the tiny matrices too, as the full-size ones are
 }
 
 # Modules whose import has visible side effects (a browser, a terminal escape) or needs a display.
