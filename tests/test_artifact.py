@@ -1,0 +1,573 @@
+"""Tests of the artifact pipeline: per-row quantization, GPTQ, pruning, bit-packing, the file format
+(round trip, corruption, size accounting and the cap), weight averaging and the QAT switch under
+torch.compile, and an end-to-end run of train_gpt.py whose artifact is re-scored with EVAL_ONLY."""
+
+import os
+import re
+import struct
+import subprocess
+import sys
+import zlib
+
+import numpy as np
+import pytest
+import torch
+
+import train_gpt as T
+from conftest import REPO, SP1024, TINY, randomize, synthetic_stream, tiny_args, tiny_model
+
+BITS = range(2, 9)
+
+
+# The tiny model's block matrices are below the default QUANT_FLOAT_MAX_NUMEL; quantize every 2-D weight anyway.
+ALL_Q = dict(QUANT_FLOAT_MAX_NUMEL=0)
+
+
+def heavy_tailed(rows=24, cols=257, seed=0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(rows, cols, generator=g) * torch.rand(rows, 1, generator=g).add(0.1)
+    w[:, :3] *= 8.0  # a few outliers per row, so the clip matters
+    return w
+
+
+# ----------------------------------------------------------------------------- per-row quantization
+
+
+@pytest.mark.parametrize("mode", ["search", "std"])
+def test_round_to_nearest_error_bounds_per_bit_width(mode):
+    w = heavy_tailed()
+    mse = []
+    for bits in BITS:
+        qmax = 2 ** (bits - 1) - 1
+        scale = T.row_scales(w, bits, mode, 3.0)
+        assert scale.shape == (w.size(0), 1) and (scale > 0).all()
+        assert torch.equal(scale, scale.half().float()), "the scale must be exactly what the fp16 file stores"
+        q = T.quantize_with_scale(w, scale, bits)
+        assert q.dtype == torch.int8 and int(q.abs().max()) <= qmax
+        err = (w - q.float() * scale).abs()
+        inside = w.abs() <= qmax * scale
+        assert inside.float().mean() > 0.9
+        assert (err[inside] <= scale.expand_as(w)[inside] / 2 * (1 + 1e-6)).all(), f"{bits} bits: more than half a step off inside the clip"
+        outside = ~inside
+        edge = (w.abs() - qmax * scale).expand_as(w)
+        torch.testing.assert_close(err[outside], edge[outside])  # clipped values land on the last grid point
+        mse.append(err.square().mean().item())
+    assert all(a > b for a, b in zip(mse, mse[1:])), f"error must shrink as bits grow: {mse}"
+
+
+def test_clip_modes_choose_the_documented_scale():
+    w = heavy_tailed(seed=1)
+    w[0] = torch.where(torch.arange(w.size(1)) % 2 == 0, 1.0, -1.0)  # k * std > absmax: the clip is absmax
+    for bits in BITS:
+        qmax = 2 ** (bits - 1) - 1
+        k = 2.5
+        std = T.row_scales(w, bits, "std", k)
+        expect = torch.minimum(k * w.std(dim=1, keepdim=True), w.abs().amax(dim=1, keepdim=True)) / qmax
+        torch.testing.assert_close(std, expect.half().float())
+        assert std[0].item() == pytest.approx(1.0 / qmax, rel=1e-3)
+        # search: never worse per row than the plain absmax clip (one of its candidates), usually better
+        search = T.row_scales(w, bits, "search", k)
+        absmax = (w.abs().amax(dim=1, keepdim=True) / qmax).half().float()
+
+        def row_err(s):
+            return (w - T.quantize_with_scale(w, s, bits).float() * s).square().sum(dim=1)
+
+        assert (row_err(search) <= row_err(absmax) * (1 + 1e-6)).all()
+        if bits <= 6:
+            assert row_err(search).sum() < row_err(absmax).sum()
+
+
+@pytest.mark.parametrize("mode", ["search", "std"])
+def test_zero_and_tiny_rows_get_a_nonzero_fp16_scale(mode):
+    # A clamp below fp16's smallest positive value (2^-24) used to round to 0: 0/0 = NaN went into an int8 cast.
+    w = heavy_tailed(rows=4, cols=300)
+    w[1] = 0.0
+    w[2] *= 1e-8
+    for bits in BITS:
+        scale = T.row_scales(w, bits, mode, 4.0)
+        assert (scale.half() > 0).all(), f"{mode} {bits} bits: a row scale underflows fp16"
+        assert not torch.isnan(w / scale).any()
+        q = T.quantize_with_scale(w, scale, bits)
+        assert (q[1] == 0).all()
+        err = (w - q.float() * scale).abs()
+        assert (err[1] == 0).all() and err[2].max() <= w[2].abs().max(), "a tiny row must come back no worse than zeroed"
+
+
+# ----------------------------------------------------------------------------- GPTQ
+
+
+@pytest.fixture(scope="module")
+def trained_tiny():
+    """A tiny model trained a little with Adam on learnable synthetic documents, calibration and test batches."""
+    torch.manual_seed(0)
+    model = tiny_model(seed=0, randomized=False)
+    stream = torch.from_numpy(synthetic_stream(300, seed=3).astype(np.int64))
+    g = torch.Generator().manual_seed(0)
+
+    def batch(n=8, t=32):
+        starts = torch.randint(0, stream.numel() - t - 1, (n,), generator=g)
+        chunk = torch.stack([stream[s : s + t + 1] for s in starts.tolist()])
+        return chunk[:, :-1], chunk[:, 1:]
+
+    opt = torch.optim.Adam(model.parameters(), lr=2e-2)
+    first = None
+    for _ in range(20):
+        x, y = batch()
+        loss = model(x, y)
+        first = first if first is not None else loss.item()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < first - 0.3, "the tiny model did not learn"
+    model.requires_grad_(False)
+    calib = [batch()[0] for _ in range(4)]
+    test = [batch()[0] for _ in range(2)]
+    return model, calib, test
+
+
+def layer_inputs(model, batches, names):
+    """The inputs X of the named CastedLinear layers on `batches`, as (tokens, in_features)."""
+    modules = dict(model.named_modules())
+    got = {n: [] for n in names}
+    handles = [modules[n.removesuffix(".weight")].register_forward_hook(lambda m, i, o, n=n: got[n].append(i[0].reshape(-1, i[0].size(-1)))) for n in names]
+    with torch.no_grad():
+        for x in batches:
+            model(x)
+    for h in handles:
+        h.remove()
+    return {n: torch.cat(v) for n, v in got.items()}
+
+
+@pytest.mark.parametrize("bits", [4, 5])
+def test_gptq_beats_round_to_nearest_on_layer_outputs(trained_tiny, bits):
+    model, calib, test = trained_tiny
+    hessians = T.collect_hessians(model, calib, T.Runtime())
+    names = [n for n in hessians if n.startswith("blocks.")]
+    assert len(names) == 4 * 6
+    X = layer_inputs(model, test, names)  # held-out activations, not the calibration ones
+    state = model.state_dict()
+    ratios = []
+    for name in names:
+        w = state[name].float()
+        scale = T.row_scales(w, bits, "search", 4.0)
+        rtn = T.quantize_with_scale(w, scale, bits).float() * scale
+        q = T.gptq_quantize(w, hessians[name], scale, bits, block_size=16, damp=0.01, act_order=True)
+        assert q.dtype == torch.int8 and int(q.abs().max()) <= 2 ** (bits - 1) - 1
+        gptq = q.float() * scale
+        x = X[name]
+        e_rtn = torch.linalg.norm(x @ w.T - x @ rtn.T).item()
+        e_gptq = torch.linalg.norm(x @ w.T - x @ gptq.T).item()
+        assert e_gptq < e_rtn, f"{name}: GPTQ {e_gptq:.3e} >= RTN {e_rtn:.3e}"
+        ratios.append(e_gptq / e_rtn)
+    assert float(np.mean(ratios)) < 0.75, f"GPTQ should cut the output error clearly: mean ratio {np.mean(ratios):.3f}"
+
+
+def test_quantize_state_dict_uses_gptq_where_a_hessian_exists(trained_tiny):
+    model, calib, _ = trained_tiny
+    hessians = T.collect_hessians(model, calib, T.Runtime())
+    state = model.state_dict()
+    args = tiny_args(QUANT_BITS_ATTN=4, QUANT_BITS_MLP=4, QUANT_BITS_EMBED=8, QUANT_BITS_OTHER=7, **ALL_Q)
+    rtn = T.quantize_state_dict(state, args, None)
+    gptq = T.quantize_state_dict(state, args, hessians)
+    assert set(rtn) == set(gptq) == set(state)
+    for name, v in gptq.items():
+        if name in hessians:
+            assert isinstance(v, T.QuantizedTensor) and v.bits == (4 if name.startswith("blocks.") else 7)
+            assert not torch.equal(v.q, rtn[name].q), f"{name}: GPTQ was not applied"
+        elif isinstance(v, T.QuantizedTensor):  # embeddings (no Hessian): round-to-nearest
+            assert name in ("tok_emb.weight", "bigram.table.weight") and torch.equal(v.q, rtn[name].q)
+            assert v.bits == (8 if name == "tok_emb.weight" else 7)
+    off = T.quantize_state_dict(state, tiny_args(GPTQ_ENABLED=0, QUANT_BITS_ATTN=4, QUANT_BITS_MLP=4, QUANT_BITS_OTHER=7, **ALL_Q), hessians)
+    assert all(torch.equal(off[n].q, rtn[n].q) for n in hessians)
+
+
+# ----------------------------------------------------------------------------- pruning
+
+
+@pytest.mark.parametrize("use_gptq", [False, True])
+def test_magnitude_pruning_zeroes_about_that_fraction(use_gptq):
+    model = tiny_model(seed=2)
+    state = model.state_dict()
+    hessians = None
+    if use_gptq:
+        hessians = T.collect_hessians(model, [torch.randint(0, 64, (4, 32))], T.Runtime())
+    base = T.quantize_state_dict(state, tiny_args(QUANT_BITS_ATTN=6, QUANT_BITS_MLP=6, **ALL_Q), hessians)
+    frac = 0.3
+    pruned = T.quantize_state_dict(state, tiny_args(QUANT_BITS_ATTN=6, QUANT_BITS_MLP=6, QUANT_PRUNE_FRAC=frac, **ALL_Q), hessians)
+    checked = 0
+    for name, v in pruned.items():
+        if not isinstance(v, T.QuantizedTensor):
+            assert torch.equal(v, base[name])
+            continue
+        w = state[name].float()
+        smallest = w.abs() <= w.abs().flatten().kthvalue(int(frac * w.numel())).values
+        assert (v.q[smallest] == 0).all(), f"{name}: a pruned weight survived"
+        zeros, natural = (v.q == 0).float().mean().item(), (base[name].q == 0).float().mean().item()
+        asked = int(frac * w.numel()) / w.numel()
+        assert asked <= zeros <= frac + natural + 0.02, f"{name}: {zeros:.3f} zero, asked {frac} (+{natural:.3f} rounding to 0)"
+        checked += 1
+    assert checked == len(base) - sum(not isinstance(v, T.QuantizedTensor) for v in base.values()) and checked >= 20
+
+
+def test_prune_smallest_quantized_zeroes_the_smallest_nonzero_entries():
+    w = heavy_tailed(rows=64, cols=512, seed=4)
+    scale = T.row_scales(w, 5, "search", 4.0)
+    q = T.quantize_with_scale(w, scale, 5)
+    q[:, :40] = 0  # entries already zero (about 8% of the tensor, plus natural rounding to zero)
+    qt = T.QuantizedTensor(q, scale.half(), 5)
+    qstate = {"w": qt, "small": torch.ones(3, dtype=torch.float16)}
+    before = (q == 0).float().mean().item()
+    for frac in (0.05, 0.1, 0.3):
+        out = T.prune_smallest_quantized(qstate, frac)
+        assert out["small"] is qstate["small"] and out["w"].scale is qt.scale and out["w"].bits == 5
+        p = out["w"].q
+        newly = (p == 0) & (q != 0)
+        assert abs(newly.float().mean().item() - frac) < 0.01, f"asked {frac} more zeros, got {newly.float().mean().item():.4f} (had {before:.3f})"
+        assert ((p == 0) | (p == q)).all(), "surviving values must be untouched"
+        mag = (q.float() * scale).abs()
+        assert mag[newly].max() <= mag[(p != 0)].min(), "must prune the smallest magnitudes first"
+    assert torch.equal(qt.q, q), "the input qstate must not be modified"
+    assert T.prune_smallest_quantized(qstate, 0.0)["w"] is qt
+
+
+# ----------------------------------------------------------------------------- bit-packing and serialization
+
+
+@pytest.mark.parametrize("bits", BITS)
+def test_pack_unpack_bits_round_trip(bits):
+    rng = np.random.default_rng(bits)
+    lo, hi = -(2 ** (bits - 1)), 2 ** (bits - 1)
+    for count in (1, 3, 7, 13, 1001, 4097):
+        values = rng.integers(lo, hi, size=count).astype(np.int8)
+        values[0], values[-1] = lo, hi - 1  # both extremes
+        packed = T.pack_bits(values, bits)
+        assert len(packed) == (count * bits + 7) // 8, "bit-packing must be dense"
+        out = T.unpack_bits(packed, bits, count)
+        assert out.dtype == np.int8 and np.array_equal(out, values)
+
+
+def sample_qstate(seed=0, **overrides):
+    """A randomized tiny model with mixed bit widths, its args and its round-to-nearest qstate."""
+    args = tiny_args(**{**dict(QUANT_BITS_ATTN=5, QUANT_BITS_MLP=6, QUANT_BITS_EMBED=7, QUANT_BITS_OTHER=3, **ALL_Q), **overrides})
+    model = randomize(T.GPT(T.ModelConfig.from_args(args)), seed)
+    return model, args, T.quantize_state_dict(model.state_dict(), args, None)
+
+
+def assert_same_qstate(a, b):
+    assert list(a) == list(b)
+    for name in a:
+        x, y = a[name], b[name]
+        if isinstance(x, T.QuantizedTensor):
+            assert isinstance(y, T.QuantizedTensor) and x.bits == y.bits, name
+            assert torch.equal(x.q, y.q) and torch.equal(x.scale, y.scale) and x.scale.dtype == y.scale.dtype == torch.float16, name
+        else:
+            assert x.dtype == y.dtype and torch.equal(x, y), name
+
+
+@pytest.mark.parametrize("packing", ["int8", "bitpack"])
+def test_serialize_deserialize_is_lossless(packing):
+    model, args, qstate = sample_qstate()
+    kinds = {type(v).__name__ if isinstance(v, T.QuantizedTensor) else str(v.dtype) for v in qstate.values()}
+    assert kinds == {"QuantizedTensor", "torch.float32"}
+    assert {v.bits for v in qstate.values() if isinstance(v, T.QuantizedTensor)} == {3, 5, 6, 7}
+    raw = T.serialize_quantized(qstate, model.cfg, packing)
+    config, back = T.deserialize_quantized(raw)
+    assert config == model.cfg
+    assert_same_qstate(qstate, back)
+
+
+def test_serialize_keeps_small_tensors_in_fp16():
+    model, args, qstate = sample_qstate(QUANT_FLOAT_MAX_NUMEL=65536)  # the default: block matrices stay fp16
+    assert any(v.dtype == torch.float16 for v in qstate.values() if not isinstance(v, T.QuantizedTensor))
+    for packing in ("int8", "bitpack"):
+        assert_same_qstate(qstate, T.deserialize_quantized(T.serialize_quantized(qstate, model.cfg, packing))[1])
+
+
+# ----------------------------------------------------------------------------- the artifact file
+
+
+def float_model_from_qstate(cfg, qstate):
+    m = T.GPT(cfg)
+    m.load_state_dict(T.dequantize_state_dict(qstate))
+    return m
+
+
+@pytest.mark.parametrize("compressor", ["zstd", "lzma"])
+def test_artifact_reloads_to_identical_logits(tmp_path, compressor):
+    model, args, qstate = sample_qstate(seed=5, ARTIFACT_COMPRESSOR=compressor)
+    path = tmp_path / "model.pgz"
+    lines = []
+    report, packing, timings = T.write_artifact(qstate, model.cfg, args, path, lines.append)
+    assert packing in ("int8", "bitpack") and timings["prune_frac"] == 0.0 and report.fits
+    assert path.read_bytes()[5] == T.COMPRESSORS.index(compressor)
+    loaded = T.load_model_from_artifact(path, torch.device("cpu"))
+    direct = float_model_from_qstate(model.cfg, qstate)
+    x = torch.randint(0, 64, (3, 32), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        a, b, orig = loaded(x), direct(x), model(x)
+    assert torch.equal(a, b), "artifact reload must reproduce the dequantized model bit for bit"
+    assert not torch.equal(a, orig), "quantization did not change anything; the test is vacuous"
+    assert_same_qstate(qstate, T.read_artifact(path)[1])
+
+
+@pytest.mark.parametrize("compressor", ["zstd", "lzma"])
+def test_auto_packing_picks_the_smaller_encoding(compressor):
+    for bits in (3, 6):  # low bits favour bit-packing less clearly; check both ends
+        model, args, qstate = sample_qstate(seed=bits, QUANT_BITS_ATTN=bits, QUANT_BITS_MLP=bits)
+        sizes = {p: len(T.encode_artifact(qstate, model.cfg, compressor, 9, p)[0]) for p in ("int8", "bitpack")}
+        blob, chosen = T.encode_artifact(qstate, model.cfg, compressor, 9, "auto")
+        assert chosen == min(sizes, key=sizes.get) and len(blob) == min(sizes.values()), (bits, sizes, chosen)
+
+
+@pytest.fixture
+def good_artifact(tmp_path):
+    model, args, qstate = sample_qstate(seed=6)
+    path = tmp_path / "good.pgz"
+    T.write_artifact(qstate, model.cfg, args, path, lambda line: None)
+    return path, model.cfg, qstate
+
+
+def _header(payload: bytes, version=T.ARTIFACT_FORMAT_VERSION, comp=0, magic=T.ARTIFACT_MAGIC) -> bytes:
+    return T._ARTIFACT_HEADER.pack(magic, version, comp, len(payload), zlib.crc32(payload)) + payload
+
+
+def corrupt(kind: str, data: bytes, cfg, qstate) -> bytes | None:
+    h = T._ARTIFACT_HEADER.size
+    if kind == "missing":
+        return None
+    if kind == "empty":
+        return b""
+    if kind == "header_only_part":
+        return data[:7]
+    if kind == "truncated":
+        return data[: len(data) - 17]
+    if kind == "padded":
+        return data + b"\0"
+    if kind == "flipped_payload_byte":
+        b = bytearray(data)
+        b[h + (len(data) - h) // 2] ^= 0x40
+        return bytes(b)
+    if kind == "wrong_magic":
+        return b"PK\x03\x04" + data[4:]
+    if kind == "unknown_version":
+        return data[:4] + bytes([T.ARTIFACT_FORMAT_VERSION + 1]) + data[5:]
+    if kind == "unknown_compressor":
+        return data[:5] + bytes([len(T.COMPRESSORS)]) + data[6:]
+    if kind == "garbage_payload_good_crc":
+        return _header(b"not a zstd frame at all" * 3)
+    if kind == "bad_manifest":
+        return _header(T.compress(struct.pack("<I", 9) + b'{"config"' + b"\0" * 10, "zstd", 3))
+    if kind == "body_length_mismatch":
+        return _header(T.compress(T.serialize_quantized(qstate, cfg, "int8") + b"extra", "zstd", 3))
+    raise AssertionError(kind)
+
+
+CORRUPTIONS = {
+    "missing": "does not exist",
+    "empty": "too short",
+    "header_only_part": "too short",
+    "truncated": "truncated",
+    "padded": "padded",
+    "flipped_payload_byte": "checksum mismatch",
+    "wrong_magic": "bad magic",
+    "unknown_version": r"format 2/compressor 0 is not supported",
+    "unknown_compressor": r"compressor 2 is not supported",
+    "garbage_payload_good_crc": "cannot decode",
+    "bad_manifest": "cannot decode",
+    "body_length_mismatch": "manifest describes",
+}
+
+
+@pytest.mark.parametrize("kind", list(CORRUPTIONS))
+def test_corrupt_artifacts_fail_with_a_clear_artifact_error(good_artifact, tmp_path, kind):
+    path, cfg, qstate = good_artifact
+    assert_same_qstate(qstate, T.read_artifact(path)[1])  # the intact file reads
+    bad = tmp_path / "damaged.pgz"
+    data = corrupt(kind, path.read_bytes(), cfg, qstate)
+    if data is not None:
+        bad.write_bytes(data)
+    for reader in (T.read_artifact, lambda p: T.load_model_from_artifact(p, torch.device("cpu"))):
+        with pytest.raises(T.ArtifactError) as info:
+            reader(bad)
+        message = str(info.value)
+        assert str(bad) in message, "the message must name the file"
+        assert re.search(CORRUPTIONS[kind], message.replace(str(bad), "<file>")), message
+
+
+# ----------------------------------------------------------------------------- size accounting and the cap
+
+
+def test_size_report_matches_the_bytes_on_disk(tmp_path):
+    model, args, qstate = sample_qstate(seed=7)
+    path = tmp_path / "sub" / "model.pgz"
+    report, _, _ = T.write_artifact(qstate, model.cfg, args, path, lambda line: None)
+    assert report.artifact_bytes == os.path.getsize(path)
+    assert report.code_bytes == os.path.getsize(REPO / "train_gpt.py") == os.path.getsize(T.__file__)
+    assert report.total_bytes == report.code_bytes + report.artifact_bytes
+    assert report.cap_bytes == 16_000_000 and report.fits
+    assert not [p for p in path.parent.iterdir() if p.name != "model.pgz"], "no temporary file left behind"
+    assert T.SizeReport(10, 6, 16).fits and not T.SizeReport(10, 7, 16).fits  # the cap is inclusive, in bytes
+
+
+def quantize_and_write(tmp_path, name, **overrides):
+    model = tiny_model(seed=8)
+    args = tiny_args(GPTQ_ENABLED=0, **{**ALL_Q, **overrides})
+    lines = []
+    path = tmp_path / name
+    report = T.quantize_and_write(model, None, args, T.Runtime(), lines.append, path, T.quantization_scheme(args))
+    return report, lines, path
+
+
+def test_over_the_cap_is_flagged_and_the_file_kept(tmp_path):
+    report, lines, path = quantize_and_write(tmp_path, "over.pgz", SIZE_CAP_BYTES=50_000, QUANT_FIT_TO_CAP=0)
+    assert not report.fits and report.total_bytes > 50_000
+    assert path.is_file() and os.path.getsize(path) == report.artifact_bytes
+    assert any("NOT a valid submission" in line for line in lines), lines
+    assert f"size_check total_bytes:{report.total_bytes} cap_bytes:50000 fits:no" in lines
+    assert not any(line.startswith("fit_to_cap") for line in lines)
+    assert f"Serialized model int6_zstd: {report.artifact_bytes} bytes" in lines
+    T.read_artifact(path)
+
+
+def test_fit_to_cap_prunes_until_the_artifact_fits(tmp_path):
+    free, _, free_path = quantize_and_write(tmp_path, "free.pgz")
+    assert free.fits
+    cap = free.code_bytes + int(0.85 * free.artifact_bytes)
+    report, lines, path = quantize_and_write(tmp_path, "fit.pgz", SIZE_CAP_BYTES=cap)
+    assert report.fits and report.total_bytes <= cap and report.artifact_bytes == os.path.getsize(path)
+    assert any(line.startswith("fit_to_cap: pruned") for line in lines), lines
+    assert not any("NOT a valid submission" in line for line in lines)
+    prune = float(re.search(r"fit_prune:([0-9.]+)", next(l for l in lines if l.startswith("quant_stages"))).group(1))
+    assert 0 < prune <= 0.5
+
+    def zeros(p):
+        q = [v.q for v in T.read_artifact(p)[1].values() if isinstance(v, T.QuantizedTensor)]
+        return sum(int((x == 0).sum()) for x in q) / sum(x.numel() for x in q)
+
+    assert zeros(path) >= zeros(free_path) + prune - 0.01, "the pruned fraction must be on top of the values already zero"
+    # An unreachable cap: pruning stops at half the weights and the run is flagged, file kept.
+    report, lines, path = quantize_and_write(tmp_path, "hopeless.pgz", SIZE_CAP_BYTES=1000)
+    assert not report.fits and path.is_file()
+    assert any("NOT a valid submission" in line for line in lines)
+    assert "fit_prune:0.500" in next(l for l in lines if l.startswith("quant_stages"))
+
+
+# ----------------------------------------------------------------------------- EMA and SWA
+
+
+class OneWeight(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.tensor([0.0]))
+
+
+def run_averager(values, lr_muls, **kw):
+    m = OneWeight()
+    avg = T.WeightAverager(m, **kw)
+    for step, (v, lr) in enumerate(zip(values, lr_muls)):
+        with torch.no_grad():
+            m.w.fill_(v)  # the "optimizer step": the live weight changes in place
+        avg.update(step, lr)
+    return m, avg
+
+
+def test_ema_matches_the_closed_form():
+    values = [1.0, 3.0, -2.0, 5.0, 0.5, 4.0, 7.0]
+    d = 0.8
+    m, avg = run_averager(values, [1.0] * len(values), ema_decay=d, swa_enabled=False, swa_every=1, swa_start_frac=0.5)
+    n = len(values)
+    closed = d**n * 0.0 + sum((1 - d) * d ** (n - 1 - k) * v for k, v in enumerate(values))
+    kind, weights = avg.export()
+    assert kind == "ema"
+    assert weights["w"].item() == pytest.approx(closed, rel=1e-6)
+    assert m.w.item() == values[-1], "export must not touch the live weights"
+
+
+def test_swa_averages_the_snapshots_it_should_take():
+    values = [float(v) for v in range(1, 21)]
+    lr_muls = [1.0 - i / 20 for i in range(20)]  # below 0.5 from step 11 on
+    every, start = 3, 0.5
+    _, avg = run_averager(values, lr_muls, ema_decay=0.9, swa_enabled=True, swa_every=every, swa_start_frac=start)
+    taken = [v for step, (v, lr) in enumerate(zip(values, lr_muls)) if lr < start and step % every == 0]
+    assert taken == [13.0, 16.0, 19.0]  # steps 12, 15, 18
+    kind, weights = avg.export()
+    assert kind == "swa" and avg.swa_count == 3
+    assert weights["w"].item() == pytest.approx(np.mean(taken))
+
+
+def test_export_priority_swa_over_ema_over_raw():
+    values, late = [2.0, 4.0, 6.0], [0.1, 0.1, 0.1]
+    assert run_averager(values, late, ema_decay=0.5, swa_enabled=True, swa_every=1, swa_start_frac=0.5)[1].export()[0] == "swa"
+    # SWA on but no snapshot taken yet (LR still high): the EMA is exported
+    assert run_averager(values, [1.0] * 3, ema_decay=0.5, swa_enabled=True, swa_every=1, swa_start_frac=0.5)[1].export()[0] == "ema"
+    assert run_averager(values, late, ema_decay=0.5, swa_enabled=False, swa_every=1, swa_start_frac=0.5)[1].export()[0] == "ema"
+    m, avg = run_averager(values, late, ema_decay=0.0, swa_enabled=False, swa_every=1, swa_start_frac=0.5)
+    kind, weights = avg.export()
+    assert kind == "raw" and weights["w"].item() == 6.0
+    with torch.no_grad():
+        m.w.fill_(-1.0)
+    assert weights["w"].item() == 6.0, "the raw export must be a copy, not the live tensor"
+
+
+# ----------------------------------------------------------------------------- QAT under torch.compile
+
+
+def test_qat_switch_is_seen_by_a_compiled_model_without_recompiling():
+    from torch._dynamo.utils import counters
+
+    model = tiny_model(seed=9, NUM_LAYERS=2)
+    model.requires_grad_(False)
+    x = torch.randint(0, 64, (2, 32), generator=torch.Generator().manual_seed(2))
+    eager_off = model(x)
+    model.set_qat(True)
+    eager_on = model(x)
+    model.set_qat(False)
+    assert not torch.equal(eager_off, eager_on), "QAT changes nothing even uncompiled; the test is vacuous"
+    torch._dynamo.reset()
+    counters.clear()
+    # aot_eager: dynamo + AOTAutograd tracing as on the GPU, without inductor's C++ build (about a minute on 2 CPU cores)
+    compiled = torch.compile(model, backend="aot_eager", dynamic=False)
+    off = compiled(x)
+    graphs = counters["stats"]["unique_graphs"]
+    model.set_qat(True)
+    on = compiled(x)
+    assert not torch.equal(off, on), "set_qat(True) was not seen by the compiled graph"
+    assert torch.equal(on, eager_on) and torch.equal(off, eager_off)
+    assert counters["stats"]["unique_graphs"] == graphs, "the buffer switch must not force a recompile"
+    model.set_qat(False)
+    assert torch.equal(compiled(x), eager_off)
+    torch._dynamo.reset()
+
+
+# ----------------------------------------------------------------------------- end to end
+
+
+def test_end_to_end_run_and_eval_only_rescore_identically(synthetic_data, tmp_path):
+    if not SP1024.is_file():
+        pytest.skip("../shared/data is not beside the repository")
+    env = {k: v for k, v in os.environ.items() if not re.match(r"(TTT|QUANT|GPTQ|EVAL|ARTIFACT|SIZE|SWA|EMA|QAT)_", k)}
+    env.update({k: str(v) for k, v in TINY.items()})
+    artifact = tmp_path / "run" / "model.pgz"
+    env.update(
+        DATA_PATH=str(synthetic_data), TOKENIZER_PATH=str(SP1024), VOCAB_SIZE="1024", ITERATIONS="3", TRAIN_LOG_EVERY="0",
+        LOG_DIR=str(tmp_path / "logs"), RUN_ID="e2e", ARTIFACT_PATH=str(artifact), VAL_MAX_TOKENS="600", TTT_ENABLED="0",
+        QUANT_BITS_ATTN="5", QUANT_BITS_MLP="5", OMP_NUM_THREADS="1",
+    )
+
+    def run(**extra):
+        r = subprocess.run([sys.executable, str(REPO / "train_gpt.py")], env={**env, **extra}, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        return r.stdout
+
+    train = run()
+    assert artifact.is_file()
+    size = int(re.search(r"Serialized model int5_zstd: (\d+) bytes", train).group(1))
+    assert size == os.path.getsize(artifact)
+    assert "gptq_calibration source:train" in train and "quant_stages quantize_gptq" in train
+    assert "submission_valid:yes" in train
+    rescored = run(EVAL_ONLY=str(artifact), RUN_ID="e2e_eval")
+    assert "eval_only artifact:" in rescored and "model_params" not in rescored  # no training
+    for label in ("roundtrip", "sliding_window"):
+        pattern = rf"^final_int5_zstd_{label}_exact val_loss:\S+ val_bpb:\S+$"
+        a, b = re.findall(pattern, train, re.M), re.findall(pattern, rescored, re.M)
+        assert len(a) == 1 and a == b, (label, a, b)
