@@ -1,0 +1,203 @@
+"""Optimizer section of train_gpt.py: Newton-Schulz / Muon, weight decay, parameter groups and the
+LR schedule."""
+
+import pytest
+import torch
+
+import train_gpt
+from conftest import tiny_args, tiny_model
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def singular_values(m: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.svdvals(m.double())
+
+
+@pytest.mark.parametrize("shape", [(64, 32), (32, 64), (48, 48)])
+def test_newton_schulz_is_close_to_orthogonal(shape):
+    g = torch.Generator().manual_seed(0)
+    G = torch.randn(*shape, generator=g)
+    if shape[0] == shape[1]:  # keep a square test matrix well conditioned
+        G = G + 3 * torch.eye(shape[0])
+    X = train_gpt.newton_schulz_orthogonalize(G, 5)
+    assert X.shape == G.shape
+    s = singular_values(X)
+    assert s.min() >= 0.5 and s.max() <= 1.5, s
+    # it keeps the singular vectors: X is close to U V^T of G
+    U, _, Vh = torch.linalg.svd(G.double(), full_matrices=False)
+    polar = U @ Vh
+    cos = (X.double() * polar).sum() / (X.double().norm() * polar.norm())
+    assert cos > 0.95
+
+
+def test_newton_schulz_scale_invariant():
+    G = torch.randn(32, 16)
+    a = train_gpt.newton_schulz_orthogonalize(G, 5)
+    b = train_gpt.newton_schulz_orthogonalize(G * 1000.0, 5)
+    assert torch.allclose(a, b, atol=1e-4)
+
+
+@pytest.mark.parametrize("shape", [(64, 32), (32, 64)])
+def test_muon_step_applies_scaled_orthogonal_update(shape):
+    g = torch.Generator().manual_seed(1)
+    p = torch.nn.Parameter(torch.randn(*shape, generator=g))
+    p.grad = torch.randn(*shape, generator=g)
+    before = p.detach().clone()
+    opt = train_gpt.Muon([p], lr=1.0, momentum=0.0, backend_steps=5, weight_decay=0.0)
+    opt.step()
+    update = before - p.detach()
+    scale = max(1.0, shape[0] / shape[1]) ** 0.5
+    s = singular_values(update / scale)
+    assert s.min() >= 0.5 and s.max() <= 1.5, s
+    assert torch.allclose(update, train_gpt.newton_schulz_orthogonalize(p.grad, 5) * scale, atol=1e-5)
+    # descent direction: the update is positively aligned with the gradient
+    assert (update * p.grad).sum() > 0
+
+
+def test_muon_momentum_accumulates_with_nesterov():
+    torch.manual_seed(2)
+    p = torch.nn.Parameter(torch.zeros(16, 16))
+    g1, g2 = torch.randn(16, 16), torch.randn(16, 16)
+    opt = train_gpt.Muon([p], lr=1.0, momentum=0.9, backend_steps=5)
+    p.grad = g1.clone()
+    opt.step()
+    after1 = p.detach().clone()
+    p.grad = g2.clone()
+    opt.step()
+    buf = 0.9 * g1 + g2
+    expected = train_gpt.newton_schulz_orthogonalize(g2 + 0.9 * buf, 5)
+    assert torch.allclose(after1 - p.detach(), expected, atol=1e-5)
+
+
+def test_muon_weight_decay_shrinks_by_one_minus_lr_wd():
+    torch.manual_seed(3)
+    p = torch.nn.Parameter(torch.randn(16, 8))
+    p.grad = torch.zeros_like(p)  # a zero gradient orthogonalizes to zero: only the decay acts
+    before = p.detach().clone()
+    lr, wd = 0.1, 0.5
+    opt = train_gpt.Muon([p], lr=lr, momentum=0.95, backend_steps=5, weight_decay=wd)
+    opt.step()
+    assert torch.allclose(p.detach(), before * (1 - lr * wd), atol=1e-7)
+    # with a gradient: decay first, then the update
+    p.grad = torch.randn(16, 8)
+    before = p.detach().clone()
+    opt2 = train_gpt.Muon([p], lr=lr, momentum=0.0, backend_steps=5, weight_decay=wd)
+    opt2.step()
+    update = train_gpt.newton_schulz_orthogonalize(p.grad, 5) * 2 ** 0.5
+    assert torch.allclose(p.detach(), before * (1 - lr * wd) - lr * update, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- parameter groups
+
+
+@pytest.mark.parametrize("overrides", [{}, {"TIE_EMBEDDINGS": 0}, {"BIGRAM_VOCAB_SIZE": 0, "SMEAR_GATE": 0, "UNET_SKIPS": 0}])
+def test_every_parameter_in_exactly_one_group(overrides):
+    args = tiny_args(**overrides)
+    model = tiny_model(**overrides)
+    optimizers = train_gpt.build_optimizers(model, args, train_gpt.Runtime())
+    seen = [p for opt in optimizers for group in opt.param_groups for p in group["params"]]
+    ids = [id(p) for p in seen]
+    assert len(ids) == len(set(ids)), "a parameter is in two groups"
+    names = {id(p): n for n, p in model.named_parameters()}
+    missing = [n for n, p in model.named_parameters() if id(p) not in set(ids)]
+    assert not missing, f"parameters no optimizer updates: {missing}"
+    assert set(ids) <= set(names)
+
+    muon = [o for o in optimizers if isinstance(o, train_gpt.Muon)]
+    assert len(muon) == 1
+    muon_names = {names[id(p)] for g in muon[0].param_groups for p in g["params"]}
+    adam_names = {names[id(p)] for o in optimizers if not isinstance(o, train_gpt.Muon) for g in o.param_groups for p in g["params"]}
+    block_matrices = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, train_gpt.CastedLinear) and n.startswith("blocks.")}
+    assert len(block_matrices) == 6 * args.num_layers
+    assert block_matrices <= muon_names
+    assert all(dict(model.named_parameters())[n].ndim == 2 for n in muon_names)
+    assert all(n.endswith(".weight") and not n.startswith(("tok_emb", "lm_head", "bigram.table")) for n in muon_names)
+    # embeddings, gains, gates and scales go to Adam
+    assert "tok_emb.weight" in adam_names
+    for n, p in model.named_parameters():
+        if p.ndim < 2 or any(c in n for c in train_gpt.CONTROL_PARAMETER_NAMES) or n.startswith(("tok_emb", "lm_head", "bigram.table")):
+            assert n in adam_names, n
+    if model.lm_head is not None:
+        assert "lm_head.weight" in adam_names
+    if model.skip_weights is not None:
+        assert "skip_weights" in adam_names  # 2-D but a control tensor
+    assert "blocks.0.resid_mix" in adam_names
+
+
+def test_group_learning_rates():
+    args = tiny_args(TIE_EMBEDDINGS=0, EMBED_LR=0.3, HEAD_LR=0.007, MATRIX_LR=0.02, SCALAR_LR=0.01, MUON_WD=0.05)
+    model = tiny_model(TIE_EMBEDDINGS=0)
+    optimizers = train_gpt.build_optimizers(model, args, train_gpt.Runtime())
+    by_param = {id(p): g for o in optimizers for g in o.param_groups for p in g["params"]}
+    assert by_param[id(model.tok_emb.weight)]["lr"] == 0.3
+    assert by_param[id(model.lm_head.weight)]["lr"] == 0.007
+    assert by_param[id(model.blocks[0].attn.c_q.weight)]["lr"] == 0.02
+    assert by_param[id(model.blocks[0].attn.c_q.weight)]["weight_decay"] == 0.05
+    assert by_param[id(model.blocks[0].attn_scale)]["lr"] == 0.01
+    assert all(g["base_lr"] == g["lr"] for g in by_param.values())
+    tied = train_gpt.build_optimizers(tiny_model(), tiny_args(TIED_EMBED_LR=0.04), train_gpt.Runtime())
+    assert tied[0].param_groups[0]["lr"] == 0.04
+
+
+# ----------------------------------------------------------------------------- LR schedule
+
+
+def mult(step, elapsed_ms=0.0, budget_ms=0.0, **overrides):
+    return train_gpt.lr_multiplier(step, elapsed_ms, tiny_args(**overrides), budget_ms)
+
+
+def test_lr_iteration_budget_warmdown():
+    kw = dict(ITERATIONS=100, WARMDOWN_FRAC=0.5)
+    assert mult(0, **kw) == 1.0
+    assert mult(30, **kw) == 1.0
+    assert mult(50, **kw) == pytest.approx(1.0)
+    assert mult(75, **kw) == pytest.approx(0.5)
+    assert mult(90, **kw) == pytest.approx(0.2)
+    assert mult(100, **kw) == pytest.approx(0.0)
+    values = [mult(s, **kw) for s in range(101)]
+    assert all(a >= b for a, b in zip(values, values[1:])), "the multiplier never rises"
+
+
+def test_lr_min_lr_floor():
+    kw = dict(ITERATIONS=100, WARMDOWN_FRAC=0.5, MIN_LR=0.1)
+    assert mult(100, **kw) == pytest.approx(0.1)
+    assert mult(95, **kw) == pytest.approx(0.1)
+    assert mult(75, **kw) == pytest.approx(0.5)
+
+
+def test_lr_wall_clock_budget():
+    kw = dict(ITERATIONS=100000, WARMDOWN_FRAC=0.4)
+    assert mult(10, elapsed_ms=100.0, budget_ms=1000.0, **kw) == 1.0
+    assert mult(10, elapsed_ms=600.0, budget_ms=1000.0, **kw) == pytest.approx(1.0)
+    assert mult(10, elapsed_ms=800.0, budget_ms=1000.0, **kw) == pytest.approx(0.5)
+    assert mult(10, elapsed_ms=1000.0, budget_ms=1000.0, **kw) == pytest.approx(0.0)
+    assert mult(10, elapsed_ms=1500.0, budget_ms=1000.0, **kw) == 0.0
+    # whichever budget is further along wins: ITERATIONS still ends training on time
+    assert mult(90, elapsed_ms=100.0, budget_ms=1000.0, ITERATIONS=100, WARMDOWN_FRAC=0.4) == pytest.approx(0.25)
+
+
+def test_lr_warmdown_iters_mode():
+    # no wall clock: the last WARMDOWN_ITERS steps of ITERATIONS
+    kw = dict(ITERATIONS=100, WARMDOWN_ITERS=20)
+    assert mult(50, **kw) == 1.0
+    assert mult(80, **kw) == pytest.approx(1.0)
+    assert mult(90, **kw) == pytest.approx(0.5)
+    assert mult(100, **kw) == pytest.approx(0.0)
+    # wall clock: remaining steps estimated from the average step time (10 ms here)
+    kw = dict(ITERATIONS=100000, WARMDOWN_ITERS=20)
+    assert mult(50, elapsed_ms=500.0, budget_ms=1000.0, **kw) == 1.0
+    assert mult(90, elapsed_ms=900.0, budget_ms=1000.0, **kw) == pytest.approx(0.5)
+    assert mult(100, elapsed_ms=1000.0, budget_ms=1000.0, **kw) == pytest.approx(0.0)
+    assert mult(100, elapsed_ms=1000.0, budget_ms=1000.0, MIN_LR=0.05, **kw) == pytest.approx(0.05)
+
+
+def test_lr_no_warmdown():
+    assert mult(100, ITERATIONS=100, WARMDOWN_FRAC=0.0) == 1.0
+    assert mult(5, elapsed_ms=999.0, budget_ms=1000.0, WARMDOWN_FRAC=0.0) == 1.0

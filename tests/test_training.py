@@ -1,0 +1,334 @@
+"""Settings, the command line's error handling and the training loop: loss falls, the warm-up is
+fully undone, and 2 CPU processes (gloo) train exactly like 1 on the same global batch."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+import train_gpt
+from conftest import REPO, TINY, tiny_args
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# ----------------------------------------------------------------------------- Hyperparameters
+
+
+def test_defaults_are_the_record_configuration():
+    a = train_gpt.Hyperparameters({})
+    assert (a.num_layers, a.model_dim, a.num_heads, a.num_kv_heads) == (11, 512, 8, 4)
+    assert a.mlp_mult == 3.0 and a.vocab_size == 1024
+    assert a.train_seq_len == 2048 and a.train_batch_tokens == 786432
+    assert a.max_wallclock_seconds == 600.0
+    assert a.tie_embeddings is True and a.logit_softcap == 30.0
+    assert a.data_path.endswith("fineweb10B_sp1024") and a.tokenizer_path.endswith("fineweb_1024_bpe.model")
+    # the batch splits evenly over 8 GPUs x 1 micro-step and 1 GPU x 8 micro-steps
+    assert a.train_batch_tokens % (8 * a.train_seq_len) == 0
+    cfg = train_gpt.ModelConfig.from_args(a)
+    assert cfg == train_gpt.ModelConfig(), "ModelConfig defaults and setting defaults must agree"
+
+
+def test_environment_values_are_parsed_by_type():
+    a = train_gpt.Hyperparameters({"NUM_LAYERS": "9", "TRAIN_BATCH_TOKENS": "5.24288e5", "TIE_EMBEDDINGS": "0", "MATRIX_LR": "0.04", "MLP_ACT": "leaky_relu2", "SMEAR_GATE": "false"})
+    assert a.num_layers == 9 and a.train_batch_tokens == 524288 and a.tie_embeddings is False
+    assert a.matrix_lr == 0.04 and a.mlp_act == "leaky_relu2" and a.smear_gate is False
+    assert set(a.as_dict()) == {s.name for s in train_gpt.SETTINGS}
+
+
+def test_keyword_overrides_win_over_the_environment():
+    env = {"NUM_LAYERS": "9"}
+    assert train_gpt.Hyperparameters(env, NUM_LAYERS=3).num_layers == 3
+    assert train_gpt.Hyperparameters(env, num_layers=4).num_layers == 4
+    assert train_gpt.Hyperparameters(env, TIE_EMBEDDINGS=False).tie_embeddings is False
+    assert not hasattr(train_gpt.Hyperparameters(env, NUM_LAYERS=3), "NUM_LAYERS")
+    with pytest.raises(train_gpt.SettingsError, match="NUM_LAYRS"):
+        train_gpt.Hyperparameters(env, NUM_LAYRS=3)
+    with pytest.raises(train_gpt.SettingsError, match="NUM_LAYERS"):
+        train_gpt.Hyperparameters(env, num_layers="x")
+    with pytest.raises(train_gpt.SettingsError, match="NUM_KV_HEADS"):
+        train_gpt.Hyperparameters(env, NUM_KV_HEADS=3)
+
+
+@pytest.mark.parametrize(
+    "env, names",
+    [
+        ({"NUM_LAYERS": "abc"}, ["NUM_LAYERS", "abc"]),
+        ({"NUM_LAYERS": "2.5"}, ["NUM_LAYERS"]),
+        ({"TIE_EMBEDDINGS": "maybe"}, ["TIE_EMBEDDINGS"]),
+        ({"MATRIX_LR": "nan"}, ["MATRIX_LR"]),
+        ({"NUM_LAYERS": "0"}, ["NUM_LAYERS", "> 0"]),
+        ({"EVAL_STRIDE": "4096"}, ["EVAL_STRIDE", "EVAL_SEQ_LEN"]),
+        ({"NUM_KV_HEADS": "3"}, ["NUM_KV_HEADS", "NUM_HEADS"]),
+        ({"EMA_DECAY": "1"}, ["EMA_DECAY"]),
+        ({"MLP_ACT": "gelu"}, ["MLP_ACT", "relu2"]),
+        ({"ROPE_DIMS": "3"}, ["ROPE_DIMS"]),
+        ({"TTT_STPES": "2"}, ["TTT_STPES", "TTT_STEPS"]),
+        ({"MATRX_LR": "0.1"}, []),  # unknown prefix: not ours, ignored
+    ],
+    ids=lambda v: "_".join(f"{k}={x}" for k, x in v.items()) if isinstance(v, dict) else None,
+)
+def test_bad_settings_raise_settings_error_naming_the_variable(env, names):
+    if not names:
+        train_gpt.Hyperparameters(env)
+        return
+    with pytest.raises(train_gpt.SettingsError) as info:
+        train_gpt.Hyperparameters(env)
+    for name in names:
+        assert name in str(info.value), f"{name!r} missing from {str(info.value)!r}"
+
+
+def test_typo_suggests_the_setting():
+    with pytest.raises(train_gpt.SettingsError, match=r"unknown setting TTT_STPES; did you mean TTT_STEPS\?"):
+        train_gpt.Hyperparameters({"TTT_STPES": "2"})
+    with pytest.raises(train_gpt.SettingsError, match="EMA_DECAY"):
+        train_gpt.Hyperparameters({"EMA_DECAY": "0.997", "EMA_DECAY_RATE": "1"})
+
+
+def test_world_size_must_divide_8(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    with pytest.raises(train_gpt.SettingsError, match="WORLD_SIZE=3"):
+        train_gpt.setup_runtime()
+    for world, accum in ((1, 8), (2, 4), (4, 2), (8, 1)):
+        assert train_gpt.Runtime(world_size=world).grad_accum_steps == accum
+
+
+def clean_env(**extra) -> dict:
+    """The current environment without any of the script's settings or torchrun's variables."""
+    ours = {s.name for s in train_gpt.SETTINGS} | {"WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"}
+    env = {k: v for k, v in os.environ.items() if k not in ours and k.split("_")[0] not in train_gpt._OUR_PREFIXES}
+    env.update({k: str(v) for k, v in extra.items()})
+    env["OMP_NUM_THREADS"] = "1"
+    return env
+
+
+def test_command_line_errors_are_one_line_without_traceback(tmp_path):
+    cases = {
+        "malformed": ({"NUM_LAYERS": "abc"}, "NUM_LAYERS"),
+        "typo": ({"TTT_STPES": "2"}, "TTT_STEPS"),
+        "world_size": ({"WORLD_SIZE": "3"}, "WORLD_SIZE=3"),
+        "missing_data": (
+            {"DATA_PATH": str(tmp_path / "none"), "TOKENIZER_PATH": str(tmp_path / "none.model"), "LOG_DIR": str(tmp_path / "logs"), "RUN_ID": "t"},
+            "cached_challenge_fineweb.py",
+        ),
+    }
+    procs = {
+        name: subprocess.Popen([sys.executable, str(REPO / "train_gpt.py")], cwd=tmp_path, env=clean_env(**env), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for name, (env, _) in cases.items()
+    }
+    for name, proc in procs.items():
+        _, err = proc.communicate(timeout=120)
+        expected = cases[name][1]
+        assert proc.returncode != 0, name
+        assert "Traceback" not in err, f"{name}: {err}"
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: "), f"{name}: {err!r}"
+        assert expected in lines[0], f"{name}: {lines[0]}"
+
+
+# ----------------------------------------------------------------------------- the training loop
+
+
+class Recorder(train_gpt.Logger):
+    """A Logger(None) that keeps the lines."""
+
+    def __init__(self):
+        super().__init__(None)
+        self.lines = []
+
+    def __call__(self, line: str = "", console: bool = True):
+        self.lines.append(line)
+
+
+def test_logger_without_path_prints_nothing(capsys, tmp_path):
+    train_gpt.Logger(None)("step:1/1 train_loss:1.0000")
+    assert capsys.readouterr().out == ""
+    log = train_gpt.Logger(tmp_path / "logs" / "run.txt")
+    log("visible")
+    log("file only", console=False)
+    assert capsys.readouterr().out == "visible\n"
+    assert (tmp_path / "logs" / "run.txt").read_text() == "visible\nfile only\n"
+
+
+def val_batch(data_path, seq_len=32):
+    val = train_gpt.load_validation_tokens(str(data_path), 64)
+    n = (val.numel() - 1) // seq_len * seq_len
+    return val[:n].view(-1, seq_len), val[1 : n + 1].view(-1, seq_len)
+
+
+def fresh_model(args):
+    torch.manual_seed(args.seed)
+    return train_gpt.GPT(train_gpt.ModelConfig.from_args(args))
+
+
+def test_train_model_lowers_the_loss(synthetic_data):
+    args = tiny_args(DATA_PATH=synthetic_data, ITERATIONS=20, EMA_DECAY=0, TRAIN_LOG_EVERY=10, VAL_LOSS_EVERY=10)
+    model = fresh_model(args)
+    x, y = val_batch(synthetic_data)
+    with torch.no_grad():
+        before = model(x, y).item()
+    evaluated = []
+
+    def evaluate_fn(m):
+        assert m is model
+        evaluated.append(True)
+        return SimpleNamespace(val_loss=1.5, val_bpb=2.5)
+
+    log = Recorder()
+    result = train_gpt.train_model(model, args, train_gpt.Runtime(), log, evaluate_fn)
+    with torch.no_grad():
+        after = model(x, y).item()
+    assert after < before - 0.1, f"validation loss {before:.3f} -> {after:.3f}"
+    assert isinstance(result, train_gpt.TrainResult)
+    assert result.steps == 20 and not result.stopped_early
+    assert result.exported_weights == "raw"
+    assert result.train_time_ms > 0
+    assert set(result.hessians) == set(train_gpt.gptq_target_modules(model))
+    assert len(evaluated) == 2  # at steps 10 and 20
+    text = "\n".join(log.lines)
+    assert "step:1/20 train_loss:" in text and "step:10/20 train_loss:" in text and "step:20/20 train_loss:" in text
+    assert "step:20/20 val_loss:1.5000 val_bpb:2.5000 train_time:" in text
+    assert "gptq_calibration source:train" in text
+
+
+@pytest.mark.parametrize(
+    "overrides, kind",
+    [
+        ({"EMA_DECAY": 0.9}, "ema"),
+        ({"EMA_DECAY": 0.9, "SWA_ENABLED": 1, "SWA_EVERY": 2, "SWA_START_FRAC": 0.9}, "swa"),
+        ({"EMA_DECAY": 0}, "raw"),
+    ],
+)
+def test_exported_weights_kind(synthetic_data, overrides, kind):
+    args = tiny_args(DATA_PATH=synthetic_data, ITERATIONS=6, GPTQ_ENABLED=0, TRAIN_LOG_EVERY=0, **overrides)
+    model = fresh_model(args)
+    result = train_gpt.train_model(model, args, train_gpt.Runtime(), train_gpt.Logger(None), None)
+    assert result.exported_weights == kind
+    assert result.hessians is None
+
+
+def test_ema_is_what_the_model_holds_after_training(synthetic_data):
+    """With EMA the returned model holds the average, not the last weights."""
+    common = dict(DATA_PATH=synthetic_data, ITERATIONS=5, GPTQ_ENABLED=0, TRAIN_LOG_EVERY=0)
+    raw, ema = fresh_model(tiny_args(**common)), fresh_model(tiny_args(**common))
+    initial = {k: v.clone() for k, v in raw.state_dict().items()}
+    train_gpt.train_model(raw, tiny_args(EMA_DECAY=0, **common), train_gpt.Runtime(), train_gpt.Logger(None), None)
+    train_gpt.train_model(ema, tiny_args(EMA_DECAY=0.5, **common), train_gpt.Runtime(), train_gpt.Logger(None), None)
+    w = "blocks.0.attn.c_q.weight"
+    # the EMA lies between the initial and the final weights
+    d_raw = (raw.state_dict()[w] - initial[w]).norm()
+    d_ema = (ema.state_dict()[w] - initial[w]).norm()
+    assert 0 < d_ema < d_raw
+
+
+def test_warmup_is_fully_restored(synthetic_data):
+    """WARMUP_STEPS (with the QAT graph) must leave no trace: same weights, optimizer state and data."""
+    results = {}
+    for warmup in (0, 3):
+        args = tiny_args(DATA_PATH=synthetic_data, ITERATIONS=8, WARMUP_STEPS=warmup, EMA_DECAY=0, QAT_START=0.3, TRAIN_LOG_EVERY=0, GPTQ_CALIB_SEQS=2)
+        model = fresh_model(args)
+        log = Recorder()
+        result = train_gpt.train_model(model, args, train_gpt.Runtime(), log, None)
+        results[warmup] = (model.state_dict(), result, log.lines)
+    (w0, r0, lines0), (w3, r3, lines3) = results[0], results[3]
+    assert any(line.startswith("warmup_steps:3") for line in lines3)
+    assert any(line.startswith("qat:on") for line in lines0), "QAT must switch on in this run"
+    assert r0.steps == r3.steps == 8
+    assert w0.keys() == w3.keys()
+    for k in w0:
+        assert torch.equal(w0[k], w3[k]), f"{k} differs after a warm-up"
+    for k in r0.hessians:  # calibration read the same tokens: the data position was restored
+        assert torch.equal(r0.hessians[k], r3.hessians[k]), k
+
+
+def test_batch_must_split_over_ranks_and_micro_steps(synthetic_data):
+    args = tiny_args(DATA_PATH=synthetic_data, TRAIN_BATCH_TOKENS=32 * 12)
+    with pytest.raises(train_gpt.SettingsError, match="TRAIN_BATCH_TOKENS"):
+        train_gpt.train_model(fresh_model(args), args, train_gpt.Runtime(), train_gpt.Logger(None), None)
+
+
+def test_wallclock_cap_stops_early(synthetic_data):
+    args = tiny_args(DATA_PATH=synthetic_data, ITERATIONS=100000, MAX_WALLCLOCK_SECONDS=0.5, GPTQ_ENABLED=0, EMA_DECAY=0, TRAIN_LOG_EVERY=0)
+    log = Recorder()
+    result = train_gpt.train_model(fresh_model(args), args, train_gpt.Runtime(), log, None)
+    assert result.stopped_early and 0 < result.steps < 100000
+    assert any(line.startswith("stopping_early: wallclock_cap") for line in log.lines)
+
+
+# ----------------------------------------------------------------------------- 2 processes (gloo) = 1 process
+
+WORKER = textwrap.dedent(
+    """
+    import json, sys
+    import torch
+    sys.path.insert(0, {repo!r})
+    import train_gpt
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    config = json.loads(sys.argv[1])
+    rt = train_gpt.setup_runtime()
+    args = train_gpt.Hyperparameters(config["env"])
+    torch.manual_seed(args.seed)
+    model = train_gpt.GPT(train_gpt.ModelConfig.from_args(args))
+    losses = []
+    progress_line = train_gpt.train_progress_line
+
+    def record(step, args, loss, elapsed_ms):
+        global_loss = loss.detach().clone()
+        if rt.distributed:
+            dist.all_reduce(global_loss)
+            global_loss /= rt.world_size
+        losses.append(global_loss.item())
+        return progress_line(step, args, loss, elapsed_ms)
+
+    train_gpt.train_progress_line = record
+    result = train_gpt.train_model(model, args, rt, train_gpt.Logger(None), None)
+    if rt.is_master:
+        torch.save({{"losses": losses, "state": model.state_dict(), "steps": result.steps}}, config["out"])
+    if rt.distributed:
+        dist.destroy_process_group()
+    """
+)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_gloo_processes_train_like_one(synthetic_data, tmp_path):
+    steps = 4
+    env = {k: str(v) for k, v in {**TINY, "DATA_PATH": synthetic_data, "ITERATIONS": steps, "TRAIN_LOG_EVERY": 1, "EMA_DECAY": 0, "GPTQ_ENABLED": 0}.items()}
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER.format(repo=str(REPO)))
+    port = free_port()
+    procs = []
+    for name, world, rank in (("single", 1, 0), ("dist", 2, 0), ("dist", 2, 1)):
+        config = json.dumps({"env": env, "out": str(tmp_path / f"{name}.pt")})
+        penv = clean_env(WORLD_SIZE=world, RANK=rank, LOCAL_RANK=rank, MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+        procs.append(subprocess.Popen([sys.executable, str(script), config], env=penv, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    for p in procs:
+        out, _ = p.communicate(timeout=180)
+        assert p.returncode == 0, out
+    single, dist2 = torch.load(tmp_path / "single.pt"), torch.load(tmp_path / "dist.pt")
+    assert single["steps"] == dist2["steps"] == steps
+    assert len(single["losses"]) == len(dist2["losses"]) == steps
+    np.testing.assert_allclose(dist2["losses"], single["losses"], rtol=0, atol=1e-5)
+    assert single["losses"][-1] < single["losses"][0]
+    for k, v in single["state"].items():
+        torch.testing.assert_close(dist2["state"][k], v, rtol=0, atol=1e-4, msg=k)
