@@ -1077,7 +1077,6 @@ def train_model(model: GPT, args: Hyperparameters, rt: Runtime, log: Logger, eva
     calibrate_in_budget = args.gptq_enabled and args.gptq_calibration == "train"
     reserve_s = args.gptq_reserve_seconds if calibrate_in_budget and args.max_wallclock_seconds > 0 else 0.0
     budget_ms = 1000.0 * max(args.max_wallclock_seconds - reserve_s, 0.0) if args.max_wallclock_seconds > 0 else 0.0
-    local_tokens = args.train_batch_tokens // rt.world_size
 
     def train_step(step: int, lr_mul: float) -> Tensor:
         total = torch.zeros((), device=rt.device)
@@ -1518,22 +1517,38 @@ class ScoreLedger:
     """Per target position p = 1 .. N-1 of a token stream (target tokens[p], previous tokens[p-1]):
     its nll in float64, its bytes, and how often it was scored.
 
-    `record` refuses a position scored before; `result` refuses a ledger with a position unscored;
-    `require_scored` refuses an adapter update on a position not yet scored. Every evaluation path
-    writes here, so no setting can re-score, skip, or train before scoring.
+    `score` is how every evaluation path scores: the full-vocabulary log-softmax of the one forward
+    pass, recorded here. `record` refuses a position scored before; `result` refuses a ledger with a
+    position unscored; `require_scored` refuses an adapter update on a position not yet scored. So
+    no setting can re-score, skip, or train before scoring.
+
+    With `audit=True` the ledger also keeps, per position, the entropy of the distribution that
+    scored it (a fingerprint of the whole distribution, blind to the target) and checks that the
+    distribution sums to 1 and that the recorded nll is its value at the real target.
     """
 
-    def __init__(self, tokens: Tensor, tables: ByteTables):
+    def __init__(self, tokens: Tensor, tables: ByteTables, audit: bool = False):
         self.num_targets = tokens.numel() - 1
         device = tokens.device
+        self.targets = tokens[1:]
         self.nll = torch.zeros(self.num_targets, dtype=torch.float64, device=device)
         self.count = torch.zeros(self.num_targets, dtype=torch.int32, device=device)
         self.bytes = target_bytes(tokens[:-1], tokens[1:], tables.to(device))
         self.updates = 0  # adapter optimizer steps, each checked by require_scored
-        self.check_normalization = False  # audit: measure sum(p) - 1 of every scored distribution
-        self.normalization_error = 0.0
+        self.audit = audit
+        self.entropy = torch.full((self.num_targets,), float("nan"), dtype=torch.float64, device=device) if audit else None
+        self.normalization_error = 0.0  # audit: max |log sum p| of the scored distributions
+        self.nll_mismatch = 0.0  # audit: max |recorded nll - (-log p[target])|
+        self.without_distribution = 0  # audit: positions recorded with no distribution shown
 
-    def record(self, positions: Tensor, nll: Tensor):
+    def score(self, model, x: Tensor, y: Tensor, positions: Tensor, mask: Tensor, adapters: DocumentAdapters | None = None) -> Tensor:
+        """Score the targets y[mask] (at `positions[mask]`) with the model; returns the nll of every (B, T) entry."""
+        logp = log_probs(model, x, adapters)
+        nll = -logp.gather(-1, y.unsqueeze(-1)).squeeze(-1)
+        self.record(positions[mask], nll[mask], logp[mask] if self.audit else None)
+        return nll
+
+    def record(self, positions: Tensor, nll: Tensor, logp: Tensor | None = None):
         idx = positions.reshape(-1) - 1
         if idx.numel() == 0:
             return
@@ -1544,6 +1559,18 @@ class ScoreLedger:
             twice = int(idx[self.count[idx] > 1][0]) + 1
             raise LeakageError(f"target position {twice} scored twice; every token must be scored exactly once")
         self.nll[idx] = nll.reshape(-1).to(torch.float64)
+        if self.audit:
+            self._audit_distribution(idx, nll.reshape(-1), logp)
+
+    def _audit_distribution(self, idx: Tensor, nll: Tensor, logp: Tensor | None):
+        if logp is None:
+            self.without_distribution += idx.numel()
+            return
+        logp = logp.reshape(idx.numel(), -1).float()
+        self.normalization_error = max(self.normalization_error, float(torch.logsumexp(logp, dim=-1).abs().max()))
+        at_target = -logp.gather(-1, self.targets[idx].unsqueeze(-1)).squeeze(-1)
+        self.nll_mismatch = max(self.nll_mismatch, float((at_target - nll.float()).abs().max()))
+        self.entropy[idx] = -(logp.exp() * logp).sum(dim=-1).double()
 
     def require_scored(self, positions: Tensor):
         idx = positions.reshape(-1) - 1
@@ -1552,16 +1579,14 @@ class ScoreLedger:
             raise LeakageError(f"an update would train on target position {int(idx[unscored][0]) + 1} before it was scored")
         self.updates += 1
 
-    def note_distribution(self, logp: Tensor):
-        if self.check_normalization:
-            err = (torch.logsumexp(logp.float(), dim=-1)).abs().max()
-            self.normalization_error = max(self.normalization_error, float(err))
-
     def merge(self, rt: Runtime):
         """Each rank scored its share; after this every rank holds all of them."""
         if rt.distributed:
             dist.all_reduce(self.nll)
             dist.all_reduce(self.count)
+            if self.audit:
+                self.entropy = torch.nan_to_num(self.entropy, nan=0.0)
+                dist.all_reduce(self.entropy)
 
     def result(self) -> EvalResult:
         unscored, repeated = int((self.count == 0).sum()), int((self.count > 1).sum())
@@ -1578,14 +1603,16 @@ class ScoreLedger:
         write_atomic(path, buf.getvalue())
 
 
-def token_nll(model, x: Tensor, y: Tensor, adapters: DocumentAdapters | None = None, ledger: ScoreLedger | None = None) -> Tensor:
-    """Per-token cross-entropy under the full softmax over the vocabulary: the one scoring rule of every path."""
+def log_probs(model, x: Tensor, adapters: DocumentAdapters | None = None) -> Tensor:
+    """Log-probabilities over the whole vocabulary from the one forward pass: the scoring rule of every path."""
     with autocast_context(x.device):
         logits = model(x, adapters=adapters)
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    if ledger is not None:
-        ledger.note_distribution(logp)
-    return -logp.gather(-1, y.unsqueeze(-1)).squeeze(-1)
+    return torch.log_softmax(logits.float(), dim=-1)
+
+
+def token_nll(model, x: Tensor, y: Tensor, adapters: DocumentAdapters | None = None) -> Tensor:
+    """Per-token cross-entropy (the TTT training loss uses exactly what scoring uses)."""
+    return -log_probs(model, x, adapters).gather(-1, y.unsqueeze(-1)).squeeze(-1)
 
 
 # ----------------------------------------------------------------------------- evaluation: standard and sliding windows
@@ -1623,9 +1650,7 @@ def score_windows(model, tokens: Tensor, ledger: ScoreLedger, rt: Runtime, windo
             chunk = torch.tensor(windows[i : i + batch_seqs], device=tokens.device)
             a, s = chunk[:, 0:1], chunk[:, 1:2]
             idx = a + offsets  # (B, length) token indices of the inputs
-            nll = token_nll(model, tokens[idx], tokens[idx + 1], ledger=ledger)
-            scored = idx + 1 > s
-            ledger.record((idx + 1)[scored], nll[scored])
+            ledger.score(model, tokens[idx], tokens[idx + 1], idx + 1, idx + 1 > s)
 
 
 # ----------------------------------------------------------------------------- evaluation: score-first per-document LoRA TTT
@@ -1773,8 +1798,7 @@ class ScoreFirstLoRATTT:
         for c in range(max(num_chunks)):
             x, y, pos, mask = self.chunk_windows(tokens, batch, c, rows)
             with torch.no_grad():
-                nll = token_nll(model, x, y, adapters, ledger)
-            ledger.record(pos[mask], nll[mask])
+                nll = ledger.score(model, x, y, pos, mask, adapters)
             nll_sum += float(nll[mask].double().sum())
             byte_sum += int(ledger.bytes[pos[mask] - 1].sum())
             if base_ledger is not None:
@@ -1782,8 +1806,7 @@ class ScoreFirstLoRATTT:
                     base_ledger.record(pos[mask], nll[mask])
                 else:
                     with torch.no_grad():
-                        base_nll = token_nll(model, x, y, None)
-                    base_ledger.record(pos[mask], base_nll[mask])
+                        base_ledger.score(model, x, y, pos, mask)
             trains = [i for i in range(len(batch)) if c < num_chunks[i] - 1]
             if adapters is None or not trains:
                 continue
@@ -1840,9 +1863,11 @@ def audit_scorer(path: str, scorer, model, tokens: Tensor, tables: ByteTables, r
     """The four legality checks on one evaluation path.
 
     1 exactly_once: every target of the run scored once (the ledger of the full run, and the probes).
-    2 causal: rerun on a probe with every token after t replaced; losses at positions <= t must not
-      move (bit for bit on CPU in fp32) while later ones do.
-    3 normalized: each scored distribution sums to 1 over the whole vocabulary.
+    2 causal: rerun on a probe with every token after t replaced; losses at positions <= t and the
+      distribution (its entropy) at t+1, whose own target changed, must not move (bit for bit on
+      CPU in fp32) while later ones do. A model that peeks at its own target moves the latter.
+    3 normalized: each recorded nll is -log p[target] of a distribution shown to the ledger that
+      sums to 1 over the whole vocabulary.
     4 score_before_update: every adapter update was on positions already recorded (enforced by the
       ledger; a violation stops the scorer).
     """
@@ -1855,8 +1880,7 @@ def audit_scorer(path: str, scorer, model, tokens: Tensor, tables: ByteTables, r
     ledgers = []
     try:
         for toks in (probe, perturb_after(probe, t, vocab_size)):
-            ledger = ScoreLedger(toks, tables)
-            ledger.check_normalization = True
+            ledger = ScoreLedger(toks, tables, audit=True)
             scorer(model, toks, ledger, rt)
             ledger.merge(rt)
             ledger.result()
@@ -1870,12 +1894,15 @@ def audit_scorer(path: str, scorer, model, tokens: Tensor, tables: ByteTables, r
         return AuditReport(path, checks)
     a, b = ledgers
     before = float((a.nll[:t] - b.nll[:t]).abs().max()) if t else 0.0
+    if a.without_distribution == 0:  # the entropy at t+1 is known only for distributions shown to the ledger
+        before = max(before, float((a.entropy[: t + 1] - b.entropy[: t + 1]).abs().max()))
     later_moved = bool((a.nll[t:] != b.nll[t:]).any())
     tolerance = 0.0 if tokens.device.type == "cpu" else 1e-3
     checks.setdefault("exactly_once", (True, f"probe {a.num_targets}"))
-    checks["causal"] = (before <= tolerance and later_moved, f"max_dnll_upto_t:{before:.3g} later_moved:{later_moved} t:{t}")
-    norm = max(a.normalization_error, b.normalization_error)
-    checks["normalized"] = (norm <= 1e-4, f"max_abs_log_sum_p:{norm:.2g}")
+    checks["causal"] = (before <= tolerance and later_moved, f"max_change_upto_t:{before:.3g} later_moved:{later_moved} t:{t}")
+    norm, mismatch = max(a.normalization_error, b.normalization_error), max(a.nll_mismatch, b.nll_mismatch)
+    hidden = a.without_distribution + b.without_distribution
+    checks["normalized"] = (norm <= 1e-4 and mismatch <= 1e-4 and hidden == 0, f"max_abs_log_sum_p:{norm:.2g} nll_vs_distribution:{mismatch:.2g} unshown:{hidden}")
     checks["score_before_update"] = (True, f"updates:{a.updates} all_on_scored_positions")
     return AuditReport(path, checks)
 

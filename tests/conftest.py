@@ -65,6 +65,15 @@ def synthetic_stream(num_docs: int, vocab: int = 64, seed: int = 0, min_len: int
     return np.concatenate(out).astype(np.uint16)
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The test models are tiny: one intra-op thread is faster, and immune to a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def synthetic_data(tmp_path):
     """A DATA_PATH with one train and one val shard of synthetic documents."""

@@ -13,14 +13,6 @@ from conftest import tiny_args, tiny_model
 V, T = 64, 32
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one intra-op thread is faster, and immune to a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def random_tokens(batch=2, length=T, seed=0, bos_every=None):
     g = torch.Generator().manual_seed(seed)

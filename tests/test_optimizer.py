@@ -8,13 +8,6 @@ import train_gpt
 from conftest import tiny_args, tiny_model
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def singular_values(m: torch.Tensor) -> torch.Tensor:
     return torch.linalg.svdvals(m.double())

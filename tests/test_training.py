@@ -17,13 +17,6 @@ import train_gpt
 from conftest import REPO, TINY, tiny_args
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 # ----------------------------------------------------------------------------- Hyperparameters
 
