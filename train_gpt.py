@@ -511,26 +511,27 @@ def bits_per_byte(nll_sum_nats: float, byte_count: float) -> float:
 
 @dataclass
 class ModelConfig:
-    """The architecture; stored in the artifact so a model can be rebuilt from the file alone."""
+    """The architecture; stored in the artifact so a model can be rebuilt from the file alone.
+    Its values come from the settings of the same names (defaults live there only)."""
 
-    vocab_size: int = 1024
-    num_layers: int = 11
-    model_dim: int = 512
-    num_heads: int = 8
-    num_kv_heads: int = 4
-    mlp_mult: float = 3.0
-    mlp_act: str = "relu2"
-    tie_embeddings: bool = True
-    tied_embed_init_std: float = 0.005
-    rope_base: float = 10000.0
-    rope_dims: int = 0
-    logit_softcap: float = 30.0
-    qk_gain_init: float = 1.5
-    smear_gate: bool = True
-    bigram_vocab_size: int = 2048
-    bigram_dim: int = 128
-    unet_skips: bool = True
-    qat_bits: dict = field(default_factory=lambda: {"attn": 6, "mlp": 6, "other": 8})
+    vocab_size: int
+    num_layers: int
+    model_dim: int
+    num_heads: int
+    num_kv_heads: int
+    mlp_mult: float
+    mlp_act: str
+    tie_embeddings: bool
+    tied_embed_init_std: float
+    rope_base: float
+    rope_dims: int
+    logit_softcap: float
+    qk_gain_init: float
+    smear_gate: bool
+    bigram_vocab_size: int
+    bigram_dim: int
+    unet_skips: bool
+    qat_bits: dict  # bits of the fake quantization per role: attn, mlp, other
 
     @classmethod
     def from_args(cls, args: Hyperparameters) -> "ModelConfig":
