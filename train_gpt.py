@@ -168,7 +168,7 @@ SETTINGS = (
     Setting("TTT_MIN_DOC_LEN", 0, "shorter documents are scored by the base model", _non_negative, ">= 0"),
     Setting("TTT_MAX_DOC_LEN", 0, "longer documents are scored by the base model (0 = no limit)", _non_negative, ">= 0"),
     Setting("TTT_BATCH_SIZE", 64, "documents adapted together per rank", _positive, "> 0"),
-    Setting("TTT_DEADLINE_SECONDS", 0.0, "after this many seconds of evaluation, remaining documents get the base model (0 = none)", _non_negative, ">= 0"),
+    Setting("TTT_DEADLINE_SECONDS", 500.0, "after this many seconds of evaluation on 8 GPUs (scaled by 8 / WORLD_SIZE), remaining documents get the base model (0 = none)", _non_negative, ">= 0"),
     Setting("TTT_REPORT_BASE", True, "also score the TTT documents with the base model to log the TTT gain"),
 )
 
@@ -1964,7 +1964,8 @@ def evaluate_artifact(path: Path, args: Hyperparameters, rt: Runtime, log: Logge
         base_ledger = ScoreLedger(val_tokens, tables) if name == "ttt_lora" and args.ttt_report_base else None
         t0 = sync_time(rt)
         if name == "ttt_lora":
-            deadline = t_start + args.ttt_deadline_seconds if args.ttt_deadline_seconds > 0 else None
+            # 8-GPU seconds, so that 1 GPU reproduces what 8 would score inside the 600 s budget
+            deadline = t_start + args.ttt_deadline_seconds * 8 / rt.world_size if args.ttt_deadline_seconds > 0 else None
             stats = scorer(forward, val_tokens, ledger, rt, base_ledger=base_ledger, deadline=deadline, log=log)
         else:
             scorer(forward, val_tokens, ledger, rt)
