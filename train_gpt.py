@@ -11,6 +11,7 @@ import contextlib
 import copy
 import difflib
 import glob
+import hashlib
 import io
 import json
 import lzma
@@ -995,8 +996,7 @@ class TrainResult:
 
 def gptq_target_modules(model: GPT) -> dict[str, CastedLinear]:
     """Linear layers whose weights GPTQ quantizes (keyed by their weight's state-dict name)."""
-    out = {f"{name}.weight": m for name, m in model.named_modules() if isinstance(m, CastedLinear) and m.weight.size(1) >= 2}
-    return out
+    return {f"{name}.weight": m for name, m in model.named_modules() if isinstance(m, CastedLinear)}
 
 
 @torch.no_grad()
@@ -2043,8 +2043,6 @@ def run(args: Hyperparameters, rt: Runtime):
     log("=" * 100, console=False)
     log(environment_versions())
     log(args.describe().replace(f"RUN_ID={args.run_id}", f"RUN_ID={run_id}"))
-    import hashlib
-
     log(f"code_sha256:{hashlib.sha256(source).hexdigest()} code_bytes:{len(source)}")
     backend = select_attention_backend(args.attn_backend, rt.device)
     log(f"world_size:{rt.world_size} grad_accum_steps:{rt.grad_accum_steps} device:{rt.device.type}")
