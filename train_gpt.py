@@ -295,13 +295,20 @@ def setup_runtime() -> Runtime:
 
 
 class Logger:
-    """Rank 0 writes every line to stdout and, flushed at once, to logs/{RUN_ID}.txt."""
+    """Rank 0 writes every line to stdout and, flushed at once, to logs/{RUN_ID}.txt.
+
+    One run per file (the tools read a file as one run): an older log of the same RUN_ID is kept
+    under a name stamped with its modification time.
+    """
 
     def __init__(self, path: Path | None):
         self.path = path
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
-            self.file = open(path, "a", encoding="utf-8")
+            if path.exists():
+                stamp = time.strftime("%Y%m%d_%H%M%S", time.localtime(path.stat().st_mtime))
+                os.replace(path, path.with_name(f"{path.stem}.{stamp}{path.suffix}"))
+            self.file = open(path, "w", encoding="utf-8")
 
     def __call__(self, line: str = "", console: bool = True):
         if self.path is None:

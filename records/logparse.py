@@ -38,6 +38,7 @@ class RunLog:
     settings: dict[str, str] = field(default_factory=dict)  # NAME -> value exactly as logged
     versions: dict[str, str] = field(default_factory=dict)  # python, torch, numpy, cuda, device, driver
     code_sha256: str | None = None
+    runs_in_file: int = 0  # code_sha256 lines seen: more than 1 means several runs appended to one file
     code_bytes: int | None = None
     world_size: int | None = None
     grad_accum_steps: int | None = None
@@ -148,6 +149,7 @@ def _code_hash(s: _State, m: re.Match):
     f = _fields(m.string)
     s.run.code_sha256 = f["code_sha256"].lower()
     s.run.code_bytes = _int(f.get("code_bytes"))
+    s.run.runs_in_file += 1
 
 
 def _world(s: _State, m: re.Match):

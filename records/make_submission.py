@@ -69,6 +69,8 @@ def load_runs(paths: list[str]) -> list[logparse.RunLog]:
             raise SubmissionError(f"{path}: no final score (no final_..._exact line); did the run finish?")
         if run.seed is None:
             raise SubmissionError(f"{path}: no seed logged (SEED=... line)")
+        if run.runs_in_file > 1:
+            raise SubmissionError(f"{path}: holds {run.runs_in_file} runs appended together; give the log of one run")
         runs.append(run)
     seeds = [r.seed for r in runs]
     if len(set(seeds)) != len(seeds):

@@ -447,6 +447,12 @@ def test_refuses_a_log_without_final_score_or_with_other_settings(tmp_path, runs
     _refused(tmp_path, capsys, script, logs, "NUM_LAYERS (11 vs 12)")
 
 
+def test_refuses_a_log_holding_two_appended_runs(tmp_path, runs_dir, capsys):
+    script, logs = runs_dir
+    logs[0].write_text(our_log(1337) + our_log(1337))
+    _refused(tmp_path, capsys, script, logs, "2 runs")
+
+
 def test_wrap_ships_a_smaller_self_extracting_script(tmp_path, runs_dir):
     script, logs = runs_dir
     assert package(tmp_path, script, logs, "--wrap") == 0

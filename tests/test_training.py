@@ -325,3 +325,16 @@ def test_two_gloo_processes_train_like_one(synthetic_data, tmp_path):
     assert single["losses"][-1] < single["losses"][0]
     for k, v in single["state"].items():
         torch.testing.assert_close(dist2["state"][k], v, rtol=0, atol=1e-4, msg=k)
+
+
+def test_a_second_run_with_the_same_run_id_keeps_the_first_log_apart(tmp_path):
+    path = tmp_path / "logs" / "same.txt"
+    first = train_gpt.Logger(path)
+    first("first run", console=False)
+    first.file.close()
+    second = train_gpt.Logger(path)
+    second("second run", console=False)
+    second.file.close()
+    assert path.read_text() == "second run\n"
+    kept = [p for p in path.parent.iterdir() if p != path]
+    assert len(kept) == 1 and kept[0].read_text() == "first run\n" and kept[0].name.startswith("same.")
