@@ -1949,6 +1949,12 @@ def evaluate_standard(model, tokens: Tensor, tables: ByteTables, args: Hyperpara
     return ledger.result()
 
 
+def ttt_deadline(t_start: float, deadline_seconds: float, world_size: int) -> float | None:
+    """The wall-clock time after which TTT stops adapting. TTT_DEADLINE_SECONDS counts 8-GPU
+    seconds, so that fewer GPUs reproduce what 8 would score inside the 600 s budget."""
+    return t_start + deadline_seconds * 8 / world_size if deadline_seconds > 0 else None
+
+
 def evaluate_artifact(path: Path, args: Hyperparameters, rt: Runtime, log: Logger, tables: ByteTables, val_tokens: Tensor, scheme: str, backend: str) -> tuple[dict, list]:
     """Everything after training, timed as the evaluation: decompress, rebuild, warm up, score each path."""
     t_start = sync_time(rt)
@@ -1971,9 +1977,7 @@ def evaluate_artifact(path: Path, args: Hyperparameters, rt: Runtime, log: Logge
         base_ledger = ScoreLedger(val_tokens, tables) if name == "ttt_lora" and args.ttt_report_base else None
         t0 = sync_time(rt)
         if name == "ttt_lora":
-            # 8-GPU seconds, so that 1 GPU reproduces what 8 would score inside the 600 s budget
-            deadline = t_start + args.ttt_deadline_seconds * 8 / rt.world_size if args.ttt_deadline_seconds > 0 else None
-            stats = scorer(forward, val_tokens, ledger, rt, base_ledger=base_ledger, deadline=deadline, log=log)
+            stats = scorer(forward, val_tokens, ledger, rt, base_ledger=base_ledger, deadline=ttt_deadline(t_start, args.ttt_deadline_seconds, rt.world_size), log=log)
         else:
             scorer(forward, val_tokens, ledger, rt)
         ledger.merge(rt)

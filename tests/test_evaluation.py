@@ -716,3 +716,10 @@ def test_two_gloo_ranks_give_the_single_process_scores(tmp_path):
             assert math.isclose(res2.nll_sum, res1.nll_sum, rel_tol=1e-9), name
             # documents adapted / base / after the deadline; not the update count, which is per batch
             assert stats2[:3] == stats1[:3], name
+
+
+def test_ttt_deadline_counts_eight_gpu_seconds():
+    assert T.ttt_deadline(100.0, 500.0, 8) == 600.0
+    assert T.ttt_deadline(100.0, 500.0, 1) == 100.0 + 4000.0  # one GPU does eight GPUs' work
+    assert T.ttt_deadline(100.0, 0.0, 8) is None
+    assert T.Hyperparameters({}).ttt_deadline_seconds == 500.0
