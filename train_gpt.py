@@ -1758,7 +1758,7 @@ class ScoreFirstLoRATTT:
                 stats.docs_base += len(batch)
             nll, nbytes = self.score_batch(model, tokens, ledger, batch, use, base_ledger)
             nll_sum, byte_sum, done = nll_sum + nll, byte_sum + nbytes, done + len(batch)
-            if log is not None and (k + 1) % max(1, len(batches) // 10) == 0:
+            if log is not None and ((k + 1) % max(1, len(batches) // 10) == 0 or k + 1 == len(batches)):
                 elapsed = time.perf_counter() - t_start
                 eta = elapsed / done * (len(mine) - done)
                 log(f"ttt_progress docs:{done}/{len(mine)} running_bpb:{bits_per_byte(nll_sum, max(byte_sum, 1)):.4f} elapsed:{elapsed:.1f}s eta:{eta:.1f}s")

@@ -181,6 +181,83 @@ def test_quantize_state_dict_uses_gptq_where_a_hessian_exists(trained_tiny):
     assert all(torch.equal(off[n].q, rtn[n].q) for n in hessians)
 
 
+# ----------------------------------------------------------------------------- self-generated calibration (GPTQ_CALIBRATION=self)
+
+
+def self_calibration(model, num_seqs=6, seq_len=24, temperature=0.8, seed=1, batch=4, rt=None):
+    return torch.cat(list(T.generate_calibration_batches(model, num_seqs, seq_len, temperature, rt or T.Runtime(), seed, batch)))
+
+
+def test_self_calibration_sequences_start_with_bos_and_are_reproducible():
+    model = tiny_model(seed=3)
+    model.requires_grad_(False)
+    batches = list(T.generate_calibration_batches(model, 6, 24, 0.8, T.Runtime(), 1, batch=4))
+    assert [tuple(b.shape) for b in batches] == [(4, 24), (2, 24)]
+    seqs = torch.cat(batches)
+    assert seqs.dtype == torch.long and (seqs[:, 0] == T.BOS_ID).all()
+    assert int(seqs.min()) >= 0 and int(seqs.max()) < model.cfg.vocab_size
+    assert len(seqs[:, 1:].unique()) > 10, "sampled text should not be one repeated token"
+    assert torch.equal(seqs, self_calibration(model, seed=1)), "the same seed must give the same text"
+    assert not torch.equal(seqs, self_calibration(model, seed=2)), "another seed must give other text"
+    # each rank samples its share (GPTQ_CALIB_SEQS counts all ranks together) from its own stream
+    rank0, rank1 = (self_calibration(model, rt=T.Runtime(rank=r, world_size=2)) for r in (0, 1))
+    assert rank0.shape == rank1.shape == (3, 24) and not torch.equal(rank0, rank1)
+
+
+def test_self_calibration_temperature_shapes_the_distribution():
+    model = tiny_model(seed=3)
+    model.requires_grad_(False)
+    stats = {}
+    for temp in (1e-4, 2.0):
+        seqs = self_calibration(model, temperature=temp)
+        logits = model(seqs)[:, :-1]
+        greedy = (logits.argmax(-1) == seqs[:, 1:]).float().mean().item()
+        logp = torch.log_softmax(logits, -1).gather(-1, seqs[:, 1:, None]).mean().item()
+        stats[temp] = (greedy, logp, len(seqs[:, 1:].unique()))
+        if temp < 0.01:  # near-greedy: every row is the same argmax continuation of BOS
+            assert greedy == 1.0 and (seqs == seqs[0]).all(), stats
+    (g_cold, lp_cold, n_cold), (g_hot, lp_hot, n_hot) = stats[1e-4], stats[2.0]
+    assert g_hot < 0.3 and lp_hot < lp_cold - 1.0 and n_hot > 2 * n_cold, stats
+    # the first token after BOS is drawn from softmax(logits / temperature): its empirical law is
+    # close to that distribution and far from the one of another temperature
+    logits0 = model(torch.full((1, 1), T.BOS_ID))[0, -1]
+    for temp, other in ((0.5, 2.0), (2.0, 0.5)):
+        first = self_calibration(model, num_seqs=4000, seq_len=2, temperature=temp, batch=4000)[:, 1]
+        freq = torch.bincount(first, minlength=model.cfg.vocab_size).float() / first.numel()
+        tv = 0.5 * (freq - torch.softmax(logits0 / temp, -1)).abs().sum().item()
+        tv_other = 0.5 * (freq - torch.softmax(logits0 / other, -1)).abs().sum().item()
+        assert tv < 0.1 and tv_other > 0.3, (temp, tv, tv_other)
+
+
+def test_self_calibration_hessians_drive_gptq(trained_tiny):
+    model, _, test = trained_tiny
+    seqs = self_calibration(model, num_seqs=8, seq_len=32, temperature=0.8, seed=5)
+    hessians = T.collect_hessians(model, seqs.split(4), T.Runtime())
+    linear_names = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, T.CastedLinear)}
+    assert set(hessians) == linear_names and len(linear_names) == 4 * 6 + 1  # 6 per block + the bigram projection
+    X = layer_inputs(model, [seqs], sorted(linear_names))
+    for name, H in hessians.items():
+        assert H.shape == (model.state_dict()[name].size(1),) * 2
+        assert torch.equal(H, H.T), f"{name}: not symmetric"
+        assert torch.linalg.eigvalsh(H.double()).min() > -1e-5 * H.diag().max(), f"{name}: not PSD"
+        assert H.diag().sum() > 0
+        torch.testing.assert_close(H, X[name].T @ X[name] / X[name].size(0), rtol=1e-4, atol=1e-6)  # mean of x^T x per token
+    state = model.state_dict()
+    args = tiny_args(QUANT_BITS_ATTN=4, QUANT_BITS_MLP=4, **ALL_Q)
+    rtn = T.quantize_state_dict(state, args, None)
+    gptq = T.quantize_state_dict(state, args, hessians)
+    for name in hessians:
+        assert not torch.equal(gptq[name].q, rtn[name].q), f"{name}: GPTQ was not applied"
+    models = [float_model_from_qstate(model.cfg, q) for q in (rtn, gptq)]
+    with torch.no_grad():
+        a, b = (m(test[0]) for m in models)
+    assert not torch.equal(a, b)
+    # the model's own text is a usable calibration set: on held-out real data GPTQ beats RTN overall
+    X = layer_inputs(model, test, sorted(hessians))
+    err = {k: sum(torch.linalg.norm(X[n] @ state[n].T - X[n] @ q[n].dequantize().T).item() for n in hessians) for k, q in (("rtn", rtn), ("gptq", gptq))}
+    assert err["gptq"] < 0.9 * err["rtn"], err
+
+
 # ----------------------------------------------------------------------------- pruning
 
 
@@ -542,15 +619,15 @@ def test_qat_switch_is_seen_by_a_compiled_model_without_recompiling():
 # ----------------------------------------------------------------------------- end to end
 
 
-def test_end_to_end_run_and_eval_only_rescore_identically(synthetic_data, tmp_path):
+def tiny_script_runner(synthetic_data, tmp_path):
+    """f(**env) runs train_gpt.py on the synthetic shards with the sp1024 tokenizer (TTT off), returns its stdout."""
     if not SP1024.is_file():
         pytest.skip("../shared/data is not beside the repository")
     env = {k: v for k, v in os.environ.items() if not re.match(r"(TTT|QUANT|GPTQ|EVAL|ARTIFACT|SIZE|SWA|EMA|QAT)_", k)}
     env.update({k: str(v) for k, v in TINY.items()})
-    artifact = tmp_path / "run" / "model.pgz"
     env.update(
         DATA_PATH=str(synthetic_data), TOKENIZER_PATH=str(SP1024), VOCAB_SIZE="1024", ITERATIONS="3", TRAIN_LOG_EVERY="0",
-        LOG_DIR=str(tmp_path / "logs"), RUN_ID="e2e", ARTIFACT_PATH=str(artifact), VAL_MAX_TOKENS="600", TTT_ENABLED="0",
+        LOG_DIR=str(tmp_path / "logs"), RUN_ID="e2e", ARTIFACT_PATH=str(tmp_path / "run" / "model.pgz"), VAL_MAX_TOKENS="600", TTT_ENABLED="0",
         QUANT_BITS_ATTN="5", QUANT_BITS_MLP="5", OMP_NUM_THREADS="1",
     )
 
@@ -559,6 +636,12 @@ def test_end_to_end_run_and_eval_only_rescore_identically(synthetic_data, tmp_pa
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
         return r.stdout
 
+    return run
+
+
+def test_end_to_end_run_and_eval_only_rescore_identically(synthetic_data, tmp_path):
+    run = tiny_script_runner(synthetic_data, tmp_path)
+    artifact = tmp_path / "run" / "model.pgz"
     train = run()
     assert artifact.is_file()
     size = int(re.search(r"Serialized model int5_zstd: (\d+) bytes", train).group(1))
@@ -571,3 +654,12 @@ def test_end_to_end_run_and_eval_only_rescore_identically(synthetic_data, tmp_pa
         pattern = rf"^final_int5_zstd_{label}_exact val_loss:\S+ val_bpb:\S+$"
         a, b = re.findall(pattern, train, re.M), re.findall(pattern, rescored, re.M)
         assert len(a) == 1 and a == b, (label, a, b)
+
+
+def test_end_to_end_self_calibration(synthetic_data, tmp_path):
+    run = tiny_script_runner(synthetic_data, tmp_path)
+    out = run(GPTQ_CALIBRATION="self", GPTQ_CALIB_SEQS="3", EVAL_STRIDE="0")
+    assert re.search(r"^gptq_calibration source:self seqs:3 time:\d+ms$", out, re.M), out[-3000:]
+    assert "source:train" not in out, "self calibration must not also read training batches"
+    assert "quant_stages quantize_gptq" in out and "submission_valid:yes" in out
+    assert (tmp_path / "run" / "model.pgz").is_file()

@@ -654,6 +654,198 @@ def test_zigzag_ranks_balance_length_sorted_documents(world):
     assert totals.max() <= 1.05 * totals.mean() and totals.min() >= 0.95 * totals.mean(), totals
 
 
+# ----------------------------------------------------------------------------- TTT options: targets, bias, head, optimizer, cosine, progress
+
+TARGETS = ["q", "k", "v", "o", "mlp"]
+
+
+@pytest.mark.parametrize("target", TARGETS + ["bias"])
+def test_each_adapter_acts_alone_per_document_and_resets_to_the_base_model(model, target):
+    """A nonzero B of one target (or a nonzero block bias) moves the output of its own document
+    only; the fresh adapters of reset (B = 0, bias = 0) give the base model bit for bit."""
+    targets = ["q"] if target == "bias" else [target]
+    adapters = T.DocumentAdapters(model.cfg, 2, 2, 0, targets, block_bias=target == "bias")
+    assert adapters.head is None and all(set(layer) == set(targets) for layer in adapters.layers)
+    assert (adapters.bias is not None) == (target == "bias")
+    x = torch.randint(4, VOCAB, (2, 24), generator=torch.Generator().manual_seed(11))
+    x[:, 0] = T.BOS_ID
+    g = torch.Generator().manual_seed(12)
+    with torch.no_grad():
+        base = model(x)
+        for _ in range(2):  # reset twice: also after the adapters were moved
+            adapters.reset([5, 6])
+            assert torch.equal(model(x, adapters=adapters), base)
+            if target == "bias":
+                adapters.bias[0].copy_(torch.randn(adapters.bias[0].shape, generator=g) * 0.3)
+            else:
+                for layer in adapters.layers:
+                    B = layer[target].B
+                    B[0].copy_(torch.randn(B[0].shape, generator=g) * 0.3)
+            out = model(x, adapters=adapters)
+            assert (out[0] - base[0]).abs().max() > 1e-2, f"{target}: the adapter does not act"
+            assert torch.equal(out[1], base[1]), f"{target}: document 0's adapter leaked into document 1"
+
+
+TTT_OPTIONS = {
+    "q": dict(TTT_TARGETS="q", TTT_HEAD_RANK=0),
+    "k": dict(TTT_TARGETS="k", TTT_HEAD_RANK=0),
+    "v": dict(TTT_TARGETS="v", TTT_HEAD_RANK=0),
+    "o": dict(TTT_TARGETS="o", TTT_HEAD_RANK=0),
+    "mlp": dict(TTT_TARGETS="mlp", TTT_HEAD_RANK=0),
+    "bias": dict(TTT_TARGETS="q", TTT_HEAD_RANK=0, TTT_BIAS=1),
+    "no_head": dict(TTT_HEAD_RANK=0),
+}
+REPETITIVE = dict(TTT_CHUNK_SIZE=16, TTT_CONTEXT_LEN=32, TTT_STEPS=2, TTT_LR=0.05)
+
+
+@pytest.mark.parametrize("option", list(TTT_OPTIONS))
+def test_ttt_option_scores_once_passes_the_audit_and_learns(model, tables, option):
+    env = TTT_OPTIONS[option]
+    tokens = repetitive_document()
+    ttt, base, stats = ttt_run(model, tokens, tables, base=True, **REPETITIVE, **env)
+    assert (ttt.count == 1).all() and ttt.result().targets == tokens.numel() - 1
+    assert stats.docs_adapted == 1 and stats.updates == 400 // 16 - 1
+    assert torch.equal(ttt.nll[:16], base.nll[:16]), "the first chunk is scored before any update"
+    gain = base.result().nll_sum - ttt.result().nll_sum
+    assert gain > 0.04 * base.result().nll_sum, (option, ttt.result(), base.result())
+    if option == "bias":  # the bias is trained on top of the q adapter: it must change the scores
+        without, _, _ = ttt_run(model, tokens, tables, **REPETITIVE, **{**env, "TTT_BIAS": 0})
+        assert not torch.equal(ttt.nll, without.nll)
+    args = tiny_args(TTT_LR=0.05, **env)
+    ttt_path = T.ScoreFirstLoRATTT(model.cfg, args, T.Runtime())
+    assert all(set(layer) == set(args.ttt_target_list) for layer in ttt_path.adapters.layers)
+    assert (ttt_path.adapters.head is None) == (args.ttt_head_rank == 0)
+    assert (ttt_path.adapters.bias is not None) == args.ttt_bias
+    report = audit("ttt_lora", dict(T.evaluation_paths(args, ttt_path))["ttt_lora"], model, audit_stream(), tables)
+    assert report.passed, report.line()
+    assert int(re.search(r"updates:(\d+)", report.checks["score_before_update"][1]).group(1)) > 0
+
+
+def run_batched_and_reference(kind, wd, lr, steps=3, betas=(0.9, 0.95)):
+    """BatchedAdam on parameters whose first dimension is the document, and torch's own optimizer
+    on each document's slice with that document's LR, fed the same gradients."""
+    g = torch.Generator().manual_seed(0)
+    docs = lr.numel()
+    shapes = [(docs, 4, 2), (docs, 5), (docs, 2, 1, 6)]
+    params = [torch.randn(s, generator=g).requires_grad_() for s in shapes]
+    initial = [p.detach().clone() for p in params]
+    opt = T.BatchedAdam(params, kind, betas, wd)
+    refs = []
+    for d in range(docs):
+        ps = [p[d].detach().clone().requires_grad_() for p in params]
+        if kind == "adam":  # TTT_WD is AdamW's decoupled decay only; Adam and SGD ignore it
+            ref = torch.optim.Adam(ps, lr=float(lr[d]), betas=betas, eps=1e-8)
+        elif kind == "adamw":
+            ref = torch.optim.AdamW(ps, lr=float(lr[d]), betas=betas, eps=1e-8, weight_decay=wd)
+        else:
+            ref = torch.optim.SGD(ps, lr=float(lr[d]))
+        refs.append((ps, ref))
+    for _ in range(steps):
+        grads = [torch.randn(s, generator=g) for s in shapes]
+        for p, grad in zip(params, grads):
+            p.grad = grad.clone()
+        opt.step(lr)
+        for d, (ps, ref) in enumerate(refs):
+            for q, grad in zip(ps, grads):
+                q.grad = grad[d].clone()
+            ref.step()
+        for d, (ps, _) in enumerate(refs):
+            for p, q in zip(params, ps):
+                torch.testing.assert_close(p[d].detach(), q.detach(), rtol=1e-5, atol=1e-6)
+    return opt, params, initial
+
+
+@pytest.mark.parametrize("kind", ["adam", "adamw", "sgd"])
+@pytest.mark.parametrize("wd", [0.0, 0.3])
+def test_batched_optimizer_matches_torch_per_document(kind, wd):
+    lr = torch.tensor([0.1, 0.0, 0.03, 0.01])
+    opt, params, initial = run_batched_and_reference(kind, wd, lr)
+    for p, p0 in zip(params, initial):
+        assert torch.equal(p[1], p0[1]), "a document with LR 0 must stay exactly as it is"
+        assert not torch.equal(p[0], p0[0])
+    # the closed form of the first step: Adam moves each weight by lr * g / (|g| + eps), AdamW also decays it
+    p = torch.randn(2, 3, generator=torch.Generator().manual_seed(1), requires_grad=True)
+    p0, grad = p.detach().clone(), torch.randn(2, 3, generator=torch.Generator().manual_seed(2))
+    p.grad = grad
+    one = T.BatchedAdam([p], kind, (0.9, 0.95), wd)
+    one.step(torch.tensor([0.1, 0.2]))
+    lr_col = torch.tensor([[0.1], [0.2]])
+    if kind == "sgd":
+        want = p0 - lr_col * grad
+    else:
+        decay = 1 - lr_col * wd if kind == "adamw" else 1.0
+        want = p0 * decay - lr_col * grad / (grad.abs() + 1e-8)
+    torch.testing.assert_close(p.detach(), want, rtol=1e-6, atol=1e-7)
+
+
+def test_batched_optimizer_reset_clears_its_state():
+    lr = torch.tensor([0.1, 0.05])
+    opt, params, _ = run_batched_and_reference("adamw", 0.1, lr)
+    assert opt.t == 3 and any(bool(m.abs().sum() > 0) for m in opt.m)
+    start = [p.detach().clone() for p in params]
+    grads = [torch.randn(p.shape, generator=torch.Generator().manual_seed(3)) for p in params]
+
+    def step_from_start(optimizer, ps):
+        with torch.no_grad():
+            for p, s in zip(ps, start):
+                p.copy_(s)
+        for p, grad in zip(ps, grads):
+            p.grad = grad.clone()
+        optimizer.step(lr)
+        return [p.detach().clone() for p in ps]
+
+    stale = step_from_start(opt, params)
+    opt.reset()
+    assert opt.t == 0 and all(not buf.any() for buf in opt.m + opt.v)
+    after_reset = step_from_start(opt, params)
+    fresh_params = [s.clone().requires_grad_() for s in start]
+    fresh = step_from_start(T.BatchedAdam(fresh_params, "adamw", (0.9, 0.95), 0.1), fresh_params)
+    assert all(torch.equal(a, b) for a, b in zip(after_reset, fresh)), "after reset a step is a fresh optimizer's first"
+    assert not all(torch.equal(a, b) for a, b in zip(stale, fresh)), "the state carried over must matter (else the test is vacuous)"
+
+
+@pytest.mark.parametrize("cosine", [True, False])
+def test_ttt_lr_follows_a_cosine_over_each_documents_chunks(model, tables, monkeypatch, cosine):
+    tokens = doc_stream([30, 7, 45, 64, 19, 52, 33, 9], seed=12)
+    lrs = []
+    step = T.BatchedAdam.step
+    monkeypatch.setattr(T.BatchedAdam, "step", lambda self, lr: (lrs.append(lr.clone()), step(self, lr))[1])
+    ttt_lr = 0.05
+    ledger, _, stats = ttt_run(model, tokens, tables, TTT_LR=ttt_lr, TTT_BATCH_SIZE=1, TTT_STEPS=2, TTT_COSINE=int(cosine))
+    spans = sorted(T.document_spans(tokens), key=lambda se: se[1] - se[0])  # the order TTT takes them in
+    want = []
+    for s, e in spans:
+        n = -(-(e - s) // CHUNK)
+        for c in range(n - 1):  # every chunk but the last is trained on, TTT_STEPS times at the same LR
+            decay = 0.5 * (1 + math.cos(math.pi * c / (n - 1))) if cosine else 1.0
+            want += [ttt_lr * decay] * 2
+    assert all(lr.shape == (1,) for lr in lrs)
+    got = [float(lr[0]) for lr in lrs]
+    assert got == pytest.approx(want, rel=1e-6)
+    assert len(got) > 20 and len(set(got)) == (len(set(want)) if cosine else 1)
+    ledger.result()
+
+
+@pytest.mark.parametrize("num_docs,batch_size", [(7, 4), (7, 1), (23, 1)])
+def test_ttt_progress_lines(model, tables, num_docs, batch_size):
+    lengths = [int(n) for n in np.random.default_rng(num_docs).integers(5, 40, size=num_docs)]
+    tokens = doc_stream(lengths, seed=13)
+    args = tiny_args(TTT_LR=0.05, TTT_BATCH_SIZE=batch_size, TTT_MIN_DOC_LEN=10)
+    ledger, lines = T.ScoreLedger(tokens, tables), []
+    T.ScoreFirstLoRATTT(model.cfg, args, T.Runtime())(model, tokens, ledger, T.Runtime(), log=lines.append)
+    pattern = re.compile(r"^ttt_progress docs:(\d+)/(\d+) running_bpb:(\d+\.\d{4}) elapsed:(\d+\.\d)s eta:(\d+\.\d)s$")
+    parsed = [pattern.match(line) for line in lines]
+    assert lines and all(parsed), lines
+    done = [int(m.group(1)) for m in parsed]
+    assert all(int(m.group(2)) == num_docs for m in parsed)
+    assert done == sorted(set(done)) and done[-1] == num_docs, f"the last line must say docs:{num_docs}/{num_docs}: {lines}"
+    assert len(lines) <= 12, "about ten progress lines, not one per batch"
+    last = parsed[-1]
+    assert last.group(5) == "0.0"
+    assert last.group(3) == f"{ledger.result().val_bpb:.4f}", "the running bpb of all documents is the final bpb"
+    assert [float(m.group(4)) for m in parsed] == sorted(float(m.group(4)) for m in parsed)
+
+
 # ----------------------------------------------------------------------------- several ranks (gloo)
 
 
