@@ -216,7 +216,7 @@ def test_self_calibration_temperature_shapes_the_distribution():
         stats[temp] = (greedy, logp, len(seqs[:, 1:].unique()))
         if temp < 0.01:  # near-greedy: every row is the same argmax continuation of BOS
             assert greedy == 1.0 and (seqs == seqs[0]).all(), stats
-    (g_cold, lp_cold, n_cold), (g_hot, lp_hot, n_hot) = stats[1e-4], stats[2.0]
+    (_, lp_cold, n_cold), (g_hot, lp_hot, n_hot) = stats[1e-4], stats[2.0]
     assert g_hot < 0.3 and lp_hot < lp_cold - 1.0 and n_hot > 2 * n_cold, stats
     # the first token after BOS is drawn from softmax(logits / temperature): its empirical law is
     # close to that distribution and far from the one of another temperature
