@@ -663,3 +663,20 @@ def test_end_to_end_self_calibration(synthetic_data, tmp_path):
     assert "source:train" not in out, "self calibration must not also read training batches"
     assert "quant_stages quantize_gptq" in out and "submission_valid:yes" in out
     assert (tmp_path / "run" / "model.pgz").is_file()
+
+
+def test_gptq_knobs_act_order_block_size_and_damping(trained_tiny):
+    """GPTQ_BLOCK_SIZE only groups the lazy updates (same result); GPTQ_ACT_ORDER changes the column
+    order (different result); GPTQ_DAMP pulls the result towards round-to-nearest."""
+    model, calib, _ = trained_tiny
+    name = "blocks.0.mlp.fc.weight"
+    H = T.collect_hessians(model, calib, T.Runtime())[name]
+    w = model.state_dict()[name].float()
+    scale = T.row_scales(w, 4, "search", 4.0)
+    base = T.gptq_quantize(w, H, scale, 4, 128, 0.01, True)
+    small_blocks = T.gptq_quantize(w, H, scale, 4, 8, 0.01, True)
+    assert (base != small_blocks).float().mean() < 0.01  # equal up to float rounding at a few grid boundaries
+    assert (base != T.gptq_quantize(w, H, scale, 4, 128, 0.01, False)).any()
+    rtn = T.quantize_with_scale(w, scale, 4)
+    heavy_damp = T.gptq_quantize(w, H, scale, 4, 128, 1e4, True)
+    assert (heavy_damp != rtn).float().mean() < (base != rtn).float().mean()

@@ -320,3 +320,9 @@ def test_qat_passes_gradients_straight_through():
     scale = lin.weight.detach().abs().amax(1, keepdim=True) / 7
     assert torch.allclose(q / scale, (q / scale).round(), atol=1e-4)
     assert (q / scale).abs().max() <= 7 + 1e-4
+
+
+def test_qk_gain_init_sets_every_heads_query_gain():
+    model = tiny_model(randomized=False, QK_GAIN_INIT=4.25)
+    for block in model.blocks:
+        assert torch.equal(block.attn.q_gain, torch.full((4,), 4.25))

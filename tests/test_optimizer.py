@@ -194,3 +194,32 @@ def test_lr_warmdown_iters_mode():
 def test_lr_no_warmdown():
     assert mult(100, ITERATIONS=100, WARMDOWN_FRAC=0.0) == 1.0
     assert mult(5, elapsed_ms=999.0, budget_ms=1000.0, WARMDOWN_FRAC=0.0) == 1.0
+
+
+def test_adam_weight_decay_applies_to_embeddings_only():
+    args = tiny_args(ADAM_WD=0.07)
+    model = tiny_model(randomized=False)
+    embeddings, scalars = train_gpt.build_optimizers(model, args, train_gpt.Runtime())[:2]
+    assert all(g["weight_decay"] == 0.07 for g in embeddings.param_groups)
+    assert all(g["weight_decay"] == 0.0 for g in scalars.param_groups)
+    assert any(p is model.tok_emb.weight for g in embeddings.param_groups for p in g["params"])
+
+
+def test_momentum_warmup_and_gradient_clipping_in_the_step_loop(synthetic_data, monkeypatch):
+    """MUON_MOMENTUM_WARMUP_START -> MUON_MOMENTUM over MUON_MOMENTUM_WARMUP_STEPS, and GRAD_CLIP_NORM
+    reaching clip_grad_norm_ every step (0 = never called)."""
+    momenta, clips = [], []
+    muon_step = train_gpt.Muon.step
+    monkeypatch.setattr(train_gpt.Muon, "step", lambda self: (momenta.append(self.param_groups[0]["momentum"]), muon_step(self))[1])
+    clip = torch.nn.utils.clip_grad_norm_
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda params, max_norm: (clips.append(max_norm), clip(params, max_norm))[1])
+    env = dict(DATA_PATH=synthetic_data, ITERATIONS=5, TRAIN_LOG_EVERY=0, GPTQ_ENABLED=0, MUON_MOMENTUM_WARMUP_START=0.5, MUON_MOMENTUM=0.9, MUON_MOMENTUM_WARMUP_STEPS=4)
+    args = tiny_args(GRAD_CLIP_NORM=0.25, **env)
+    torch.manual_seed(0)
+    train_gpt.train_model(train_gpt.GPT(train_gpt.ModelConfig.from_args(args)), args, train_gpt.Runtime(), train_gpt.Logger(None), None)
+    assert momenta == pytest.approx([0.5, 0.6, 0.7, 0.8, 0.9])
+    assert clips == [0.25] * 5
+    clips.clear()
+    args = tiny_args(GRAD_CLIP_NORM=0, **env)
+    train_gpt.train_model(train_gpt.GPT(train_gpt.ModelConfig.from_args(args)), args, train_gpt.Runtime(), train_gpt.Logger(None), None)
+    assert clips == []
