@@ -452,25 +452,29 @@ def test_audit_fails_a_model_that_reads_past_its_target(model, tables):
     assert_fails(report, "causal")
 
 
+def whole_stream(model, tokens):
+    """The positions, targets and logits of one window over the whole stream, for the cheats below."""
+    with torch.no_grad():
+        logits = model(tokens[:-1][None]).float()[0]
+    return torch.arange(1, tokens.numel()), tokens[1:], logits
+
+
+def nll_at(logq, y):
+    return -logq.gather(-1, y[:, None])[:, 0]
+
+
 def target_temperature_scorer(model, tokens, ledger, rt, **_):
     """(e) sharpen only the target's logit: q(v) = exp(2 l_v - logsumexp(l)), noted over the whole vocabulary."""
-    n = tokens.numel() - 1
-    x, y = tokens[:-1][None], tokens[1:][None]
-    with torch.no_grad():
-        logits = model(x).float()
+    pos, y, logits = whole_stream(model, tokens)
     logq = 2 * logits - torch.logsumexp(logits, dim=-1, keepdim=True)
-    ledger.record(torch.arange(1, n + 1), -logq.gather(-1, y[..., None])[0, :, 0], logq[0])
+    ledger.record(pos, nll_at(logq, y), logq)
 
 
 def subset_scorer(model, tokens, ledger, rt, **_):
     """(e) normalize over the 16 likeliest tokens only (a restriction), score every token against that."""
-    n = tokens.numel() - 1
-    x, y = tokens[:-1][None], tokens[1:][None]
-    with torch.no_grad():
-        logits = model(x).float()
-    top = logits.topk(16, dim=-1).values
-    logq = logits - torch.logsumexp(top, dim=-1, keepdim=True)
-    ledger.record(torch.arange(1, n + 1), -logq.gather(-1, y[..., None])[0, :, 0], logq[0])
+    pos, y, logits = whole_stream(model, tokens)
+    logq = logits - torch.logsumexp(logits.topk(16, dim=-1).values, dim=-1, keepdim=True)
+    ledger.record(pos, nll_at(logq, y), logq)
 
 
 @pytest.mark.parametrize("scorer", [target_temperature_scorer, subset_scorer])
@@ -501,21 +505,15 @@ def test_best_of_several_passes_is_refused(model, tables):
 
 def mismatched_scorer(model, tokens, ledger, rt, **_):
     """Shows the honest distribution, records the target-sharpened nll of target_temperature_scorer."""
-    n = tokens.numel() - 1
-    x, y = tokens[:-1][None], tokens[1:][None]
-    with torch.no_grad():
-        logits = model(x).float()
+    pos, y, logits = whole_stream(model, tokens)
     logq = 2 * logits - torch.logsumexp(logits, dim=-1, keepdim=True)
-    ledger.record(torch.arange(1, n + 1), -logq.gather(-1, y[..., None])[0, :, 0], torch.log_softmax(logits, dim=-1)[0])
+    ledger.record(pos, nll_at(logq, y), torch.log_softmax(logits, dim=-1))
 
 
 def unshown_scorer(model, tokens, ledger, rt, **_):
     """Records honest-looking nll values but shows the ledger no distribution at all."""
-    n = tokens.numel() - 1
-    x, y = tokens[:-1][None], tokens[1:][None]
-    with torch.no_grad():
-        logq = 2 * model(x).float()
-    ledger.record(torch.arange(1, n + 1), -logq.log_softmax(-1).gather(-1, y[..., None])[0, :, 0])
+    pos, y, logits = whole_stream(model, tokens)
+    ledger.record(pos, nll_at((2 * logits).log_softmax(-1), y))
 
 
 @pytest.mark.parametrize("scorer", [mismatched_scorer, unshown_scorer])
