@@ -63,8 +63,8 @@ def _fraction(v):
 
 SETTINGS = (
     # data, run and logging
-    Setting("DATA_PATH", "./data/datasets/fineweb10B_sp1024", "folder of fineweb_{train,val}_*.bin shards"),
-    Setting("TOKENIZER_PATH", "./data/tokenizers/fineweb_1024_bpe.model", "SentencePiece model used for bpb byte counts"),
+    Setting("DATA_PATH", "./data/datasets/fineweb10B_sp8192", "folder of fineweb_{train,val}_*.bin shards"),
+    Setting("TOKENIZER_PATH", "./data/tokenizers/fineweb_8192_bpe.model", "SentencePiece model used for bpb byte counts"),
     Setting("RUN_ID", "", "name of the run; logs/{RUN_ID}.txt (default: a fresh id)"),
     Setting("SEED", 1337, "random seed for init, data order of TTT adapters and sampling"),
     Setting("LOG_DIR", "logs", "folder for the log file and, by default, the artifact"),
@@ -78,53 +78,70 @@ SETTINGS = (
     Setting("ITERATIONS", 20000, "maximum number of training steps", _positive, "> 0"),
     Setting("MAX_WALLCLOCK_SECONDS", 600.0, "training wall-clock cap in seconds (0 = no cap)", _non_negative, ">= 0"),
     Setting("WARMUP_STEPS", 20, "untimed compile warm-up steps; weights, optimizer and data are restored after", _non_negative, ">= 0"),
-    Setting("WARMDOWN_FRAC", 0.5, "LR warm-down over this fraction of the budget (wall clock, else ITERATIONS)", _fraction, "in [0, 1]"),
+    Setting("WARMDOWN_FRAC", 0.85, "LR warm-down over this fraction of the budget (wall clock, else ITERATIONS)", _fraction, "in [0, 1]"),
     Setting("WARMDOWN_ITERS", 0, "if > 0, warm down over the last N steps instead (estimated by wall clock, as the baseline)", _non_negative, ">= 0"),
-    Setting("MIN_LR", 0.0, "floor of the LR multiplier during warm-down", _fraction, "in [0, 1]"),
+    Setting("MIN_LR", 0.1, "floor of the LR multiplier during warm-down", _fraction, "in [0, 1]"),
     Setting("TRAIN_BATCH_TOKENS", 786432, "tokens per optimizer step, all ranks and micro-steps together", _positive, "> 0"),
     Setting("TRAIN_SEQ_LEN", 2048, "training sequence length", _positive, "> 0"),
     # model
-    Setting("VOCAB_SIZE", 1024, "vocabulary size; must match the tokenizer", _positive, "> 0"),
+    Setting("VOCAB_SIZE", 8192, "vocabulary size; must match the tokenizer", _positive, "> 0"),
     Setting("NUM_LAYERS", 11, "transformer blocks", _positive, "> 0"),
     Setting("MODEL_DIM", 512, "residual width", _positive, "> 0"),
     Setting("NUM_HEADS", 8, "query heads", _positive, "> 0"),
     Setting("NUM_KV_HEADS", 4, "key/value heads (GQA); must divide NUM_HEADS", _positive, "> 0"),
-    Setting("MLP_MULT", 3.0, "MLP hidden width as a multiple of MODEL_DIM", _positive, "> 0"),
-    Setting("MLP_ACT", "relu2", "MLP activation: relu2 = relu(x)^2, leaky_relu2 = leaky_relu(x, 0.5)^2", ("relu2", "leaky_relu2")),
+    Setting("MLP_MULT", 4.0, "MLP hidden width as a multiple of MODEL_DIM", _positive, "> 0"),
+    Setting("MLP_ACT", "leaky_relu2", "MLP activation: relu2 = relu(x)^2, leaky_relu2 = leaky_relu(x, 0.5)^2", ("relu2", "leaky_relu2")),
     Setting("TIE_EMBEDDINGS", True, "share the input embedding and the LM head"),
     Setting("ROPE_BASE", 10000.0, "RoPE base frequency", _positive, "> 0"),
-    Setting("ROPE_DIMS", 0, "rotate only the first N dims of each head (0 = all; partial RoPE)", _non_negative, ">= 0"),
+    Setting("ROPE_DIMS", 16, "rotate only the first N dims of each head (0 = all; partial RoPE)", _non_negative, ">= 0"),
     Setting("LOGIT_SOFTCAP", 30.0, "logits = cap * tanh(z / cap) (0 = off)", _non_negative, ">= 0"),
-    Setting("QK_GAIN_INIT", 1.5, "initial per-head query gain after QK-norm", _positive, "> 0"),
+    Setting("QK_GAIN_INIT", 5.0, "initial per-head query gain after QK-norm", _positive, "> 0"),
     Setting("SMEAR_GATE", True, "mix the previous token's embedding in through a learned gate (never across BOS)"),
-    Setting("BIGRAM_VOCAB_SIZE", 2048, "rows of the hashed (previous, current) token embedding (0 = off)", lambda v: v == 0 or v >= 2, "0 or >= 2"),
+    Setting("SMEAR_GATE_MODE", "input", "input = x_t += lambda*sigmoid(W x_t[:GATE_WINDOW]) x_{t-1} on the raw embedding; dim = per-dimension lerp after the norm", ("input", "dim")),
+    Setting("GATE_WINDOW", 12, "leading dims of a token's vector that drive the input-dependent smear and attention gates", _positive, "> 0"),
+    Setting("ATTN_GATE", True, "per-head sigmoid gate on the attention output, from the first GATE_WINDOW dims of the block input"),
+    Setting("ATTN_GATE_SCALE", 0.5, "gate = sigmoid(ATTN_GATE_SCALE * W x[:GATE_WINDOW])", _positive, "> 0"),
+    Setting("XSA_LAST_N", 11, "exclusive self-attention on the last N blocks: remove each head's output component along its own value", _non_negative, ">= 0"),
+    Setting("LOOP_START", 3, "first block of the depth-recurrent range", _non_negative, ">= 0"),
+    Setting("LOOP_END", 5, "last block (inclusive) of the depth-recurrent range", _non_negative, ">= 0"),
+    Setting("NUM_LOOPS", 2, "extra passes through blocks LOOP_START..LOOP_END (0 = no recurrence)", _non_negative, ">= 0"),
+    Setting("LOOP_ENABLE_FRAC", 0.35, "recurrence switches on at this fraction of the training budget", _fraction, "in [0, 1]"),
+    Setting("PARALLEL_RESIDUAL_START", 8, "blocks from this index on run attention and MLP on two residual lanes (-1 = off)", lambda v: v >= -1, ">= -1"),
+    Setting("DOC_ISOLATION", True, "attention stays inside each document (BOS-delimited) in training and every evaluation path"),
+    Setting("LN_SCALE", True, "scale each block's normalized input by 1/sqrt(block + 1)"),
+    Setting("ORTHO_INIT", True, "orthogonal init of the Q, K, V and MLP input projections"),
+    Setting("BIGRAM_VOCAB_SIZE", 0, "rows of the hashed (previous, current) token embedding (0 = off)", lambda v: v == 0 or v >= 2, "0 or >= 2"),
     Setting("BIGRAM_DIM", 128, "width of the BigramHash table before its projection", _positive, "> 0"),
-    Setting("UNET_SKIPS", True, "skip connections from the first half of the blocks to the second"),
+    Setting("UNET_SKIPS", True, "skip connections from the first half of the (virtual) layers to the second"),
+    Setting("SKIP_GATES", True, "U-Net skips enter through a learned sigmoid gate (lerp) instead of a plain sum"),
     Setting("ATTN_BACKEND", "auto", "auto = FlashAttention-3, else FlashAttention-2, else SDPA", ("auto", "fa3", "fa2", "sdpa")),
     Setting("COMPILE", True, "torch.compile the model and Newton-Schulz on CUDA (never on CPU)"),
     # optimizer
     Setting("EMBED_LR", 0.6, "Adam LR of the untied input embedding", _non_negative, ">= 0"),
     Setting("HEAD_LR", 0.008, "Adam LR of the untied LM head", _non_negative, ">= 0"),
-    Setting("TIED_EMBED_LR", 0.035, "Adam LR of the tied embedding", _non_negative, ">= 0"),
+    Setting("TIED_EMBED_LR", 0.03, "Adam LR of the tied embedding", _non_negative, ">= 0"),
     Setting("TIED_EMBED_INIT_STD", 0.005, "init std of the tied embedding", _positive, "> 0"),
-    Setting("MATRIX_LR", 0.025, "Muon LR of the 2-D block matrices", _non_negative, ">= 0"),
-    Setting("SCALAR_LR", 0.025, "Adam LR of gains, gates, scales and the BigramHash table", _non_negative, ">= 0"),
-    Setting("MUON_MOMENTUM", 0.99, "Muon momentum after warm-up", _fraction, "in [0, 1]"),
+    Setting("MATRIX_LR", 0.026, "Muon LR of the 2-D block matrices", _non_negative, ">= 0"),
+    Setting("SCALAR_LR", 0.02, "Adam LR of gains, gates, scales and the BigramHash table", _non_negative, ">= 0"),
+    Setting("MUON_MOMENTUM", 0.97, "Muon momentum after warm-up", _fraction, "in [0, 1]"),
     Setting("MUON_MOMENTUM_WARMUP_START", 0.92, "Muon momentum at step 0", _fraction, "in [0, 1]"),
     Setting("MUON_MOMENTUM_WARMUP_STEPS", 1500, "steps of linear momentum warm-up", _non_negative, ">= 0"),
     Setting("MUON_BACKEND_STEPS", 5, "Newton-Schulz iterations", _positive, "> 0"),
-    Setting("MUON_WD", 0.04, "decoupled weight decay of Muon matrices (scaled by LR)", _non_negative, ">= 0"),
-    Setting("ADAM_WD", 0.04, "decoupled weight decay of Adam embeddings (AdamW)", _non_negative, ">= 0"),
+    Setting("MUON_NS_COEFFS", "polar_express", "Newton-Schulz coefficients: polar_express = one tuned tuple per iteration, classic = (3.4445, -4.7750, 2.0315)", ("polar_express", "classic")),
+    Setting("MUON_ROW_NORMALIZE", True, "MuonEq-R: normalize each row of the update before orthogonalizing"),
+    Setting("MUON_WD", 0.095, "decoupled weight decay of Muon matrices (scaled by LR)", _non_negative, ">= 0"),
+    Setting("EMBED_WD", 0.085, "decoupled weight decay of the embeddings (AdamW)", _non_negative, ">= 0"),
+    Setting("ADAM_WD", 0.02, "decoupled weight decay of gains, gates and scales (AdamW)", _non_negative, ">= 0"),
     Setting("BETA1", 0.9, "Adam beta1", _fraction, "in [0, 1]"),
-    Setting("BETA2", 0.95, "Adam beta2", _fraction, "in [0, 1]"),
+    Setting("BETA2", 0.99, "Adam beta2", _fraction, "in [0, 1]"),
     Setting("ADAM_EPS", 1e-8, "Adam epsilon", _positive, "> 0"),
     Setting("GRAD_CLIP_NORM", 0.3, "global gradient-norm clip (0 = off)", _non_negative, ">= 0"),
     # averaging and quantization-aware training
-    Setting("EMA_DECAY", 0.997, "EMA of all weights, updated every step (0 = off)", lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
+    Setting("EMA_DECAY", 0.9965, "EMA of all weights, updated every step (0 = off)", lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
     Setting("SWA_ENABLED", False, "uniform average of snapshots late in training; exported instead of the EMA"),
     Setting("SWA_EVERY", 50, "steps between SWA snapshots", _positive, "> 0"),
     Setting("SWA_START_FRAC", 0.4, "take snapshots once the LR multiplier is below this", _fraction, "in [0, 1]"),
-    Setting("QAT_START", 0.15, "fake-quantize weights once the LR multiplier is below this (0 = never)", _fraction, "in [0, 1]"),
+    Setting("QAT_START", 0.0, "fake-quantize weights once the LR multiplier is below this (0 = never: no fake quantization is computed)", _fraction, "in [0, 1]"),
     # quantization and the artifact
     Setting("QUANT_BITS_ATTN", 6, "bits of attention matrices", lambda v: 2 <= v <= 8, "in [2, 8]"),
     Setting("QUANT_BITS_MLP", 6, "bits of MLP matrices", lambda v: 2 <= v <= 8, "in [2, 8]"),
@@ -242,6 +259,8 @@ class Hyperparameters:
         bad = set(self.ttt_target_list) - {"q", "k", "v", "o", "mlp"}
         if bad or not self.ttt_target_list:
             raise SettingsError(f"TTT_TARGETS={self.ttt_targets!r}: use a comma list of q, k, v, o, mlp")
+        if self.num_loops and not self.loop_start <= self.loop_end < self.num_layers:
+            raise SettingsError(f"LOOP_START={self.loop_start}..LOOP_END={self.loop_end} must be blocks of NUM_LAYERS={self.num_layers} (or set NUM_LOOPS=0)")
         if self.eval_stride > self.eval_seq_len:
             raise SettingsError(f"EVAL_STRIDE={self.eval_stride} must be <= EVAL_SEQ_LEN={self.eval_seq_len}")
 
@@ -359,7 +378,7 @@ class DataError(RuntimeError):
 
 
 DOWNLOAD_HINT = (
-    "download the official data with `python data/cached_challenge_fineweb.py --variant sp1024 --train-shards 10`, "
+    "download the official data with `python data/cached_challenge_fineweb.py --variant sp8192 --train-shards 10`, "
     "or run the offline smoke run with `python3 data/smoke.py`"
 )
 
@@ -536,24 +555,49 @@ class ModelConfig:
     logit_softcap: float
     qk_gain_init: float
     smear_gate: bool
+    smear_gate_mode: str
+    gate_window: int
+    attn_gate: bool
+    attn_gate_scale: float
+    xsa_last_n: int
+    loop_start: int
+    loop_end: int
+    num_loops: int
+    parallel_residual_start: int
+    doc_isolation: bool
+    ln_scale: bool
+    ortho_init: bool
     bigram_vocab_size: int
     bigram_dim: int
     unet_skips: bool
-    qat_bits: dict  # bits of the fake quantization per role: attn, mlp, other
+    skip_gates: bool
+    qat_bits: dict  # bits of the fake quantization per role (attn, mlp, other); 0 = QAT off, nothing computed
 
     @classmethod
     def from_args(cls, args: Hyperparameters) -> "ModelConfig":
         names = [f for f in cls.__dataclass_fields__ if f != "qat_bits"]
-        qat_bits = {"attn": args.quant_bits_attn, "mlp": args.quant_bits_mlp, "other": args.quant_bits_other}
+        on = args.qat_start > 0
+        qat_bits = {"attn": args.quant_bits_attn * on, "mlp": args.quant_bits_mlp * on, "other": args.quant_bits_other * on}
         return cls(**{n: getattr(args, n) for n in names}, qat_bits=qat_bits)
 
+    def layer_order(self, looping: bool) -> list[int]:
+        """Block index of each virtual layer: with looping on, blocks LOOP_START..LOOP_END run 1 + NUM_LOOPS times."""
+        if not looping or not self.num_loops:
+            return list(range(self.num_layers))
+        loop = list(range(self.loop_start, self.loop_end + 1))
+        return list(range(self.loop_start)) + loop * (self.num_loops + 1) + list(range(self.loop_end + 1, self.num_layers))
 
-def _flash_attention_function(backend: str):
+    @property
+    def num_virtual_layers(self) -> int:
+        return len(self.layer_order(True))
+
+
+def _flash_attention_module(backend: str):
     if backend == "fa3":
-        from flash_attn_interface import flash_attn_func
+        import flash_attn_interface as module
     else:
-        from flash_attn import flash_attn_func
-    return flash_attn_func
+        import flash_attn as module
+    return module
 
 
 def select_attention_backend(choice: str, device: torch.device) -> str:
@@ -566,7 +610,7 @@ def select_attention_backend(choice: str, device: torch.device) -> str:
         if backend == "sdpa":
             return backend
         try:
-            _flash_attention_function(backend)
+            _flash_attention_module(backend)
             return backend
         except ImportError as e:
             if choice != "auto":
@@ -574,12 +618,61 @@ def select_attention_backend(choice: str, device: torch.device) -> str:
     return "sdpa"
 
 
-def causal_attention(q: Tensor, k: Tensor, v: Tensor, backend: str) -> Tensor:
-    """q: (B, T, H, D); k, v: (B, T, Hkv, D) -> (B, T, H, D); causal, grouped-query."""
+def document_start_mask(idx: Tensor) -> Tensor:
+    """True where a token has no in-document predecessor in this window: position 0 and every BOS."""
+    start = idx == BOS_ID
+    start[:, 0] = True
+    return start
+
+
+@dataclass
+class AttentionLayout:
+    """Which keys a query may see beyond causality: only those of its own document (DOC_ISOLATION).
+    SDPA takes a boolean mask; FlashAttention takes the documents' cumulative start offsets."""
+
+    mask: Tensor | None = None  # (B, 1, T, T), True = may attend
+    cu_seqlens: Tensor | None = None  # int32 starts of the flattened (B*T) documents, padded with B*T
+
+
+@torch.compiler.disable
+def document_cu_seqlens(idx: Tensor) -> Tensor:
+    """Start offset of every document piece in the flattened batch (each row starts one), then B*T.
+    Padded to a power of two (>= 64) so the compiled graphs see only a few shapes."""
+    starts = torch.nonzero(document_start_mask(idx).flatten()).flatten()
+    size = max(64, 1 << math.ceil(math.log2(starts.numel() + 1)))
+    return F.pad(starts, (0, size - starts.numel()), value=idx.numel()).to(torch.int32)
+
+
+def attention_layout(idx: Tensor, backend: str, isolate: bool) -> AttentionLayout | None:
+    if not isolate:
+        return None
     if backend in ("fa3", "fa2"):
-        out = _flash_attention_function(backend)(q, k, v, causal=True)
-        return out[0] if isinstance(out, tuple) else out
-    y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, enable_gqa=True)
+        return AttentionLayout(cu_seqlens=document_cu_seqlens(idx))
+    doc = torch.cumsum((idx == BOS_ID).to(torch.int32), dim=1)
+    T = idx.size(1)
+    causal = torch.ones(T, T, dtype=torch.bool, device=idx.device).tril()
+    return AttentionLayout(mask=((doc[:, :, None] == doc[:, None, :]) & causal).unsqueeze(1))
+
+
+def causal_attention(q: Tensor, k: Tensor, v: Tensor, backend: str, layout: AttentionLayout | None = None) -> Tensor:
+    """q: (B, T, H, D); k, v: (B, T, Hkv, D) -> (B, T, H, D); causal, grouped-query, optionally per document."""
+    B, T, H, D = q.shape
+    if backend in ("fa3", "fa2"):
+        fa = _flash_attention_module(backend)
+        if layout is None:
+            out = fa.flash_attn_func(q, k, v, causal=True)
+        else:
+            cu = layout.cu_seqlens
+            flat = lambda t: t.reshape(B * T, t.size(2), D)  # noqa: E731
+            out = fa.flash_attn_varlen_func(flat(q), flat(k), flat(v), cu, cu, T, T, causal=True)
+        out = out[0] if isinstance(out, tuple) else out
+        return out.reshape(B, T, H, D)
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    if layout is None:
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    else:  # repeat the KV heads: the masked kernels do not all take enable_gqa
+        k, v = (t.repeat_interleave(H // t.size(1), dim=1) for t in (k, v))
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=layout.mask)
     return y.transpose(1, 2)
 
 
@@ -594,7 +687,8 @@ class CastedLinear(nn.Linear):
     """fp32 weight used in the activations' dtype; straight-through fake quantization when QAT is on.
 
     The QAT switch is a buffer, not a Python attribute, so a compiled graph reads it at run time
-    instead of constant-folding the value it had when it was traced.
+    instead of constant-folding the value it had when it was traced. With QAT_START=0 the layers
+    get qat_bits=0 and no fake quantization is computed at all.
     """
 
     def __init__(self, in_features: int, out_features: int, qat_bits: int = 0, zero_init: bool = False):
@@ -653,16 +747,18 @@ class BatchedLoRA(nn.Module):
 
 
 class DocumentAdapters(nn.Module):
-    """Per-document TTT state: LoRA on the chosen projections of every block, on the LM head, and
-    optionally a bias on each block's output. Passed to GPT.forward; the base weights never change."""
+    """Per-document TTT state: LoRA on the chosen projections of every virtual layer (a looped block
+    gets one adapter per pass), on the LM head, and optionally a bias on each virtual layer's output.
+    Passed to GPT.forward; the base weights never change."""
 
     def __init__(self, cfg: ModelConfig, batch: int, rank: int, head_rank: int, targets: list[str], block_bias: bool):
         super().__init__()
         d, kv = cfg.model_dim, cfg.num_kv_heads * (cfg.model_dim // cfg.num_heads)
         out = {"q": d, "k": kv, "v": kv, "o": d, "mlp": d}
-        self.layers = nn.ModuleList(nn.ModuleDict({t: BatchedLoRA(batch, d, out[t], rank) for t in targets}) for _ in range(cfg.num_layers))
+        layers = cfg.num_virtual_layers
+        self.layers = nn.ModuleList(nn.ModuleDict({t: BatchedLoRA(batch, d, out[t], rank) for t in targets}) for _ in range(layers))
         self.head = BatchedLoRA(batch, d, cfg.vocab_size, head_rank) if head_rank else None
-        self.bias = nn.Parameter(torch.zeros(batch, cfg.num_layers, 1, d)) if block_bias else None
+        self.bias = nn.Parameter(torch.zeros(batch, layers, 1, d)) if block_bias else None
 
     @torch.no_grad()
     def reset(self, seeds: int | list[int]):
@@ -688,10 +784,19 @@ class DocumentAdapters(nn.Module):
         return lora[target](x) if target in lora else 0
 
 
+def remove_value_component(y: Tensor, v: Tensor) -> Tensor:
+    """XSA: subtract from each head's output its projection on that head's own value vector.
+    y: (B, T, H, D), v: (B, T, Hkv, D); query heads of a group share their KV head's value."""
+    B, T, H, D = y.shape
+    y = y.view(B, T, v.size(2), H // v.size(2), D)
+    vn = F.normalize(v, dim=-1).unsqueeze(3)
+    return (y - (y * vn).sum(-1, keepdim=True) * vn).view(B, T, H, D)
+
+
 class CausalSelfAttention(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer: int, backend: str):
+    def __init__(self, cfg: ModelConfig, index: int, backend: str):
         super().__init__()
-        self.layer, self.backend = layer, backend
+        self.backend = backend
         self.num_heads, self.num_kv_heads = cfg.num_heads, cfg.num_kv_heads
         self.head_dim = cfg.model_dim // cfg.num_heads
         kv_dim, bits = self.num_kv_heads * self.head_dim, cfg.qat_bits["attn"]
@@ -701,74 +806,108 @@ class CausalSelfAttention(nn.Module):
         self.proj = CastedLinear(cfg.model_dim, cfg.model_dim, bits, zero_init=True)
         self.q_gain = nn.Parameter(torch.full((cfg.num_heads,), cfg.qk_gain_init))
         self.rotary = Rotary(self.head_dim, cfg.rope_dims, cfg.rope_base)
+        self.xsa = index >= cfg.num_layers - cfg.xsa_last_n
+        self.gate_window, self.gate_scale = min(cfg.gate_window, cfg.model_dim), cfg.attn_gate_scale
+        # Sparse output gate: per head, sigmoid(scale * W x[:window]); W = 0 opens every head halfway.
+        self.out_gate = nn.Parameter(torch.zeros(cfg.num_heads, self.gate_window)) if cfg.attn_gate else None
 
-    def forward(self, x: Tensor, adapters: DocumentAdapters | None) -> Tensor:
+    def forward(self, x: Tensor, layout: AttentionLayout | None, adapters: DocumentAdapters | None, layer: int) -> Tensor:
         B, T, _ = x.shape
         q, k, v = self.c_q(x), self.c_k(x), self.c_v(x)
         if adapters is not None:
-            q, k, v = (t + adapters.delta(self.layer, name, x) for name, t in (("q", q), ("k", k), ("v", v)))
+            q, k, v = (t + adapters.delta(layer, name, x) for name, t in (("q", q), ("k", k), ("v", v)))
         q = rms_norm(q.view(B, T, self.num_heads, self.head_dim))
         k = rms_norm(k.view(B, T, self.num_kv_heads, self.head_dim))
         q, k = self.rotary(q), self.rotary(k)
         q = q * self.q_gain.to(q.dtype)[None, None, :, None]
-        y = causal_attention(q, k, v.view(B, T, self.num_kv_heads, self.head_dim), self.backend).reshape(B, T, -1)
+        v = v.view(B, T, self.num_kv_heads, self.head_dim)
+        y = causal_attention(q, k, v, self.backend, layout)
+        if self.xsa:
+            y = remove_value_component(y, v)
+        if self.out_gate is not None:
+            gate = torch.sigmoid(self.gate_scale * F.linear(x[..., : self.gate_window], self.out_gate.to(x.dtype)))
+            y = y * gate.unsqueeze(-1)
+        y = y.reshape(B, T, -1)
         out = self.proj(y)
-        return out if adapters is None else out + adapters.delta(self.layer, "o", y)
+        return out if adapters is None else out + adapters.delta(layer, "o", y)
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer: int):
+    def __init__(self, cfg: ModelConfig):
         super().__init__()
         hidden, bits = int(cfg.mlp_mult * cfg.model_dim), cfg.qat_bits["mlp"]
-        self.layer, self.leaky = layer, cfg.mlp_act == "leaky_relu2"
+        self.leaky = cfg.mlp_act == "leaky_relu2"
         self.fc = CastedLinear(cfg.model_dim, hidden, bits)
         self.proj = CastedLinear(hidden, cfg.model_dim, bits, zero_init=True)
 
-    def forward(self, x: Tensor, adapters: DocumentAdapters | None) -> Tensor:
+    def forward(self, x: Tensor, adapters: DocumentAdapters | None, layer: int) -> Tensor:
         h = self.fc(x)
         h = (F.leaky_relu(h, 0.5) if self.leaky else F.relu(h)).square()
         out = self.proj(h)
-        return out if adapters is None else out + adapters.delta(self.layer, "mlp", x)
+        return out if adapters is None else out + adapters.delta(layer, "mlp", x)
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer: int, backend: str):
+    """Attention then MLP on one residual stream, or (parallel residuals) on two lanes: attention
+    reads lane 0, the MLP lane 1, and both outputs are written into both lanes with learned weights."""
+
+    def __init__(self, cfg: ModelConfig, index: int, backend: str):
         super().__init__()
         d = cfg.model_dim
-        self.layer = layer
-        self.attn = CausalSelfAttention(cfg, layer, backend)
-        self.mlp = MLP(cfg, layer)
+        self.attn = CausalSelfAttention(cfg, index, backend)
+        self.mlp = MLP(cfg)
         self.attn_scale = nn.Parameter(torch.ones(d))
         self.mlp_scale = nn.Parameter(torch.ones(d))
         self.resid_mix = nn.Parameter(torch.stack((torch.ones(d), torch.zeros(d))))  # how much of x0 re-enters
+        self.norm_scale = 1.0 / math.sqrt(index + 1) if cfg.ln_scale else 1.0
 
-    def forward(self, x: Tensor, x0: Tensor, adapters: DocumentAdapters | None) -> Tensor:
+    def mix_in(self, x: Tensor, x0: Tensor) -> Tensor:
         mix = self.resid_mix.to(x.dtype)
-        x = mix[0] * x + mix[1] * x0
-        x = x + self.attn_scale.to(x.dtype) * self.attn(rms_norm(x), adapters)
-        x = x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x), adapters)
+        return mix[0] * x + mix[1] * x0
+
+    def attend(self, x: Tensor, layout, adapters, layer: int) -> Tensor:
+        return self.attn_scale.to(x.dtype) * self.attn(rms_norm(x) * self.norm_scale, layout, adapters, layer)
+
+    def feed_forward(self, x: Tensor, adapters, layer: int) -> Tensor:
+        return self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x) * self.norm_scale, adapters, layer)
+
+    def forward(self, x: Tensor, x0: Tensor, layout: AttentionLayout | None, adapters: DocumentAdapters | None, layer: int) -> Tensor:
+        x = self.mix_in(x, x0)
+        x = x + self.attend(x, layout, adapters, layer)
+        x = x + self.feed_forward(x, adapters, layer)
+        return x + adapters.bias[:, layer].to(x.dtype) if adapters is not None and adapters.bias is not None else x
+
+    def forward_lanes(self, lanes: tuple[Tensor, Tensor], x0: Tensor, layout, adapters, layer: int, resid: Tensor, post: Tensor) -> tuple[Tensor, Tensor]:
+        """resid (2,): each lane's carry-over; post (2, 2): post[i, j] = weight of output i (attention, MLP) in lane j."""
+        a = self.attend(self.mix_in(lanes[0], x0), layout, adapters, layer)
+        m = self.feed_forward(self.mix_in(lanes[1], x0), adapters, layer)
+        resid, post = resid.to(a.dtype), post.to(a.dtype)
+        out = [resid[j] * lanes[j] + post[0, j] * a + post[1, j] * m for j in (0, 1)]
         if adapters is not None and adapters.bias is not None:
-            x = x + adapters.bias[:, self.layer].to(x.dtype)
-        return x
-
-
-def document_start_mask(idx: Tensor) -> Tensor:
-    """True where a token has no in-document predecessor in this window: position 0 and every BOS."""
-    start = idx == BOS_ID
-    start[:, 0] = True
-    return start
+            out = [lane + adapters.bias[:, layer].to(lane.dtype) for lane in out]
+        return out[0], out[1]
 
 
 class SmearGate(nn.Module):
-    """x_t <- (1-g) x_t + g x_{t-1}, per-dimension gate g; the previous-token term is zero at a document start."""
+    """Mixes the previous token's vector into the current one; the previous-token term is zero at a
+    document start (position 0 and every BOS), identically in training, evaluation and TTT.
 
-    def __init__(self, dim: int):
+    mode 'input' (on the raw embedding): x_t += scale * sigmoid(w . x_t[:window]) * x_{t-1}, w and scale zero-init.
+    mode 'dim' (after the first norm): x_t <- (1-g) x_t + g x_{t-1}, g a learned per-dimension gate.
+    """
+
+    def __init__(self, dim: int, mode: str, window: int):
         super().__init__()
-        self.gate = nn.Parameter(torch.zeros(dim))
+        self.mode, self.window = mode, min(window, dim)
+        self.gate = nn.Parameter(torch.zeros(self.window if mode == "input" else dim))
+        self.scale = nn.Parameter(torch.zeros(())) if mode == "input" else None
 
     def forward(self, x: Tensor, idx: Tensor) -> Tensor:
-        g = torch.sigmoid(self.gate).to(x.dtype)
         prev = F.pad(x[:, :-1], (0, 0, 1, 0)) * (~document_start_mask(idx)).unsqueeze(-1).to(x.dtype)
+        if self.mode == "input":
+            g = torch.sigmoid((x[..., : self.window] * self.gate.to(x.dtype)).sum(-1, keepdim=True))
+            return x + self.scale.to(x.dtype) * g * prev
+        g = torch.sigmoid(self.gate).to(x.dtype)
         return (1 - g) * x + g * prev
 
 
@@ -793,37 +932,75 @@ class BigramHash(nn.Module):
 
 
 class GPT(nn.Module):
-    """The one forward pass of training, every evaluation path and TTT (adapters = None or per-document LoRA)."""
+    """The one forward pass of training, every evaluation path and TTT (adapters = None or per-document LoRA).
+
+    Virtual layers: `cfg.layer_order(self.looping)` lists the block run at each depth; the first
+    half pushes U-Net skips, the second half pops them. `looping` is a plain attribute: a compiled
+    model keeps one graph per value, both compiled in the untimed warm-up.
+    """
 
     def __init__(self, cfg: ModelConfig, attn_backend: str = "sdpa"):
         super().__init__()
-        self.cfg = cfg
+        self.cfg, self.attn_backend = cfg, attn_backend
+        self.looping = cfg.num_loops > 0
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.model_dim)
         nn.init.normal_(self.tok_emb.weight, std=cfg.tied_embed_init_std)
         self.bigram = BigramHash(cfg.bigram_vocab_size, cfg.bigram_dim, cfg.model_dim, cfg.qat_bits["other"]) if cfg.bigram_vocab_size else None
-        self.smear = SmearGate(cfg.model_dim) if cfg.smear_gate else None
+        self.smear = SmearGate(cfg.model_dim, cfg.smear_gate_mode, cfg.gate_window) if cfg.smear_gate else None
         self.blocks = nn.ModuleList(Block(cfg, i, attn_backend) for i in range(cfg.num_layers))
-        self.num_encoder = cfg.num_layers // 2
-        num_skips = min(self.num_encoder, cfg.num_layers - self.num_encoder)
+        num_skips = max(len(cfg.layer_order(looping)) // 2 for looping in (False, True))
         self.skip_weights = nn.Parameter(torch.ones(num_skips, cfg.model_dim)) if cfg.unet_skips and num_skips else None
+        self.skip_gates = nn.Parameter(torch.zeros(num_skips, cfg.model_dim)) if self.skip_weights is not None and cfg.skip_gates else None
+        parallel = 0 <= cfg.parallel_residual_start < cfg.num_layers
+        self.lane_resid = nn.Parameter(torch.full((cfg.num_layers, 2), 1.1)) if parallel else None
+        self.lane_post = nn.Parameter(torch.ones(cfg.num_layers, 2, 2)) if parallel else None
         self.lm_head = None if cfg.tie_embeddings else CastedLinear(cfg.model_dim, cfg.vocab_size, zero_init=True)
+        if cfg.ortho_init:
+            for block in self.blocks:
+                for linear in (block.attn.c_q, block.attn.c_k, block.attn.c_v, block.mlp.fc):
+                    nn.init.orthogonal_(linear.weight)
 
-    def forward(self, idx: Tensor, targets: Tensor | None = None, adapters: DocumentAdapters | None = None) -> Tensor:
-        """Logits (B, T, V) in fp32, or the mean cross-entropy when targets are given."""
+    def embed(self, idx: Tensor) -> Tensor:
         x = self.tok_emb(idx)
         if self.bigram is not None:
             x = x + self.bigram(idx).to(x.dtype)
-        x = rms_norm(x)
-        if self.smear is not None:
+        if self.smear is not None and self.smear.mode == "input":
             x = self.smear(x, idx)
-        x0, skips = x, []
-        for i, block in enumerate(self.blocks):
-            if self.skip_weights is not None and i >= self.num_encoder and skips:
-                x = x + self.skip_weights[i - self.num_encoder].to(x.dtype) * skips.pop()
-            x = block(x, x0, adapters)
-            if self.skip_weights is not None and i < self.num_encoder:
-                skips.append(x)
         x = rms_norm(x)
+        if self.smear is not None and self.smear.mode == "dim":
+            x = self.smear(x, idx)
+        return x
+
+    def add_skip(self, x: Tensor, skip: Tensor, j: int) -> Tensor:
+        scaled = self.skip_weights[j].to(x.dtype) * skip
+        if self.skip_gates is None:
+            return x + scaled
+        return torch.lerp(scaled, x, torch.sigmoid(self.skip_gates[j]).to(x.dtype))
+
+    def forward(self, idx: Tensor, targets: Tensor | None = None, adapters: DocumentAdapters | None = None) -> Tensor:
+        """Logits (B, T, V) in fp32, or the mean cross-entropy when targets are given."""
+        x = self.embed(idx)
+        layout = attention_layout(idx, self.attn_backend, self.cfg.doc_isolation)
+        order = self.cfg.layer_order(self.looping)
+        num_encoder = len(order) // 2
+        x0, skips, lanes = x, [], None
+        for layer, i in enumerate(order):
+            block = self.blocks[i]
+            if self.skip_weights is not None and layer >= num_encoder and skips:
+                skip, j = skips.pop(), layer - num_encoder
+                if lanes is None:
+                    x = self.add_skip(x, skip, j)
+                else:
+                    lanes = tuple(self.add_skip(lane, skip, j) for lane in lanes)
+            if lanes is None and self.lane_resid is not None and i >= self.cfg.parallel_residual_start:
+                lanes = (x, x)
+            if lanes is None:
+                x = block(x, x0, layout, adapters, layer)
+            else:
+                lanes = block.forward_lanes(lanes, x0, layout, adapters, layer, self.lane_resid[i], self.lane_post[i])
+            if self.skip_weights is not None and layer < num_encoder:
+                skips.append(x if lanes is None else 0.5 * (lanes[0] + lanes[1]))
+        x = rms_norm(x if lanes is None else 0.5 * (lanes[0] + lanes[1]))
         head = self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
         logits = F.linear(x, head.to(x.dtype))
         if adapters is not None and adapters.head is not None:
@@ -848,60 +1025,140 @@ def count_parameters(model: nn.Module) -> int:
 # ----------------------------------------------------------------------------- optimizer: Muon, Adam groups, LR schedule
 
 
-def newton_schulz_orthogonalize(G: Tensor, steps: int, eps: float = 1e-7) -> Tensor:
+NEWTON_SCHULZ_COEFFS = {
+    # One (a, b, c) per iteration, X <- a X + (b A + c A^2) X with A = X X^T; the last repeats.
+    "classic": ((3.4445, -4.7750, 2.0315),),
+    # Polar Express (Amsel et al. 2025): minimax-tuned per iteration, for inputs scaled by 1/1.02.
+    "polar_express": (
+        (8.156554524902461, -22.48329292557795, 15.878769915207462),
+        (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+        (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+        (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+        (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
+    ),
+}
+
+
+def newton_schulz_orthogonalize(G: Tensor, steps: int, coeffs: str = "classic", eps: float = 1e-7) -> Tensor:
     """Quintic Newton-Schulz iteration towards the nearest semi-orthogonal matrix (bf16 on GPU)."""
-    a, b, c = 3.4445, -4.7750, 2.0315
+    table = NEWTON_SCHULZ_COEFFS[coeffs]
     X = G.to(torch.bfloat16 if G.is_cuda else torch.float32)
-    X = X / (X.norm() + eps)
+    X = X / (X.norm() * (1.02 if coeffs == "polar_express" else 1.0) + eps)
     transposed = X.size(0) > X.size(1)
     if transposed:
         X = X.T
-    for _ in range(steps):
+    for i in range(steps):
+        a, b, c = table[min(i, len(table) - 1)]
         A = X @ X.T
         X = a * X + (b * A + c * A @ A) @ X
     return X.T if transposed else X
 
 
 class Muon(torch.optim.Optimizer):
-    """Momentum on the gradient, then its orthogonalization; rank r orthogonalizes matrices i % world == r
-    and one all-reduce shares the updates. Decoupled weight decay, Nesterov momentum."""
+    """Momentum on the gradient, then its orthogonalization (Nesterov, decoupled weight decay;
+    MuonEq-R: each row of the update normalized first).
 
-    def __init__(self, params, lr: float, momentum: float, backend_steps: int, weight_decay: float = 0.0, nesterov: bool = True, rt: Runtime | None = None):
+    The work is sharded: matrices of one shape are stacked, one reduce-scatter hands rank r the
+    averaged gradients of its slice only (`reduce_gradients`), rank r keeps the momentum of and
+    orthogonalizes only those, and one all-gather shares the updates (`step`). Nothing else
+    synchronizes the matrices' gradients.
+    """
+
+    def __init__(self, params, lr: float, momentum: float, backend_steps: int, weight_decay: float = 0.0, nesterov: bool = True,
+                 row_normalize: bool = False, coeffs: str = "classic", rt: Runtime | None = None):
         super().__init__(params, dict(lr=lr, momentum=momentum, backend_steps=backend_steps, weight_decay=weight_decay, nesterov=nesterov))
         self.rt = rt or Runtime()
-        self.orthogonalize = newton_schulz_orthogonalize
+        self.row_normalize, self.coeffs = row_normalize, coeffs
+        self.buckets = {}  # (group, shape) -> params of that shape, stacked in this order
+        for gi, group in enumerate(self.param_groups):
+            for p in group["params"]:
+                self.buckets.setdefault((gi, tuple(p.shape)), []).append(p)
+        self.local_grads: dict = {}  # bucket -> this rank's slice of the averaged gradients
+
+    def _slice(self, n: int) -> tuple[int, int]:
+        per_rank = -(-n // self.rt.world_size)
+        return per_rank, per_rank * self.rt.rank
 
     @torch.no_grad()
-    def step(self):
-        for group in self.param_groups:
-            params = group["params"]
-            flat_dtype = torch.bfloat16 if params[0].is_cuda else torch.float32  # halves the all-reduce on GPUs
-            flat = torch.zeros(sum(p.numel() for p in params), device=params[0].device, dtype=flat_dtype)
-            offset = 0
-            for i, p in enumerate(params):
-                if i % self.rt.world_size == self.rt.rank and p.grad is not None:
-                    buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p.grad))
-                    buf.mul_(group["momentum"]).add_(p.grad)
-                    g = p.grad.add(buf, alpha=group["momentum"]) if group["nesterov"] else buf
-                    g = self.orthogonalize(g, group["backend_steps"])
-                    g = g * max(1.0, g.size(0) / g.size(1)) ** 0.5
-                    flat[offset : offset + p.numel()] = g.flatten()
-                offset += p.numel()
+    def reduce_gradients(self) -> Tensor:
+        """Average the matrices' gradients over ranks into each rank's own slice; returns the
+        squared norm of all of them (summed over ranks) for gradient clipping."""
+        sq = torch.zeros((), device=self.param_groups[0]["params"][0].device)
+        for key, params in self.buckets.items():
+            per_rank, first = self._slice(len(params))
+            grads = torch.stack([p.grad if p.grad is not None else torch.zeros_like(p) for p in params])
             if self.rt.distributed:
-                dist.all_reduce(flat)
-            offset = 0
-            for p in params:
+                grads = F.pad(grads, (0, 0, 0, 0, 0, per_rank * self.rt.world_size - len(params)))
+                local = torch.empty_like(grads[:per_rank])
+                _reduce_scatter(local, grads)
+                local /= self.rt.world_size
+            else:
+                local = grads
+            local = local[: max(0, min(per_rank, len(params) - first))]
+            self.local_grads[key] = local
+            sq += local.float().square().sum()
+        if self.rt.distributed:
+            dist.all_reduce(sq)
+        return sq
+
+    @torch.no_grad()
+    def step(self, grad_scale: float | Tensor = 1.0):
+        """Apply the update to every matrix; `grad_scale` is the clipping factor of the gradients."""
+        if not self.local_grads:
+            self.reduce_gradients()
+        for (gi, shape), params in self.buckets.items():
+            group = self.param_groups[gi]
+            per_rank, first = self._slice(len(params))
+            local = self.local_grads.pop((gi, shape))
+            dtype = torch.bfloat16 if params[0].is_cuda else torch.float32  # halves the all-gather on GPUs
+            updates = torch.zeros((per_rank * self.rt.world_size, *shape), device=params[0].device, dtype=dtype)
+            mine = updates[first : first + per_rank]
+            for j, g in enumerate(local):
+                p = params[first + j]
+                g = g * grad_scale
+                buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(g))
+                buf.mul_(group["momentum"]).add_(g)
+                g = g.add(buf, alpha=group["momentum"]) if group["nesterov"] else buf
+                if self.row_normalize:
+                    g = g / (g.norm(dim=1, keepdim=True) + 1e-7)
+                g = newton_schulz_orthogonalize(g, group["backend_steps"], self.coeffs)
+                mine[j] = g * max(1.0, g.size(0) / g.size(1)) ** 0.5
+            if self.rt.distributed:
+                _all_gather(updates, mine.clone())
+            for p, u in zip(params, updates):
                 if group["weight_decay"]:
                     p.mul_(1 - group["lr"] * group["weight_decay"])
-                p.add_(flat[offset : offset + p.numel()].view_as(p).to(p.dtype), alpha=-group["lr"])
-                offset += p.numel()
+                p.add_(u.to(p.dtype), alpha=-group["lr"])
 
 
-CONTROL_PARAMETER_NAMES = ("q_gain", "attn_scale", "mlp_scale", "resid_mix", "skip_weights", "smear.gate", "bigram.scale")
+# torch >= 2.12 renames the tensor collectives; older GPU images have only the old names.
+_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
+@torch.no_grad()
+def average_gradients(params: list[Tensor], rt: Runtime) -> Tensor:
+    """All-reduce (mean) the gradients not handled by Muon, as one flat buffer; returns their squared norm."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros((), device=rt.device)
+    if rt.distributed:
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat)
+        flat /= rt.world_size
+        for g, part in zip(grads, flat.split([g.numel() for g in grads])):
+            g.copy_(part.view_as(g))
+    return sum(g.float().square().sum() for g in grads)
+
+
+CONTROL_PARAMETER_NAMES = (
+    "q_gain", "attn_scale", "mlp_scale", "resid_mix", "skip_weights", "skip_gates", "lane_resid", "lane_post",
+    "out_gate", "smear.gate", "smear.scale", "bigram.scale",
+)
 
 
 def build_optimizers(model: GPT, args: Hyperparameters, rt: Runtime) -> list[torch.optim.Optimizer]:
-    """Muon for 2-D block matrices; AdamW for embeddings; Adam for gains, gates and scales."""
+    """Muon for 2-D block matrices; AdamW for embeddings (EMBED_WD) and for gains, gates and scales (ADAM_WD)."""
     matrices, scalars = [], []
     for name, p in model.named_parameters():
         if name.startswith(("tok_emb", "lm_head", "bigram.table")):
@@ -916,15 +1173,22 @@ def build_optimizers(model: GPT, args: Hyperparameters, rt: Runtime) -> list[tor
     if model.lm_head is not None:
         embeddings.append({"params": [model.lm_head.weight], "lr": args.head_lr, "base_lr": args.head_lr})
     optimizers = [
-        torch.optim.AdamW(embeddings, weight_decay=args.adam_wd, **adam),
-        torch.optim.AdamW([{"params": scalars, "lr": args.scalar_lr, "base_lr": args.scalar_lr}], weight_decay=0.0, **adam),
+        torch.optim.AdamW(embeddings, weight_decay=args.embed_wd, **adam),
+        torch.optim.AdamW([{"params": scalars, "lr": args.scalar_lr, "base_lr": args.scalar_lr}], weight_decay=args.adam_wd, **adam),
     ]
     if matrices:
-        muon = Muon(matrices, args.matrix_lr, args.muon_momentum, args.muon_backend_steps, args.muon_wd, rt=rt)
+        muon = Muon(matrices, args.matrix_lr, args.muon_momentum, args.muon_backend_steps, args.muon_wd,
+                    row_normalize=args.muon_row_normalize, coeffs=args.muon_ns_coeffs, rt=rt)
         for g in muon.param_groups:
             g["base_lr"] = args.matrix_lr
         optimizers.append(muon)
     return optimizers
+
+
+def training_progress(step: int, elapsed_ms: float, args: Hyperparameters, budget_ms: float) -> float:
+    """Fraction of the training budget used: of the wall clock when there is a cap, else of ITERATIONS (the larger)."""
+    progress = step / args.iterations
+    return max(progress, elapsed_ms / budget_ms) if budget_ms > 0 else progress
 
 
 def lr_multiplier(step: int, elapsed_ms: float, args: Hyperparameters, budget_ms: float) -> float:
@@ -940,10 +1204,7 @@ def lr_multiplier(step: int, elapsed_ms: float, args: Hyperparameters, budget_ms
         else:
             remaining = (args.iterations - step) / args.warmdown_iters
     elif args.warmdown_frac > 0:
-        progress = step / args.iterations
-        if budget_ms > 0:
-            progress = max(progress, elapsed_ms / budget_ms)
-        remaining = (1.0 - progress) / args.warmdown_frac
+        remaining = (1.0 - training_progress(step, elapsed_ms, args, budget_ms)) / args.warmdown_frac
     else:
         remaining = 1.0
     return max(min(remaining, 1.0), args.min_lr)
@@ -1008,24 +1269,25 @@ def gptq_target_modules(model: GPT) -> dict[str, CastedLinear]:
 
 @torch.no_grad()
 def collect_hessians(model: GPT, batches, rt: Runtime) -> dict[str, Tensor]:
-    """H = mean of x^T x over the inputs x of each GPTQ target layer, summed over ranks."""
+    """H = mean of x^T x over every input row x of each GPTQ target layer (a looped block's layers
+    see each token once per pass), summed over ranks."""
     targets = gptq_target_modules(model)
     hessians = {n: torch.zeros(m.weight.size(1), m.weight.size(1), device=rt.device) for n, m in targets.items()}
-    counts = torch.zeros((), device=rt.device)
+    counts = torch.zeros(len(targets), device=rt.device)
 
-    def hook(name):
+    def hook(k, name):
         def accumulate(module, inputs, output):
             x = inputs[0].reshape(-1, inputs[0].size(-1)).float()
             hessians[name].addmm_(x.T, x)
+            counts[k] += x.size(0)
 
         return accumulate
 
-    handles = [m.register_forward_hook(hook(n)) for n, m in targets.items()]
+    handles = [m.register_forward_hook(hook(k, n)) for k, (n, m) in enumerate(targets.items())]
     try:
         for x in batches:
             with autocast_context(rt.device):
                 model(x)
-            counts += x.numel()
     finally:
         for h in handles:
             h.remove()
@@ -1033,7 +1295,7 @@ def collect_hessians(model: GPT, batches, rt: Runtime) -> dict[str, Tensor]:
         for h in hessians.values():
             dist.all_reduce(h)
         dist.all_reduce(counts)
-    return {n: h / counts.clamp_min(1) for n, h in hessians.items()}
+    return {n: h / counts[k].clamp_min(1) for k, (n, h) in enumerate(hessians.items())}
 
 
 @torch.no_grad()
@@ -1077,10 +1339,15 @@ def train_model(model: GPT, args: Hyperparameters, rt: Runtime, log: Logger, eva
             f"TRAIN_BATCH_TOKENS={args.train_batch_tokens} must be a multiple of 8 * TRAIN_SEQ_LEN={8 * args.train_seq_len} "
             f"(world size {rt.world_size} x {accum} micro-steps x sequence length)"
         )
-    compiled = torch.compile(model, dynamic=False) if args.compile and rt.device.type == "cuda" else model
-    train_forward = nn.parallel.DistributedDataParallel(compiled, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None) if rt.distributed else compiled
+    if rt.distributed:  # no DDP wrapper: Muon reduce-scatters the matrices' gradients itself
+        for t in model.state_dict().values():
+            dist.broadcast(t, src=0)
+    train_forward = torch.compile(model, dynamic=False) if args.compile and rt.device.type == "cuda" else model
     optimizers = build_optimizers(model, args, rt)
     muon = next((o for o in optimizers if isinstance(o, Muon)), None)
+    muon_params = {id(p) for p in muon.param_groups[0]["params"]} if muon is not None else set()
+    other_params = [p for p in model.parameters() if id(p) not in muon_params]
+    loop_switch = model.cfg.num_loops > 0 and args.loop_enable_frac > 0  # recurrence starts off and switches on
     loader = DistributedTokenLoader(args.data_path, rt)
     calibrate_in_budget = args.gptq_enabled and args.gptq_calibration == "train"
     reserve_s = args.gptq_reserve_seconds if calibrate_in_budget and args.max_wallclock_seconds > 0 else 0.0
@@ -1088,13 +1355,11 @@ def train_model(model: GPT, args: Hyperparameters, rt: Runtime, log: Logger, eva
 
     def train_step(step: int, lr_mul: float) -> Tensor:
         total = torch.zeros((), device=rt.device)
-        for micro in range(accum):
+        for _ in range(accum):
             x, y = loader.next_batch(args.train_batch_tokens, args.train_seq_len, accum)
-            sync = contextlib.nullcontext() if (not rt.distributed or micro == accum - 1) else train_forward.no_sync()
-            with sync:
-                with autocast_context(rt.device):
-                    loss = train_forward(x, y)
-                (loss / accum).backward()
+            with autocast_context(rt.device):
+                loss = train_forward(x, y)
+            (loss / accum).backward()
             total += loss.detach()
         if muon is not None and args.muon_momentum_warmup_steps:
             frac = min(step / args.muon_momentum_warmup_steps, 1.0)
@@ -1103,26 +1368,34 @@ def train_model(model: GPT, args: Hyperparameters, rt: Runtime, log: Logger, eva
         for opt in optimizers:
             for g in opt.param_groups:
                 g["lr"] = g["base_lr"] * lr_mul
+        grad_sq = average_gradients(other_params, rt) + (muon.reduce_gradients() if muon is not None else 0.0)
+        clip = 1.0
         if args.grad_clip_norm > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip_norm)
+            clip = (args.grad_clip_norm / (grad_sq.sqrt() + 1e-6)).clamp(max=1.0)
+            torch._foreach_mul_([p.grad for p in other_params if p.grad is not None], clip)
         for opt in optimizers:
-            opt.step()
+            opt.step(grad_scale=clip) if opt is muon else opt.step()
         model.zero_grad(set_to_none=True)
         return total / accum
 
+    model.looping = model.cfg.num_loops > 0 and not loop_switch
     if args.warmup_steps:
-        # Compile every graph (QAT on and off) on real training steps, then put everything back.
+        # Compile every graph (recurrence off and on, QAT on and off) on real training steps, then put everything back.
         initial_model = {k: v.detach().clone() for k, v in model.state_dict().items()}
         initial_opts = [copy.deepcopy(o.state_dict()) for o in optimizers]
-        for s in range(args.warmup_steps):
-            model.set_qat(args.qat_start > 0 and s == args.warmup_steps - 1)
-            train_step(s, 1.0)
+        for looping in (False, True) if loop_switch else (model.looping,):
+            model.looping = looping
+            for s in range(args.warmup_steps):
+                model.set_qat(args.qat_start > 0 and s == args.warmup_steps - 1)
+                train_step(s, 1.0)
         model.set_qat(False)
+        model.looping = model.cfg.num_loops > 0 and not loop_switch
         model.load_state_dict(initial_model)
         for o, st in zip(optimizers, initial_opts):
             o.load_state_dict(st)
         loader = DistributedTokenLoader(args.data_path, rt)
-        log(f"warmup_steps:{args.warmup_steps} done (untimed; weights, optimizer state and data position restored)")
+        graphs = "recurrence off and on" if loop_switch else f"recurrence {'on' if model.looping else 'off'}"
+        log(f"warmup_steps:{args.warmup_steps} done for {graphs} (untimed; weights, optimizer state and data position restored)")
 
     averager = WeightAverager(model, args.ema_decay, args.swa_enabled, args.swa_every, args.swa_start_frac)
     training_ms, step, stop_after, qat_on = 0.0, 0, None, False
@@ -1140,6 +1413,9 @@ def train_model(model: GPT, args: Hyperparameters, rt: Runtime, log: Logger, eva
             break
         elapsed_ms = training_ms + 1000.0 * (time.perf_counter() - t0)
         lr_mul = lr_multiplier(step, elapsed_ms, args, budget_ms)
+        if loop_switch and not model.looping and training_progress(step, elapsed_ms, args, budget_ms) >= args.loop_enable_frac:
+            model.looping = True
+            log(f"recurrence:on step:{step} virtual_layers:{model.cfg.num_virtual_layers} blocks:{model.cfg.layer_order(True)}")
         if args.qat_start > 0 and lr_mul < args.qat_start and not qat_on:
             model.set_qat(True)
             qat_on = True
@@ -1160,6 +1436,9 @@ def train_model(model: GPT, args: Hyperparameters, rt: Runtime, log: Logger, eva
     if step and not (args.train_log_every and step % args.train_log_every == 0):
         log(train_progress_line(step, args, loss, training_ms))
     model.set_qat(False)
+    if loop_switch and not model.looping:
+        model.looping = True
+        log("WARNING: training ended before LOOP_ENABLE_FRAC; the exported model runs with recurrence on as the artifact's config says")
     kind, weights = averager.export()
     model.load_state_dict(weights)
     hessians = None

@@ -335,7 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
         "Environment: HF_ENDPOINT, MATCHED_FINEWEB_REPO_ID, MATCHED_FINEWEB_REMOTE_ROOT_PREFIX, HF_TOKEN.",
     )
     parser.add_argument("train_shards_positional", nargs="?", type=int, default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--variant", choices=sorted(VARIANTS), default="sp1024", help="tokenizer family (default %(default)s)")
+    parser.add_argument("--variant", choices=sorted(VARIANTS), default="sp8192", help="tokenizer family (default %(default)s)")
     parser.add_argument("--train-shards", type=int, default=80, help="training shards to fetch, 10^8 tokens each (default %(default)s)")
     parser.add_argument("--output-dir", type=Path, default=Path(__file__).resolve().parent, help="folder that receives datasets/ and tokenizers/ (default: this script's folder)")
     return parser

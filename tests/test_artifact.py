@@ -592,7 +592,7 @@ def test_export_priority_swa_over_ema_over_raw():
 def test_qat_switch_is_seen_by_a_compiled_model_without_recompiling():
     from torch._dynamo.utils import counters
 
-    model = tiny_model(seed=9, NUM_LAYERS=2)
+    model = tiny_model(seed=9, NUM_LAYERS=2, NUM_LOOPS=0, QAT_START=0.15)
     model.requires_grad_(False)
     x = torch.randint(0, 64, (2, 32), generator=torch.Generator().manual_seed(2))
     eager_off = model(x)

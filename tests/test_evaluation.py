@@ -416,7 +416,7 @@ def test_causal_check_catches_training_before_scoring_without_telling_the_ledger
     assert float(re.search(r"max_change_upto_t:(\S+)", report.checks["causal"][1]).group(1)) > 0
 
 
-def uncausal_attention(q, k, v, backend):
+def uncausal_attention(q, k, v, backend, layout=None):
     y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=False, enable_gqa=True)
     return y.transpose(1, 2)
 

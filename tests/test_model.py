@@ -45,11 +45,19 @@ def transplant(src: torch.nn.Module, dst: torch.nn.Module):
 # (switch, value that turns the feature on, value that turns it off)
 SWITCHES = [
     ("SMEAR_GATE", 1, 0),
+    ("SMEAR_GATE_MODE", "input", "dim"),
     ("BIGRAM_VOCAB_SIZE", 31, 0),
     ("UNET_SKIPS", 1, 0),
+    ("SKIP_GATES", 1, 0),
     ("MLP_ACT", "leaky_relu2", "relu2"),
     ("ROPE_DIMS", 4, 0),
     ("TIE_EMBEDDINGS", 0, 1),
+    ("NUM_LOOPS", 1, 0),
+    ("PARALLEL_RESIDUAL_START", 2, -1),
+    ("XSA_LAST_N", 4, 0),
+    ("ATTN_GATE", 1, 0),
+    ("DOC_ISOLATION", 1, 0),
+    ("LN_SCALE", 1, 0),
 ]
 
 
@@ -70,7 +78,17 @@ def test_switches_reach_the_modules():
     assert tiny_model(BIGRAM_VOCAB_SIZE=0).bigram is None
     assert tiny_model(BIGRAM_VOCAB_SIZE=31).bigram.table.weight.shape == (31, 8)
     assert tiny_model(UNET_SKIPS=0).skip_weights is None
-    assert tiny_model(UNET_SKIPS=1).skip_weights.shape == (2, 32)
+    assert tiny_model(UNET_SKIPS=1).skip_weights.shape == (3, 32)  # 6 virtual layers with the loop on, 4 without
+    assert tiny_model(UNET_SKIPS=1, NUM_LOOPS=0).skip_weights.shape == (2, 32)
+    assert tiny_model(SKIP_GATES=1).skip_gates.shape == (3, 32) and tiny_model(SKIP_GATES=0).skip_gates is None
+    assert tiny_model(PARALLEL_RESIDUAL_START=2).lane_post.shape == (4, 2, 2)
+    assert tiny_model(PARALLEL_RESIDUAL_START=-1).lane_post is None and tiny_model(PARALLEL_RESIDUAL_START=4).lane_resid is None
+    assert [b.attn.xsa for b in tiny_model(XSA_LAST_N=3).blocks] == [False, True, True, True]
+    assert tiny_model(ATTN_GATE=1).blocks[0].attn.out_gate.shape == (4, 4) and tiny_model(ATTN_GATE=0).blocks[0].attn.out_gate is None
+    assert tiny_model(SMEAR_GATE_MODE="input").smear.gate.shape == (4,) and tiny_model(SMEAR_GATE_MODE="dim").smear.gate.shape == (32,)
+    assert [b.norm_scale for b in tiny_model(LN_SCALE=1).blocks] == pytest.approx([1, 2**-0.5, 3**-0.5, 0.5])
+    assert tiny_model(NUM_LOOPS=1).cfg.layer_order(True) == [0, 1, 2, 1, 2, 3]
+    assert tiny_model(NUM_LOOPS=2, LOOP_START=1, LOOP_END=1).cfg.layer_order(True) == [0, 1, 1, 1, 2, 3]
     assert tiny_model(TIE_EMBEDDINGS=1).lm_head is None
     assert tiny_model(TIE_EMBEDDINGS=0).lm_head.weight.shape == (V, 32)
     assert tiny_model(ROPE_DIMS=4).blocks[0].attn.rotary.rope_dims == 4
@@ -130,7 +148,19 @@ def test_loss_is_the_cross_entropy_of_the_logits():
 # ----------------------------------------------------------------------------- causality
 
 
-@pytest.mark.parametrize("overrides", [{}, {"ROPE_DIMS": 4, "MLP_ACT": "leaky_relu2", "TIE_EMBEDDINGS": 0}, {"NUM_KV_HEADS": 1}])
+CAUSALITY_CASES = [
+    {},
+    {"ROPE_DIMS": 4, "MLP_ACT": "leaky_relu2", "TIE_EMBEDDINGS": 0},
+    {"NUM_KV_HEADS": 1},
+    {"NUM_LOOPS": 2, "LOOP_START": 1, "LOOP_END": 2},  # recurrence
+    {"PARALLEL_RESIDUAL_START": 0},  # two lanes from the first block
+    {"XSA_LAST_N": 4, "ATTN_GATE": 1},
+    {"DOC_ISOLATION": 0},
+    {"SMEAR_GATE_MODE": "dim", "BIGRAM_VOCAB_SIZE": 31},
+]
+
+
+@pytest.mark.parametrize("overrides", CAUSALITY_CASES)
 def test_full_model_is_causal(overrides):
     model = tiny_model(seed=5, **overrides).eval()
     idx = random_tokens(bos_every=9, seed=1)
@@ -146,17 +176,62 @@ def test_full_model_is_causal(overrides):
             assert not torch.equal(out[:, t + 1], base[:, t + 1]), "the changed token must change its own logits"
 
 
+def documents_batch(seed=0):
+    """Two rows of three documents each: BOS at 0, 11 and 23."""
+    idx = random_tokens(seed=seed)
+    idx[:, [0, 11, 23]] = train_gpt.BOS_ID
+    return idx
+
+
+@pytest.mark.parametrize("overrides", CAUSALITY_CASES[:6])
+def test_document_isolation_no_output_depends_on_another_document(overrides):
+    """With DOC_ISOLATION, changing any token of document k leaves every output of the other documents
+    unchanged (later ones included) and changes document k's own; without it, later documents move."""
+    model = tiny_model(seed=12, DOC_ISOLATION=1, **overrides).eval()
+    leaky = tiny_model(seed=12, **{**overrides, "DOC_ISOLATION": 0}).eval()
+    idx = documents_batch()
+    with torch.no_grad():
+        base, base_leaky = model(idx), leaky(idx)
+        for doc, (a, b) in enumerate(((0, 11), (11, 23))):
+            changed = idx.clone()
+            changed[:, a + 1 : b] = random_tokens(seed=50 + doc)[:, a + 1 : b]
+            out = model(changed)
+            assert torch.equal(out[:, :a], base[:, :a]) and torch.equal(out[:, b:], base[:, b:]), f"document {doc} reaches another document"
+            assert not torch.allclose(out[:, a + 1 : b], base[:, a + 1 : b])
+            assert not torch.allclose(leaky(changed)[:, b:], base_leaky[:, b:]), "without isolation later documents must see it"
+
+
+def test_document_isolation_matches_scoring_each_document_alone():
+    """A window holding several documents gives each document the logits it gets on its own (RoPE is relative)."""
+    model = tiny_model(seed=13).eval()
+    idx = documents_batch(seed=3)[:1]
+    with torch.no_grad():
+        together = model(idx)
+        for a, b in ((0, 11), (11, 23), (23, T)):
+            assert torch.allclose(together[:, a:b], model(idx[:, a:b]), atol=1e-5)
+
+
+def test_document_layout_for_flash_attention_is_padded_and_complete():
+    idx = documents_batch()
+    cu = train_gpt.document_cu_seqlens(idx)
+    starts = [0, 11, 23, T, T + 11, T + 23]
+    assert cu.dtype == torch.int32 and cu.numel() == 64
+    assert cu[:6].tolist() == starts and (cu[6:] == 2 * T).all()
+    many = torch.full((4, 64), train_gpt.BOS_ID)
+    assert train_gpt.document_cu_seqlens(many).numel() == 512  # 256 documents + the end, rounded up to a power of two
+
+
 def test_attention_alone_is_causal():
     model = tiny_model(seed=6)
     attn = model.blocks[1].attn
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, T, 32, generator=g)
     with torch.no_grad():
-        base = attn(x, None)
+        base = attn(x, None, None, 0)
         for t in (0, 3, 15, T - 2):
             changed = x.clone()
             changed[:, t + 1 :] = torch.randn(2, T - t - 1, 32, generator=g)
-            out = attn(changed, None)
+            out = attn(changed, None, None, 0)
             assert torch.equal(out[:, : t + 1], base[:, : t + 1])
             assert not torch.allclose(out[:, t + 1], base[:, t + 1])
 
@@ -224,8 +299,61 @@ def test_smear_gate_does_not_cross_bos():
     assert not torch.allclose(out[:, q], base[:, q]), "SmearGate must mix the previous token in elsewhere"
 
 
+def test_orthogonal_init_of_the_input_projections():
+    attn, mlp = tiny_model(randomized=False, ORTHO_INIT=1).blocks[1].attn, tiny_model(randomized=False, ORTHO_INIT=1).blocks[1].mlp
+    for w in (attn.c_q.weight, attn.c_k.weight, attn.c_v.weight, mlp.fc.weight):
+        small = w if w.size(0) <= w.size(1) else w.T
+        assert torch.allclose(small @ small.T, torch.eye(small.size(0)), atol=1e-5)
+    plain = tiny_model(randomized=False, ORTHO_INIT=0).blocks[1].attn.c_q.weight
+    assert not torch.allclose(plain @ plain.T, torch.eye(32), atol=1e-2)
+    assert torch.count_nonzero(attn.proj.weight) == 0 and torch.count_nonzero(mlp.proj.weight) == 0
+
+
+def test_input_dependent_smear_gate_formula():
+    gate = train_gpt.SmearGate(6, "input", 3)
+    with torch.no_grad():
+        gate.gate.copy_(torch.tensor([0.5, -1.0, 2.0]))
+        gate.scale.fill_(0.7)
+    x = torch.randn(1, 5, 6)
+    idx = torch.tensor([[7, 8, 1, 9, 10]])
+    out = gate(x, idx).detach()
+    expected = x.clone()
+    for t in (1, 3, 4):  # positions 0 and 2 (a BOS) have no previous-token term
+        g = torch.sigmoid((x[0, t, :3] * gate.gate.detach()).sum())
+        expected[:, t] += 0.7 * g * x[:, t - 1]
+    assert torch.allclose(out, expected, atol=1e-6)
+    fresh = train_gpt.SmearGate(6, "input", 3)
+    assert torch.equal(fresh(x, idx), x), "zero-initialized: the identity at the start of training"
+
+
+def test_xsa_removes_the_component_along_the_own_value():
+    g = torch.Generator().manual_seed(0)
+    y, v = torch.randn(2, 5, 4, 8, generator=g), torch.randn(2, 5, 2, 8, generator=g)
+    out = train_gpt.remove_value_component(y, v)
+    own_value = v.repeat_interleave(2, dim=2)  # query heads 0,1 share KV head 0; 2,3 share head 1
+    assert torch.allclose((out * own_value).sum(-1), torch.zeros(2, 5, 4), atol=1e-5)
+    assert torch.allclose(out + (y * F.normalize(own_value, dim=-1)).sum(-1, keepdim=True) * F.normalize(own_value, dim=-1), y, atol=1e-5)
+
+
+def test_attention_gate_is_per_head_and_reads_the_first_dims():
+    """proj's input = each head's output times sigmoid(ATTN_GATE_SCALE * W x[:GATE_WINDOW]), W zero-init (1/2)."""
+    attn = tiny_model(seed=3, ATTN_GATE=1, GATE_WINDOW=4, ATTN_GATE_SCALE=0.5).blocks[0].attn
+    x = torch.randn(2, T, 32, generator=torch.Generator().manual_seed(1))
+    seen = []
+    attn.proj.register_forward_hook(lambda m, inp, out: seen.append(inp[0].view(2, T, 4, 8)))
+    W = torch.randn(4, 4, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        attn.out_gate.zero_()
+        attn(x, None, None, 0)
+        attn.out_gate.copy_(W)
+        attn(x, None, None, 0)
+    half, gated = seen
+    gate = torch.sigmoid(0.5 * x[..., :4] @ W.T)  # (B, T, heads)
+    assert torch.allclose(gated, 2 * half * gate.unsqueeze(-1), atol=1e-5)
+
+
 def test_smear_gate_formula():
-    gate = train_gpt.SmearGate(6)
+    gate = train_gpt.SmearGate(6, "dim", 4)
     with torch.no_grad():
         gate.gate.copy_(torch.linspace(-2, 2, 6))
     x = torch.randn(1, 5, 6)
@@ -296,7 +424,7 @@ def test_adapter_reset_is_reproducible():
 
 
 def test_qat_switch_changes_and_restores_the_output():
-    model = tiny_model(seed=11).eval()
+    model = tiny_model(seed=11, QAT_START=0.15).eval()
     idx = random_tokens(seed=5)
     with torch.no_grad():
         base = model(idx)
@@ -326,3 +454,42 @@ def test_qk_gain_init_sets_every_heads_query_gain():
     model = tiny_model(randomized=False, QK_GAIN_INIT=4.25)
     for block in model.blocks:
         assert torch.equal(block.attn.q_gain, torch.full((4,), 4.25))
+
+
+def test_no_fake_quantization_is_computed_when_qat_is_off(monkeypatch):
+    calls = []
+    quantize = train_gpt.fake_quantize_rows
+    monkeypatch.setattr(train_gpt, "fake_quantize_rows", lambda w, bits: (calls.append(bits), quantize(w, bits))[1])
+    idx = random_tokens()
+    off = tiny_model(seed=14, QAT_START=0)
+    off.set_qat(True)
+    off(idx)
+    assert calls == []
+    on = tiny_model(seed=14, QAT_START=0.15)
+    on(idx)
+    assert len(calls) == 1 + 6 * len(on.cfg.layer_order(True))  # the bigram projection, 6 linears per virtual layer
+
+
+def test_recurrence_switch_is_compiled_once_per_graph_and_never_again():
+    """Both graphs (recurrence off and on) compile in the warm-up; flipping the switch later reuses them."""
+    from torch._dynamo.utils import counters
+
+    model = tiny_model(seed=15)
+    x, y = repetitive_batch()
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(model, backend="aot_eager", dynamic=False)
+    losses = {}
+    for looping in (False, True):  # the warm-up
+        model.looping = looping
+        losses[looping] = compiled(x, y)
+        losses[looping].backward()
+    assert not torch.equal(losses[False], losses[True]), "the switch must change the model"
+    graphs = counters["stats"]["unique_graphs"]
+    for looping in (False, True, False, True):  # the timed loop switches: no new graph
+        model.looping = looping
+        compiled(x, y).backward()
+    assert counters["stats"]["unique_graphs"] == graphs
+    with torch.no_grad():
+        assert torch.equal(compiled(x, y), model(x, y))
+    torch._dynamo.reset()

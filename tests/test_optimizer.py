@@ -1,6 +1,8 @@
 """Optimizer section of train_gpt.py: Newton-Schulz / Muon, weight decay, parameter groups and the
 LR schedule."""
 
+import math
+
 import pytest
 import torch
 
@@ -143,7 +145,16 @@ def test_group_learning_rates():
 
 
 def mult(step, elapsed_ms=0.0, budget_ms=0.0, **overrides):
-    return train_gpt.lr_multiplier(step, elapsed_ms, tiny_args(**overrides), budget_ms)
+    return train_gpt.lr_multiplier(step, elapsed_ms, tiny_args(**{"MIN_LR": 0, **overrides}), budget_ms)
+
+
+def test_lr_default_is_the_record_schedule():
+    """1 until 15 % of the budget, then linear over the last 85 % down to a floor of 0.1."""
+    args = train_gpt.Hyperparameters({})
+    at = lambda frac: train_gpt.lr_multiplier(10, frac * 600_000, args, 600_000)  # noqa: E731
+    assert at(0.1) == 1.0 and at(0.15) == pytest.approx(1.0)
+    assert at(0.575) == pytest.approx(0.5)
+    assert at(0.95) == pytest.approx(0.1) and at(1.0) == pytest.approx(0.1)
 
 
 def test_lr_iteration_budget_warmdown():
@@ -196,30 +207,75 @@ def test_lr_no_warmdown():
     assert mult(5, elapsed_ms=999.0, budget_ms=1000.0, WARMDOWN_FRAC=0.0) == 1.0
 
 
-def test_adam_weight_decay_applies_to_embeddings_only():
-    args = tiny_args(ADAM_WD=0.07)
-    model = tiny_model(randomized=False)
-    embeddings, scalars = train_gpt.build_optimizers(model, args, train_gpt.Runtime())[:2]
-    assert all(g["weight_decay"] == 0.07 for g in embeddings.param_groups)
-    assert all(g["weight_decay"] == 0.0 for g in scalars.param_groups)
-    assert any(p is model.tok_emb.weight for g in embeddings.param_groups for p in g["params"])
+def test_embed_and_scalar_weight_decays_are_separate():
+    args = tiny_args(EMBED_WD=0.085, ADAM_WD=0.02, BIGRAM_VOCAB_SIZE=31)
+    model = tiny_model(randomized=False, BIGRAM_VOCAB_SIZE=31)
+    embeddings, scalars, muon = train_gpt.build_optimizers(model, args, train_gpt.Runtime())
+    assert all(g["weight_decay"] == 0.085 for g in embeddings.param_groups)
+    assert all(g["weight_decay"] == 0.02 for g in scalars.param_groups)
+    assert {id(p) for g in embeddings.param_groups for p in g["params"]} == {id(model.tok_emb.weight), id(model.bigram.table.weight)}
+    scalar_ids = {id(p) for g in scalars.param_groups for p in g["params"]}
+    for name, p in model.named_parameters():  # every gate, lane weight and scale is a scalar-group parameter
+        if any(k in name for k in ("out_gate", "lane_", "skip_", "smear", "q_gain", "resid_mix")):
+            assert id(p) in scalar_ids, name
+    assert {id(p) for p in muon.param_groups[0]["params"]} == {id(p) for n, p in model.named_parameters() if n.endswith(("c_q.weight", "c_k.weight", "c_v.weight", "proj.weight", "fc.weight"))}
 
 
 def test_momentum_warmup_and_gradient_clipping_in_the_step_loop(synthetic_data, monkeypatch):
     """MUON_MOMENTUM_WARMUP_START -> MUON_MOMENTUM over MUON_MOMENTUM_WARMUP_STEPS, and GRAD_CLIP_NORM
-    reaching clip_grad_norm_ every step (0 = never called)."""
-    momenta, clips = [], []
+    scaling every gradient by min(1, clip / global norm), as clip_grad_norm_ would (0 = no scaling)."""
+    momenta, scales = [], []
     muon_step = train_gpt.Muon.step
-    monkeypatch.setattr(train_gpt.Muon, "step", lambda self: (momenta.append(self.param_groups[0]["momentum"]), muon_step(self))[1])
-    clip = torch.nn.utils.clip_grad_norm_
-    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda params, max_norm: (clips.append(max_norm), clip(params, max_norm))[1])
+    model_ref = {}
+
+    def recording_step(self, grad_scale=1.0):
+        momenta.append(self.param_groups[0]["momentum"])
+        muon_ids = {id(p) for p in self.param_groups[0]["params"]}
+        others = [p.grad for p in model_ref["model"].parameters() if id(p) not in muon_ids and p.grad is not None]
+        muon_sq = sum(float(g.square().sum()) for g in self.local_grads.values())
+        scale = float(grad_scale)
+        norm = math.sqrt(sum(float(g.square().sum()) for g in others) / scale**2 + muon_sq)  # the others arrive clipped
+        scales.append((scale, norm))
+        return muon_step(self, grad_scale)
+
+    monkeypatch.setattr(train_gpt.Muon, "step", recording_step)
     env = dict(DATA_PATH=synthetic_data, ITERATIONS=5, TRAIN_LOG_EVERY=0, GPTQ_ENABLED=0, MUON_MOMENTUM_WARMUP_START=0.5, MUON_MOMENTUM=0.9, MUON_MOMENTUM_WARMUP_STEPS=4)
-    args = tiny_args(GRAD_CLIP_NORM=0.25, **env)
-    torch.manual_seed(0)
-    train_gpt.train_model(train_gpt.GPT(train_gpt.ModelConfig.from_args(args)), args, train_gpt.Runtime(), train_gpt.Logger(None), None)
-    assert momenta == pytest.approx([0.5, 0.6, 0.7, 0.8, 0.9])
-    assert clips == [0.25] * 5
-    clips.clear()
-    args = tiny_args(GRAD_CLIP_NORM=0, **env)
-    train_gpt.train_model(train_gpt.GPT(train_gpt.ModelConfig.from_args(args)), args, train_gpt.Runtime(), train_gpt.Logger(None), None)
-    assert clips == []
+    for clip in (0.25, 0.0):
+        momenta.clear(), scales.clear()
+        args = tiny_args(GRAD_CLIP_NORM=clip, **env)
+        torch.manual_seed(0)
+        model_ref["model"] = train_gpt.GPT(train_gpt.ModelConfig.from_args(args))
+        train_gpt.train_model(model_ref["model"], args, train_gpt.Runtime(), train_gpt.Logger(None), None)
+        assert momenta == pytest.approx([0.5, 0.6, 0.7, 0.8, 0.9])
+        for scale, norm in scales:
+            assert scale == pytest.approx(min(1.0, clip / norm) if clip else 1.0, rel=1e-4)
+        assert any(scale < 1 for scale, _ in scales) == bool(clip), "the clip must have acted (and only when set)"
+
+
+# ----------------------------------------------------------------------------- MuonEq-R and Polar Express
+
+
+def test_polar_express_orthogonalizes_better_than_the_classic_iteration():
+    G = torch.randn(64, 32, generator=torch.Generator().manual_seed(0))
+    G[:, :4] *= 30.0  # a spread of singular values, as real gradients have
+    spread = {}
+    for coeffs in ("classic", "polar_express"):
+        s = torch.linalg.svdvals(train_gpt.newton_schulz_orthogonalize(G, 5, coeffs))
+        spread[coeffs] = float((s - 1).abs().max())
+    assert spread["polar_express"] < spread["classic"] and spread["polar_express"] < 0.3, spread
+
+
+def test_row_normalized_muon_ignores_the_scale_of_each_gradient_row():
+    """MuonEq-R: the update of D*G (D a positive row scaling) equals that of G; plain Muon's does not."""
+    G = torch.randn(16, 8, generator=torch.Generator().manual_seed(1))
+    D = torch.linspace(0.1, 10.0, 16).unsqueeze(1)
+
+    def update(grad, row_normalize):
+        p = torch.nn.Parameter(torch.zeros(16, 8))
+        opt = train_gpt.Muon([p], lr=1.0, momentum=0.0, backend_steps=5, row_normalize=row_normalize, coeffs="polar_express")
+        p.grad = grad.clone()
+        opt.step()
+        return -p.detach()
+
+    assert torch.allclose(update(G, True), update(D * G, True), atol=1e-4)
+    assert not torch.allclose(update(G, False), update(D * G, False), atol=1e-2)

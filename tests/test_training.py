@@ -3,6 +3,7 @@ fully undone, and 2 CPU processes (gloo) train exactly like 1 on the same global
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -22,17 +23,53 @@ from conftest import REPO, TINY, tiny_args
 
 
 def test_defaults_are_the_record_configuration():
+    """The defaults are the best legal record's run (1.0611, 2026-04-27), as its logs print it."""
     a = train_gpt.Hyperparameters({})
     assert (a.num_layers, a.model_dim, a.num_heads, a.num_kv_heads) == (11, 512, 8, 4)
-    assert a.mlp_mult == 3.0 and a.vocab_size == 1024
+    assert a.mlp_mult == 4.0 and a.mlp_act == "leaky_relu2" and a.vocab_size == 8192
     assert a.train_seq_len == 2048 and a.train_batch_tokens == 786432
     assert a.max_wallclock_seconds == 600.0
-    assert a.tie_embeddings is True and a.logit_softcap == 30.0
-    assert a.data_path.endswith("fineweb10B_sp1024") and a.tokenizer_path.endswith("fineweb_1024_bpe.model")
+    assert a.tie_embeddings is True and a.logit_softcap == 30.0 and a.tied_embed_init_std == 0.005
+    assert a.data_path.endswith("fineweb10B_sp8192") and a.tokenizer_path.endswith("fineweb_8192_bpe.model")
+    assert (a.loop_start, a.loop_end, a.num_loops, a.loop_enable_frac) == (3, 5, 2, 0.35)
+    assert (a.parallel_residual_start, a.xsa_last_n, a.rope_dims, a.qk_gain_init) == (8, 11, 16, 5.0)
+    assert a.attn_gate and a.attn_gate_scale == 0.5 and a.gate_window == 12 and a.smear_gate and a.smear_gate_mode == "input"
+    assert a.skip_gates and a.ln_scale and a.ortho_init and a.doc_isolation and a.bigram_vocab_size == 0
+    assert (a.matrix_lr, a.tied_embed_lr, a.scalar_lr) == (0.026, 0.03, 0.02)
+    assert (a.muon_momentum, a.muon_momentum_warmup_start, a.muon_momentum_warmup_steps) == (0.97, 0.92, 1500)
+    assert (a.muon_wd, a.embed_wd, a.adam_wd, a.beta1, a.beta2) == (0.095, 0.085, 0.02, 0.9, 0.99)
+    assert a.muon_row_normalize and a.muon_ns_coeffs == "polar_express" and a.muon_backend_steps == 5
+    assert (a.warmdown_frac, a.min_lr, a.ema_decay, a.qat_start, a.grad_clip_norm) == (0.85, 0.1, 0.9965, 0.0, 0.3)
     # the batch splits evenly over 8 GPUs x 1 micro-step and 1 GPU x 8 micro-steps
     assert a.train_batch_tokens % (8 * a.train_seq_len) == 0
     cfg = train_gpt.ModelConfig.from_args(a)
-    assert (cfg.num_layers, cfg.model_dim, cfg.bigram_vocab_size, cfg.qat_bits) == (11, 512, 2048, {"attn": 6, "mlp": 6, "other": 8})
+    assert cfg.qat_bits == {"attn": 0, "mlp": 0, "other": 0}, "QAT off: no fake quantization in any layer"
+    assert cfg.layer_order(True) == [0, 1, 2, 3, 4, 5, 3, 4, 5, 3, 4, 5, 6, 7, 8, 9, 10]  # 17 virtual layers
+    assert train_gpt.count_parameters(train_gpt.GPT(cfg)) == 35_945_671  # the record's model_params
+
+
+RECORD_LOG = REPO.parent / "shared" / "fixtures" / "official_logs" / "2026-04-27_SP8192_LQER_SparseGate_BOSSmearFix_9HpStack_1.0611" / "train_seed42.log"
+# The record's setting names -> ours (the architecture only).
+RECORD_NAMES = {
+    "vocab_size": "VOCAB_SIZE", "num_layers": "NUM_LAYERS", "model_dim": "MODEL_DIM", "num_heads": "NUM_HEADS",
+    "num_kv_heads": "NUM_KV_HEADS", "mlp_mult": "MLP_MULT", "tie_embeddings": "TIE_EMBEDDINGS", "rope_dims": "ROPE_DIMS",
+    "qk_gain_init": "QK_GAIN_INIT", "logit_softcap": "LOGIT_SOFTCAP", "num_loops": "NUM_LOOPS", "loop_start": "LOOP_START",
+    "loop_end": "LOOP_END", "parallel_start_layer": "PARALLEL_RESIDUAL_START", "xsa_last_n": "XSA_LAST_N",
+    "gate_window": "GATE_WINDOW", "smear_gate_enabled": "SMEAR_GATE", "sparse_attn_gate_enabled": "ATTN_GATE",
+    "skip_gates_enabled": "SKIP_GATES", "ln_scale": "LN_SCALE",
+}
+
+
+def test_the_record_architecture_rebuilt_from_its_log_has_its_parameter_count():
+    if not RECORD_LOG.is_file():
+        pytest.skip("../shared/fixtures is not beside the repository")
+    text = RECORD_LOG.read_text()
+    logged = dict(re.findall(r"^  (\w+): (.*)$", text.split("Hyperparameters:", 1)[1].split("\n\n", 1)[0], flags=re.M))
+    env = {ours: logged[theirs] for theirs, ours in RECORD_NAMES.items()}
+    env = {k: {"True": "1", "False": "0"}.get(v, v) for k, v in env.items()}
+    env["BIGRAM_VOCAB_SIZE"] = "0"  # the record has no BigramHash
+    model = train_gpt.GPT(train_gpt.ModelConfig.from_args(train_gpt.Hyperparameters(env)))
+    assert train_gpt.count_parameters(model) == int(re.search(r"^model_params:(\d+)$", text, flags=re.M).group(1)) == 35_945_671
 
 
 def test_environment_values_are_parsed_by_type():
@@ -43,7 +80,7 @@ def test_environment_values_are_parsed_by_type():
 
 
 def test_keyword_overrides_win_over_the_environment():
-    env = {"NUM_LAYERS": "9"}
+    env = {"NUM_LAYERS": "9", "NUM_LOOPS": "0"}
     assert train_gpt.Hyperparameters(env, NUM_LAYERS=3).num_layers == 3
     assert train_gpt.Hyperparameters(env, num_layers=4).num_layers == 4
     assert train_gpt.Hyperparameters(env, TIE_EMBEDDINGS=False).tie_embeddings is False
@@ -168,7 +205,8 @@ def fresh_model(args):
 
 
 def test_train_model_lowers_the_loss(synthetic_data):
-    args = tiny_args(DATA_PATH=synthetic_data, ITERATIONS=20, EMA_DECAY=0, TRAIN_LOG_EVERY=10, VAL_LOSS_EVERY=10)
+    # a higher scalar LR than the record's: the zero-initialized gates must open within 20 tiny steps
+    args = tiny_args(DATA_PATH=synthetic_data, ITERATIONS=20, EMA_DECAY=0, TRAIN_LOG_EVERY=10, VAL_LOSS_EVERY=10, SCALAR_LR=0.1)
     model = fresh_model(args)
     x, y = val_batch(synthetic_data)
     with torch.no_grad():
@@ -277,6 +315,7 @@ WORKER = textwrap.dedent(
     args = train_gpt.Hyperparameters(config["env"])
     torch.manual_seed(args.seed)
     model = train_gpt.GPT(train_gpt.ModelConfig.from_args(args))
+    init = {{k: v.clone() for k, v in model.state_dict().items()}}
     losses = []
     progress_line = train_gpt.train_progress_line
 
@@ -291,7 +330,7 @@ WORKER = textwrap.dedent(
     train_gpt.train_progress_line = record
     result = train_gpt.train_model(model, args, rt, train_gpt.Logger(None), None)
     if rt.is_master:
-        torch.save({{"losses": losses, "state": model.state_dict(), "steps": result.steps}}, config["out"])
+        torch.save({{"losses": losses, "init": init, "state": model.state_dict(), "steps": result.steps}}, config["out"])
     if rt.distributed:
         dist.destroy_process_group()
     """
@@ -306,6 +345,7 @@ def free_port() -> int:
 
 def test_two_gloo_processes_train_like_one(synthetic_data, tmp_path):
     steps = 4
+    # recurrence switches on at step 2 of 4: both processes must switch at the same step
     env = {k: str(v) for k, v in {**TINY, "DATA_PATH": synthetic_data, "ITERATIONS": steps, "TRAIN_LOG_EVERY": 1, "EMA_DECAY": 0, "GPTQ_ENABLED": 0}.items()}
     script = tmp_path / "worker.py"
     script.write_text(WORKER.format(repo=str(REPO)))
@@ -322,7 +362,8 @@ def test_two_gloo_processes_train_like_one(synthetic_data, tmp_path):
     assert single["steps"] == dist2["steps"] == steps
     assert len(single["losses"]) == len(dist2["losses"]) == steps
     np.testing.assert_allclose(dist2["losses"], single["losses"], rtol=0, atol=1e-5)
-    assert single["losses"][-1] < single["losses"][0]
+    moved = [k for k, v in single["state"].items() if not torch.equal(v, single["init"][k])]
+    assert any(".attn.c_q." in k for k in moved) and "tok_emb.weight" in moved and "lane_post" in moved, "Muon, AdamW and the scalars all trained"
     for k, v in single["state"].items():
         torch.testing.assert_close(dist2["state"][k], v, rtol=0, atol=1e-4, msg=k)
 
@@ -338,3 +379,23 @@ def test_a_second_run_with_the_same_run_id_keeps_the_first_log_apart(tmp_path):
     assert path.read_text() == "second run\n"
     kept = [p for p in path.parent.iterdir() if p != path]
     assert len(kept) == 1 and kept[0].read_text() == "first run\n" and kept[0].name.startswith("same.")
+
+
+def test_recurrence_switches_on_at_its_fraction_of_the_budget(synthetic_data):
+    args = tiny_args(DATA_PATH=synthetic_data, ITERATIONS=10, LOOP_ENABLE_FRAC=0.35, WARMUP_STEPS=1, GPTQ_ENABLED=0, TRAIN_LOG_EVERY=0)
+    model = fresh_model(args)
+    seen = []
+    forward = model.forward
+    model.forward = lambda *a, **k: (seen.append(model.looping), forward(*a, **k))[1]
+    log = Recorder()
+    train_gpt.train_model(model, args, train_gpt.Runtime(), log, None)
+    micro = 8  # one process: 8 micro-steps per step
+    assert seen[: 2 * micro] == [False] * micro + [True] * micro, "the warm-up runs (and compiles) both graphs"
+    timed = seen[2 * micro :]
+    assert timed == [False] * 4 * micro + [True] * 6 * micro  # progress 4/10 is the first >= 0.35
+    assert any(line.startswith("recurrence:on step:4 virtual_layers:6") for line in log.lines)
+    assert model.looping
+    always = tiny_args(DATA_PATH=synthetic_data, ITERATIONS=2, LOOP_ENABLE_FRAC=0, WARMUP_STEPS=1, GPTQ_ENABLED=0)
+    model = fresh_model(always)
+    train_gpt.train_model(model, always, train_gpt.Runtime(), Recorder(), None)
+    assert model.looping
