@@ -279,6 +279,7 @@ def our_log(seed: int, source: str = SOURCE, *, bpb: float = 1.1, artifact: int 
             f"ttt_base_same_docs val_bpb:{bpb + 0.006:.8f} ttt_gain_bpb:0.006000",
             "eval_audit path:standard verdict:PASS positions:62021632 scored_once:yes",
             f"eval_audit path:ttt_lora verdict:{audit} perturbation_max_delta:0.0",
+            f"final_int8_zlib_roundtrip_exact val_loss:{loss:.8f} val_bpb:{bpb:.8f}",
             f"eval_audit_verdict:{audit}",
             f"eval_time_total:392190ms projected_8gpu_s:{projected:.1f} fits_600s:{'yes' if projected <= 600 else 'no'}",
             "submission_valid:yes" if audit == "PASS" else "submission_valid:no reason:eval audit failed",
@@ -319,9 +320,11 @@ def test_parse_our_log():
     assert (run.peak_mem_allocated_mib, run.peak_mem_reserved_mib) == (21034, 22018)
     assert (run.pre_quant_weights, run.pre_quant_val_bpb) == ("ema", 1.0825)
     assert (run.quant_scheme, run.artifact_bytes, run.total_bytes, run.size_cap_bytes, run.fits_cap) == ("int6_zstd", 15_500_000, 15_500_000 + len(SOURCE.encode()), 16_000_000, True)
-    assert set(run.finals) == {"roundtrip", "sliding_window", "ttt_lora"}
-    assert run.finals["sliding_window"] == (pytest.approx(1.69 * 1.1 + 0.01), pytest.approx(1.106), 88012.0)
-    assert (run.final_path, run.final_val_bpb, run.final_val_loss) == ("ttt_lora", 1.1, pytest.approx(1.859))
+    assert set(run.finals) == {"roundtrip", "sliding_window", "ttt"}
+    assert run.finals["sliding_window"] == (pytest.approx(1.69 * 1.1 + 0.01), pytest.approx(1.106), 88012.0, "final_int6_zstd_sliding_window")
+    assert run.finals["roundtrip"].name == "final_int6_zstd_roundtrip", "the alias line is not the roundtrip path"
+    assert run.aliases == ["final_int8_zlib_roundtrip_exact"]
+    assert (run.final_path, run.final_val_bpb, run.final_val_loss) == ("ttt", 1.1, pytest.approx(1.859))
     assert (run.quant_gap_bpb, run.ttt_gain_bpb, run.ttt_base_bpb) == (0.0075, 0.006, pytest.approx(1.106))
     assert run.audits == {"standard": "PASS", "ttt_lora": "PASS"} and run.audit_verdict == "PASS"
     assert (run.eval_time_total_ms, run.projected_8gpu_eval_s, run.fits_600s, run.eval_time_s) == (392190.0, 450.0, True, 392.19)
@@ -336,7 +339,7 @@ def test_parse_failed_run_and_official_log():
     assert (run.seed, run.run_id, run.settings, run.code_sha256) == (1337, "baseline_8gpu", {}, None)
     assert (run.steps, run.train_time_ms, run.step_avg_ms, run.stopped_early) == (13780, 600038.0, 43.54, True)
     assert (run.artifact_bytes, run.code_size_bytes, run.total_bytes) == (15815847, 47642, 15863489)  # not the raw lines
-    assert run.finals == {"roundtrip": (2.07269931, 1.2243657, 1401.0)}
+    assert run.finals == {"roundtrip": (2.07269931, 1.2243657, 1401.0, "final_int8_zlib_roundtrip")}
     assert (run.final_path, run.final_val_bpb, run.quant_scheme) == ("roundtrip", 1.2243657, "int8+zlib")
     assert run.audit_verdict is None and run.projected_8gpu_eval_s is None and run.eval_time_s == 1.401
 

@@ -1,0 +1,144 @@
+"""The records tools against the official record logs of every era (../shared/fixtures/official_logs,
+skipped when absent) and against small logs written here for each format the parser must read."""
+
+from __future__ import annotations
+
+import json
+import sys
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "records"))
+
+import logparse  # noqa: E402
+
+FIXTURES = REPO.parent / "shared" / "fixtures" / "official_logs"
+EXPECTED = json.loads((FIXTURES / "expected.json").read_text()) if (FIXTURES / "expected.json").is_file() else {}
+RECORD_1_0611 = "2026-04-27_SP8192_LQER_SparseGate_BOSSmearFix_9HpStack_1.0611"
+EXACT_KEYS = {"bytes_total": "total_bytes", "bytes_code": "code_size_bytes", "steps": "steps", "seed": "seed"}
+FLOAT_KEYS = {"val_bpb": "final_val_bpb", "val_loss": "final_val_loss", "step_avg_ms": "step_avg_ms", "eval_time_s": "eval_time_s"}
+
+
+def official(rel: str) -> Path:
+    if not FIXTURES.is_dir():
+        pytest.skip("../shared/fixtures/official_logs is not beside the repository")
+    return FIXTURES / rel
+
+
+def agrees(parsed: float | None, claimed: float) -> bool:
+    """Within 1e-6 where the claim has that precision, else equal once rounded as the claim is."""
+    if parsed is None:
+        return False
+    decimals = -Decimal(str(claimed)).as_tuple().exponent
+    if decimals >= 6:
+        return abs(parsed - claimed) <= 1e-6
+    return round(parsed, decimals) == claimed
+
+
+# ----------------------------------------------------------------------------- the official logs
+
+
+@pytest.mark.parametrize("rel", sorted(EXPECTED) or ["(fixtures absent)"])
+def test_every_official_log_parses_to_its_claimed_numbers(rel):
+    run = logparse.parse_log(official(rel))
+    claims = EXPECTED[rel]
+    for key, attr in EXACT_KEYS.items():
+        if key in claims:
+            assert getattr(run, attr) == claims[key], (key, getattr(run, attr), claims[key])
+    for key, attr in FLOAT_KEYS.items():
+        if key in claims:
+            assert agrees(getattr(run, attr), claims[key]), (key, getattr(run, attr), claims[key])
+
+
+def test_the_score_is_the_final_path_and_the_trailing_roundtrip_line_is_an_alias():
+    run = logparse.parse_log(official("2026-03-23_LeakyReLU_LegalTTT_ParallelMuon/train_seed1337.log"))
+    assert run.final_path == "ttt" and run.finals["ttt"].name == "legal_ttt"
+    assert run.aliases == ["final_int8_zlib_roundtrip_exact"]
+    # The alias repeats the sliding-window score; the roundtrip path keeps its own, worse, number.
+    assert run.finals["roundtrip"].val_bpb == pytest.approx(1.14518023) and run.finals["sliding_window"].val_bpb == pytest.approx(1.12165091)
+    assert run.ttt_gain_bpb == pytest.approx(1.12165091 - 1.11922988)
+
+
+def test_appended_runs_are_counted_and_the_last_one_is_read():
+    run = logparse.parse_log(official("2026-03-19_MixedQuant_Int6Int8_SlidingWindow/train.log"))
+    assert run.runs_in_file == 3 and run.steps == 12395 and run.finals["sliding_window"].name == "final_sliding_window_eval"
+
+
+def test_hyperparameters_block_and_printed_source():
+    run = logparse.parse_log(official("2026-04-01_Vocab4096_MLPMult4_WD085/train_seed1337.log"))
+    assert (run.settings["SEED"], run.settings["MATRIX_LR"], run.run_id) == ("1337", "0.02", "1337")
+    assert not any(name.islower() for name in run.settings)
+    assert [p.step for p in run.val_curve] == [0, 4000, 5962] and run.train_curve[-1].train_time_ms == pytest.approx(9.1 * 60_000)
+    assert run.pre_quant_val_bpb == pytest.approx(1.10481601) and run.quant_scheme == "int6+brotli"
+
+
+def test_timestamps_compressed_code_size_and_total_eval_time():
+    run = logparse.parse_log(official("2026-04-13_VarLenAttn_PhasingTTT2000/logs/train0.txt"))
+    assert (run.code_size_bytes, run.code_size_uncompressed_bytes, run.artifact_bytes) == (28599, 139831, 15968098)
+    assert run.eval_time_total_ms == pytest.approx(500_100) and run.finals["ttt"].name == "quantized_ttt_phased"
+    assert run.finals["roundtrip"].name == "quantized" and run.settings["SEED"] == "0"
+
+
+# ----------------------------------------------------------------------------- each format, written here
+
+
+def test_source_before_the_versions_is_never_read():
+    source = "\n".join([
+        '"""Docs that quote a log: final_int6_roundtrip_exact val_loss:9.00000000 val_bpb:9.00000000"""',
+        "SEED=7",
+        "step:5/10 val_loss:9.0 val_bpb:9.0 train_time:1ms step_avg:1ms",
+        "Serialized model int6: 999 bytes",
+        "Hyperparameters:",
+        "  seed: 8",
+        "  matrix_lr: 9",
+    ])
+    text = source + "\n" + "=" * 100 + "\n" + "\n".join([
+        "python 3.12.1 torch 2.6.0 numpy 2.1.0 platform Linux",
+        "SEED=42",
+        "final_int6_roundtrip_exact val_loss:2.00000000 val_bpb:1.20000000",
+    ])
+    run = logparse.parse_text(text)
+    assert (run.seed, run.steps, run.artifact_bytes, run.final_val_bpb) == (42, None, None, 1.2)
+    assert run.settings == {"SEED": "42"}
+
+
+def test_unformatted_f_strings_are_not_results():
+    run = logparse.parse_text("\n".join([
+        'final_int6_roundtrip_exact val_loss:{q_val_loss:.8f} val_bpb:{q_val_bpb:.8f}',
+        "step:{step}/{args.iterations} val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f}",
+        "quantized_ttt val_loss:{loss} val_bpb:{bpb} eval_time:{ms}ms",
+    ]))
+    assert run.finals == {} and run.final_val_bpb is None and run.val_curve == []
+
+
+def test_official_formats_written_here():
+    text = "\n".join([
+        "1700000000.100 Hyperparameters:",
+        "1700000000.100   seed: 5",
+        "1700000000.100   run_id: abc",
+        "1700000000.200 0/100 val_loss: 7.0000 val_bpb: 4.0000",
+        "1700000000.300 50/100 train_loss: 3.5000 train_time: 0.5m tok/s: 100",
+        "1700000000.400 100/100 val_loss: 3.0000 val_bpb: 1.3000",
+        "1700000000.500 stopping_early: wallclock_cap train_time: 61000ms step: 100/100",
+        "1700000000.600 pre-quantization post-ema val_loss:2.90000000 val_bpb:1.25000000 eval_time:10ms",
+        "1700000000.700 Code size (uncompressed): 5000 bytes",
+        "1700000000.700 Code size (compressed): 2000 bytes",
+        "1700000000.800 Serialized model quantized+brotli: 15000000 bytes",
+        "1700000000.800 Total submission size quantized+brotli: 15002000 bytes",
+        "1700000000.900 final_int6_roundtrip val_loss:2.9500 val_bpb:1.2700 eval_time:5ms",
+        "1700000001.000 final_sliding_window_eval stride:64 val_loss:2.91000000 val_bpb:1.26000000 eval_time:50ms",
+        "1700000001.100 final_int8_zlib_roundtrip_exact val_loss:2.91000000 val_bpb:1.26000000",
+        "1700000001.200 legal_ttt val_loss:2.9000 val_bpb:1.2550 eval_time:300ms",
+        "1700000001.300 total_eval_time:355.0s",
+    ])
+    run = logparse.parse_text(text)
+    assert (run.seed, run.run_id, run.steps, run.train_time_ms) == (5, "abc", 100, 61000.0)
+    assert run.train_curve == [(50, 30_000.0, 3.5, None)] and [(p.step, p.bpb) for p in run.val_curve] == [(0, 4.0), (100, 1.3)]
+    assert (run.code_size_bytes, run.total_bytes, run.artifact_bytes) == (2000, 15_002_000, 15_000_000)
+    assert {p: s.name for p, s in run.finals.items()} == {"roundtrip": "final_int6_roundtrip", "sliding_window": "final_sliding_window_eval", "ttt": "legal_ttt"}
+    assert run.aliases == ["final_int8_zlib_roundtrip_exact"] and run.finals["roundtrip"].val_bpb == 1.27
+    assert (run.final_path, run.final_val_bpb, run.eval_time_s) == ("ttt", 1.255, 355.0)
+    assert run.quant_gap_bpb == pytest.approx(0.02) and run.ttt_gain_bpb == pytest.approx(0.005)
