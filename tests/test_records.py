@@ -156,3 +156,60 @@ def test_byte_table_is_named_as_static_checkers_look_for_it():
     assert re.search(r'^\s*base_bytes\[\w+\] = len\(piece\.encode\("utf-8"\)\)$', body, re.M), body
     assert "piece[1:]" in body, "the leading space is stripped before counting"
     assert "+ 1" not in body, "the space byte is added at scoring time only"
+
+
+# ----------------------------------------------------------------------------- stats
+
+
+def test_stats_reproduces_the_1_0611_record_from_its_three_logs(capsys):
+    import stats
+
+    folder = official(RECORD_1_0611)
+    sub = json.loads((folder / "submission.json").read_text())
+    logs = [str(folder / f"train_seed{seed}.log") for seed in sub["seeds"]]
+    report = stats.record_report(stats.load_runs(logs), stats.record_from_submission(folder / "submission.json"))
+    assert report.seeds == sub["seeds"] and report.new_mean_bpb == pytest.approx(sub["val_bpb"], abs=1e-8)
+    assert report.new_mean_loss == pytest.approx(sub["val_loss"], abs=1e-8)
+    # The record's std is the population std (0.00090), not the sample std (0.00111).
+    assert round(report.new_population_std_bpb, 5) == sub["val_bpb_std"] and round(report.new_std_bpb, 5) == 0.00111
+    assert round(report.new_population_std_loss, 5) == sub["val_loss_std"]
+    assert report.prev_std_convention == "population"
+    assert stats.main([*logs, "--prev-submission", str(folder / "submission.json")]) == 2  # the same runs: no improvement
+    out = capsys.readouterr().out
+    assert "1.06107587 ± 0.00110608 sample std" in out and "± 0.00090311 population std" in out  # numpy std ddof=1, ddof=0
+    assert "reports val_bpb_std 0.0009: the population std of its seeds" in out
+
+
+def test_stats_tells_which_std_each_official_record_reports():
+    import stats
+
+    folders = {p.parent.name: json.loads(p.read_text()) for p in official(".").glob("*/submission.json")}
+    conventions = {
+        name: stats.std_convention(list(stats.per_seed_bpb(sub).values()), sub["val_bpb_std"])
+        for name, sub in folders.items() if "val_bpb_std" in sub
+    }
+    assert conventions == {
+        "2026-03-25_ValCalib_GPTQ_XSA_BigramHash3072": "sample",
+        "2026-04-01_Vocab4096_MLPMult4_WD085": "sample",
+        "2026-04-05_SP8192_GPTQ-Embeddings_SDClip_Loop45x2": "sample",
+        "2026-04-09_SP8192_3LayerRecur_ParResid_QK525_LegalTTT": "sample",
+        "2026-04-10_VarLenAttn": "sample",
+        "2026-04-13_VarLenAttn_PhasingTTT2000": "population",
+        RECORD_1_0611: "population",
+    }
+
+
+@pytest.mark.parametrize("form", [
+    {"seed_results": {"1": {"val_bpb": 1.101}, "2": {"val_bpb": 1.102}, "3": {"val_bpb": 1.104}}},
+    {"seed_results": [{"seed": 1, "val_bpb": 1.101}, {"seed": 2, "val_bpb": 1.102}, {"seed": 3, "val_bpb": 1.104}]},
+    {"seeds": [1, 2, 3], "seed_scores": [1.101, 1.102, 1.104]},
+    {"seeds": [1, 2, 3], "seed_scores": {"1": 1.101, "2": 1.102, "3": 1.104}},
+])
+def test_stats_reads_every_per_seed_form_of_a_submission(tmp_path, form):
+    import stats
+
+    path = tmp_path / "submission.json"
+    path.write_text(json.dumps({"val_bpb": 1.1023, "val_bpb_std": 0.00153, **form}))
+    prev = stats.record_from_submission(path)
+    assert prev.bpb == [1.101, 1.102, 1.104] and [str(s) for s in prev.seeds] == ["1", "2", "3"]
+    assert stats.std_convention(prev.bpb, prev.reported_std_bpb) == "sample"

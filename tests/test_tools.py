@@ -518,6 +518,16 @@ def test_record_needs_the_threshold_in_nats_at_one_percent(tmp_path, capsys):
     assert "one-sample" in capsys.readouterr().out
 
 
+def test_stats_refuses_the_same_seed_twice(tmp_path, capsys):
+    """An older log of the same run, renamed by the logger, must not count as a second seed."""
+    logs = [tmp_path / "record_seed42.txt", tmp_path / "record_seed42.20250101_120000.txt", tmp_path / "record_seed7.txt"]
+    for path, seed, bpb in zip(logs, (42, 42, 7), (1.1000, 1.0990, 1.1010)):
+        path.write_text(our_log(seed, bpb=bpb))
+    assert stats.main([*map(str, logs), "--prev-bpb", "1.1200", "1.1210", "1.1190"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: seed 42 is in 2 logs") and err.count("\n") == 1, err
+
+
 # ----------------------------------------------------------------------------- compare
 
 
