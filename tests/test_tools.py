@@ -236,8 +236,16 @@ DEFAULT_SETTINGS = {"NUM_LAYERS": "12", "MLP_MULT": "3.0", "TTT_ENABLED": "True"
 
 
 def our_log(seed: int, source: str = SOURCE, *, bpb: float = 1.1, artifact: int = 15_500_000, train_ms: float = 598_123.0,
-            audit: str = "PASS", projected: float = 450.0, settings: dict | None = None, final: bool = True, sha: str | None = None) -> str:
+            audit: str = "PASS", valid: bool | None = None, projected: float = 450.0, settings: dict | None = None, final: bool = True,
+            sha: str | None = None) -> str:
+    """A log as train_gpt.py writes it. audit: PASS, FAIL or SKIPPED (EVAL_AUDIT=0); valid: the
+    submission_valid line, by default what train_gpt.py decides from the audit."""
     sha = sha or hashlib.sha256(source.encode()).hexdigest()
+    valid = audit != "FAIL" if valid is None else valid
+    audit_lines = [] if audit == "SKIPPED" else [
+        "eval_audit path:standard verdict:PASS positions:62021632 scored_once:yes",
+        f"eval_audit path:ttt_lora verdict:{audit} perturbation_max_delta:0.0",
+    ]
     code = len(source.encode())
     loss = bpb * 1.69
     lines = [
@@ -277,12 +285,11 @@ def our_log(seed: int, source: str = SOURCE, *, bpb: float = 1.1, artifact: int 
             f"final_int6_zstd_ttt_lora val_loss:{loss:.4f} val_bpb:{bpb:.4f} eval_time:301877ms",
             f"final_int6_zstd_ttt_lora_exact val_loss:{loss:.8f} val_bpb:{bpb:.8f}",
             f"ttt_base_same_docs val_bpb:{bpb + 0.006:.8f} ttt_gain_bpb:0.006000",
-            "eval_audit path:standard verdict:PASS positions:62021632 scored_once:yes",
-            f"eval_audit path:ttt_lora verdict:{audit} perturbation_max_delta:0.0",
+            *audit_lines,
             f"final_int8_zlib_roundtrip_exact val_loss:{loss:.8f} val_bpb:{bpb:.8f}",
             f"eval_audit_verdict:{audit}",
             f"eval_time_total:392190ms projected_8gpu_s:{projected:.1f} fits_600s:{'yes' if projected <= 600 else 'no'}",
-            "submission_valid:yes" if audit == "PASS" else "submission_valid:no reason:eval audit failed",
+            "submission_valid:yes" if valid else "submission_valid:no reason:audit_failed",
         ]
     return "\n".join(lines) + "\n"
 
@@ -382,6 +389,7 @@ def test_make_submission_builds_the_folder(tmp_path, runs_dir):
     sub = json.loads((folder / "submission.json").read_text())
     types = {"author": str, "github_id": str, "name": str, "blurb": str, "date": str, "val_loss": float, "val_bpb": float,
              "bytes_total": int, "bytes_code": int, "track": str, "seeds": list, "seed_results": dict, "val_bpb_std": float,
+             "val_loss_std": float, "artifact_bytes_mean": int, "artifact_bytes_max": int,
              "hardware": str, "pytorch_version": str, "technique_summary": str, "compliance": dict}
     assert set(sub) == set(types) and all(isinstance(sub[k], t) for k, t in types.items())
     code = len(SOURCE.encode())
@@ -391,9 +399,13 @@ def test_make_submission_builds_the_folder(tmp_path, runs_dir):
     assert (sub["hardware"], sub["pytorch_version"]) == ("8x NVIDIA H100 80GB HBM3", "2.6.0+cu126")
     assert set(sub["seed_results"]) == {"1337", "42", "2025"}
     seed42 = sub["seed_results"]["42"]
-    assert seed42 == {"val_bpb": 1.0995, "val_loss": pytest.approx(1.0995 * 1.69), "artifact_bytes": 15_500_000, "steps": 6901, "step_avg_ms": 86.71, "eval_time_s": 392.19}
+    assert seed42 == {"val_bpb": 1.0995, "val_loss": pytest.approx(1.0995 * 1.69), "artifact_bytes": 15_500_000 + code, "steps": 6901,
+                      "step_avg_ms": 86.71, "train_time_s": 598.123, "eval_time_s": 392.19}  # artifact_bytes: the counted total
+    assert (sub["artifact_bytes_max"], sub["artifact_bytes_mean"]) == (15_500_000 + code, 15_500_000 + code)
+    assert sub["val_loss_std"] == pytest.approx(np.std([1.1001 * 1.69, 1.0995 * 1.69, 1.1010 * 1.69], ddof=1), abs=1e-8)
     assert sub["compliance"] == {"train_under_600s": True, "artifact_under_16mb": True, "eval_under_600s": True, "score_first_ttt": True,
-                                 "no_pre_quant_ttt": True, "three_seeds": True, "audit_passed": True}
+                                 "no_pre_quant_ttt": True, "no_slot": True, "no_etlb": True, "no_ngram_cache": True, "three_seeds": True,
+                                 "audit_passed": True}
 
     readme = (folder / "README.md").read_text()
     assert "## Method" in readme and "## Compliance" in readme and "mean ± std" in readme
@@ -408,13 +420,15 @@ def test_make_submission_compliance_follows_the_logs(tmp_path):
     script = tmp_path / "train_gpt.py"
     script.write_text(SOURCE)
     logs = [tmp_path / "a.txt", tmp_path / "b.txt"]
-    logs[0].write_text(our_log(1, train_ms=600_038, audit="FAIL", projected=640.0))
-    logs[1].write_text(our_log(2))
+    slot_on = {**DEFAULT_SETTINGS, "SLOT_STEPS": "8"}
+    logs[0].write_text(our_log(1, audit="SKIPPED", projected=640.0, settings=slot_on))
+    logs[1].write_text(our_log(2, settings=slot_on))
     assert package(tmp_path, script, logs, "--non-record") == 0
     sub = json.loads((tmp_path / "out" / "track_non_record_16mb" / "2025-01-02_Test_Run" / "submission.json").read_text())
     assert sub["track"] == "non_record_16mb"
-    assert sub["compliance"] == {"train_under_600s": False, "artifact_under_16mb": True, "eval_under_600s": False, "score_first_ttt": False,
-                                 "no_pre_quant_ttt": False, "three_seeds": False, "audit_passed": False}
+    assert sub["compliance"] == {"train_under_600s": True, "artifact_under_16mb": True, "eval_under_600s": False, "score_first_ttt": False,
+                                 "no_pre_quant_ttt": False, "no_slot": False, "no_etlb": True, "no_ngram_cache": True, "three_seeds": False,
+                                 "audit_passed": False}
 
 
 def _refused(tmp_path, capsys, script, logs, *words) -> None:
@@ -448,6 +462,34 @@ def test_refuses_a_log_without_final_score_or_with_other_settings(tmp_path, runs
     _refused(tmp_path, capsys, script, logs, "no final score")
     logs[0].write_text(our_log(1337, settings={**DEFAULT_SETTINGS, "NUM_LAYERS": "11"}))
     _refused(tmp_path, capsys, script, logs, "NUM_LAYERS (11 vs 12)")
+
+
+def test_refuses_a_run_that_died_during_evaluation(tmp_path, runs_dir, capsys):
+    """Killed during TTT: the log's last score is the sliding window's, which is not the run's score."""
+    script, logs = runs_dir
+    logs[2].write_text(our_log(2025).split("final_int6_zstd_ttt_lora ")[0])
+    assert logparse.parse_log(logs[2]).final_path == "sliding_window"
+    _refused(tmp_path, capsys, script, logs, "no submission_valid line", "stopped before its evaluation finished")
+
+
+def test_refuses_a_run_that_logged_submission_valid_no(tmp_path, runs_dir, capsys):
+    script, logs = runs_dir
+    logs[1].write_text(our_log(42, audit="FAIL"))
+    _refused(tmp_path, capsys, script, logs, "submission_valid:no", "audit_failed")
+
+
+def test_refuses_a_failed_audit_even_when_the_run_says_valid(tmp_path, runs_dir, capsys):
+    script, logs = runs_dir
+    logs[1].write_text(our_log(42, audit="FAIL", valid=True))
+    _refused(tmp_path, capsys, script, logs, "audit of ttt_lora did not pass")
+
+
+def test_refuses_two_logs_of_one_seed(tmp_path, runs_dir, capsys):
+    """The logger keeps an older log of the same RUN_ID as {RUN_ID}.{stamp}.txt: the same seed again."""
+    script, logs = runs_dir
+    renamed = logs[1].with_name("run_seed42.20250101_120000.txt")
+    renamed.write_text(our_log(42, bpb=1.0980))
+    _refused(tmp_path, capsys, script, [*logs, renamed], "several logs for seed 42")
 
 
 def test_refuses_a_log_holding_two_appended_runs(tmp_path, runs_dir, capsys):
