@@ -585,3 +585,25 @@ def test_compare_prints_one_row_per_run(tmp_path, capsys):
     assert cells[6:8] == ["+0.0075", "+0.0060"] and cells[10] == f"{15_500_000 + len(SOURCE.encode()):,}"
     official_cells = [c.strip() for c in lines[3].strip("|").split("|")]
     assert official_cells[:5] == ["baseline_8gpu", "1337", "1.2244", "-", "-"]
+
+
+# ----------------------------------------------------------------------------- the README commands
+
+
+@pytest.mark.parametrize("readme", ["README.md", "records/README.md"])
+def test_readme_log_arguments_match_only_the_runs_meant(tmp_path, readme):
+    """The logger renames an older log of the same RUN_ID to {RUN_ID}.{YYYYmmdd_HHMMSS}.txt; the
+    commands must take the log of each seed of the README's loop, and nothing else."""
+    text = (REPO / readme).read_text()
+    blocks = re.findall(r"```bash\n(.*?)```", text, re.S)
+    seeds = re.search(r"for SEED in ([\d ]+);", text).group(1).split()
+    meant = sorted(f"logs/record_seed{seed}.txt" for seed in seeds)
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    for name in [*meant, "logs/record_seed42.20250101_120000.txt", "logs/record_seed1337.20250101_120500.txt"]:
+        (tmp_path / name).write_text("")
+    arguments = {arg for block in blocks for line in block.splitlines() if "records/" in line for arg in re.findall(r"logs/\S+", line)}
+    assert arguments, f"{readme} has no records/ command reading logs"
+    for arg in arguments:
+        expanded = subprocess.run(["bash", "-c", f"shopt -s nullglob; printf '%s\\n' {arg}"], cwd=tmp_path, capture_output=True, text=True, check=True)
+        assert sorted(expanded.stdout.split()) == meant, (readme, arg, expanded.stdout)
