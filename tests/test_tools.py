@@ -47,20 +47,24 @@ def shard_bytes(n_tokens: int, seed: int) -> bytes:
     return header.tobytes() + tokens.tobytes()
 
 
-def make_hub(tmp_path: Path, *, with_sizes: bool = True, extra_train: int = 0) -> tuple[Path, dict[str, bytes]]:
+def make_hub(tmp_path: Path, *, with_sizes: bool = True, extra_train: int = 0, repo: str = REPO_ID, variant: str = "sp1024",
+             docs: bytes | None = None) -> tuple[Path, dict[str, bytes]]:
     """A folder laid out like the hub: {hub}/datasets/{repo}/resolve/main/{prefix}/...; returns (hub, files)."""
-    files = {f"datasets/{DATASET}/fineweb_val_000000.bin": shard_bytes(3000, 0)}
+    name = f"fineweb10B_{variant}"
+    files = {f"datasets/{name}/fineweb_val_000000.bin": shard_bytes(3000, 0)}
     for i in range(3):
-        files[f"datasets/{DATASET}/fineweb_train_{i:06d}.bin"] = shard_bytes(2000 + i, i + 1)
+        files[f"datasets/{name}/fineweb_train_{i:06d}.bin"] = shard_bytes(2000 + i, i + 1)
     files["tokenizers/fineweb_1024_bpe.model"] = b"sentencepiece model bytes"
     files["tokenizers/fineweb_1024_bpe.vocab"] = b"<unk>\t0\n"
-    root = tmp_path / "hub" / "datasets" / REPO_ID / "resolve" / "main" / PREFIX
+    if docs is not None:
+        files["docs_selected.jsonl"] = docs
+    root = tmp_path / "hub" / "datasets" / repo / "resolve" / "main" / PREFIX
     for rel, data in files.items():
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         (root / rel).write_bytes(data)
     shard_rels = [rel for rel in files if rel.endswith(".bin")]
-    shard_rels += [f"datasets/{DATASET}/fineweb_train_{3 + i:06d}.bin" for i in range(extra_train)]  # listed, absent
-    dataset = {"name": DATASET, "tokenizer_name": "fineweb_1024_bpe", "stats": {"files_train": 3 + extra_train, "files_val": 1}}
+    shard_rels += [f"datasets/{name}/fineweb_train_{3 + i:06d}.bin" for i in range(extra_train)]  # listed, absent
+    dataset = {"name": name, "tokenizer_name": "fineweb_1024_bpe", "stats": {"files_train": 3 + extra_train, "files_val": 1}}
     tokenizer = {"name": "fineweb_1024_bpe", "model_path": "tokenizers/fineweb_1024_bpe.model", "vocab_path": "tokenizers/fineweb_1024_bpe.vocab"}
     if with_sizes:
         dataset["files"] = [{"path": rel, "bytes": len(files.get(rel, b"x" * 5000))} for rel in shard_rels]
@@ -196,6 +200,60 @@ def test_download_bad_manifest_is_a_clear_error(tmp_path, hub_env, capsys):
     err = capsys.readouterr().err
     assert "manifest" in err and "not valid JSON" in err
     assert not (tmp_path / "data").exists()
+
+
+def manifest_on_hub(hub: Path, repo: str = REPO_ID) -> Path:
+    return hub / "datasets" / repo / "resolve" / "main" / PREFIX / "manifest.json"
+
+
+def test_download_any_sp_variant_the_manifest_lists(tmp_path, hub_env, capsys):
+    hub, files = make_hub(tmp_path, variant="sp2048")
+    hub_env(hub)
+    out = tmp_path / "data"
+    assert downloader.main(["--variant", "sp2048", "--output-dir", str(out), "--train-shards", "1"]) == 0
+    assert (out / "datasets/fineweb10B_sp2048/fineweb_val_000000.bin").read_bytes() == files["datasets/fineweb10B_sp2048/fineweb_val_000000.bin"]
+    assert downloader.main(["--variant", "sp512", "--output-dir", str(out), "--train-shards", "1"]) == 1
+    err = capsys.readouterr().err
+    assert "fineweb10B_sp512" in err and "its variants: sp2048" in err and err.count("\n") == 1
+    with pytest.raises(SystemExit):  # not sp<N> or byte260: argparse's usage error
+        downloader.main(["--variant", "gpt2", "--output-dir", str(out)])
+
+
+def test_download_keeps_the_manifest_and_needs_no_network_when_all_is_there(tmp_path, hub_env, capsys):
+    hub, _ = make_hub(tmp_path)
+    hub_env(hub)
+    out = tmp_path / "data"
+    assert run_downloader(out, "--train-shards", "2") == 0
+    assert (out / "manifest.json").read_bytes() == manifest_on_hub(hub).read_bytes()
+    hub_env(tmp_path / "no_hub_here")  # the hub is gone: a complete download still succeeds
+    capsys.readouterr()
+    assert run_downloader(out, "--train-shards", "2") == 0
+    assert all(" have " in line for line in capsys.readouterr().out.splitlines() if line.startswith("["))
+    (out / f"datasets/{DATASET}/fineweb_train_000001.bin").unlink()  # a missing file needs the hub again
+    assert run_downloader(out, "--train-shards", "2") == 1
+    assert "no manifest.json at" in capsys.readouterr().err
+
+
+def test_skip_manifest_plans_from_the_kept_copy(tmp_path, hub_env, capsys):
+    hub, files = make_hub(tmp_path)
+    hub_env(hub)
+    out = tmp_path / "data"
+    assert run_downloader(out, "--train-shards", "1", "--skip-manifest") == 1
+    assert "--skip-manifest needs" in capsys.readouterr().err and not (out / "manifest.json").exists()
+    assert run_downloader(out, "--train-shards", "1") == 0
+    manifest_on_hub(hub).unlink()  # fetching the manifest now fails; --skip-manifest does not fetch it
+    assert run_downloader(out, "--train-shards", "3", "--skip-manifest") == 0
+    assert (out / f"datasets/{DATASET}/fineweb_train_000002.bin").read_bytes() == files[f"datasets/{DATASET}/fineweb_train_000002.bin"]
+
+
+def test_with_docs_fetches_the_source_documents(tmp_path, hub_env):
+    docs = b'{"text": "first document"}\n{"text": "second document"}\n'
+    hub, _ = make_hub(tmp_path, docs=docs)
+    hub_env(hub)
+    out = tmp_path / "data"
+    assert run_downloader(out, "--train-shards", "0") == 0 and not (out / "docs_selected.jsonl").exists()
+    assert run_downloader(out, "--train-shards", "0", "--with-docs") == 0
+    assert (out / "docs_selected.jsonl").read_bytes() == docs
 
 
 def test_download_offline_exits_with_one_line_and_no_traceback(tmp_path):
