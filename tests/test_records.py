@@ -213,3 +213,38 @@ def test_stats_reads_every_per_seed_form_of_a_submission(tmp_path, form):
     prev = stats.record_from_submission(path)
     assert prev.bpb == [1.101, 1.102, 1.104] and [str(s) for s in prev.seeds] == ["1", "2", "3"]
     assert stats.std_convention(prev.bpb, prev.reported_std_bpb) == "sample"
+
+
+# ----------------------------------------------------------------------------- plot
+
+
+def test_plot_of_the_1_0611_seeds_has_a_line_per_run_in_each_curve_panel_and_a_bar_per_path(tmp_path, capsys):
+    import matplotlib.image
+    import plot
+
+    folder = official(RECORD_1_0611)
+    logs = [folder / f"train_seed{seed}.log" for seed in (42, 0, 1234)]
+    runs = [logparse.parse_log(p) for p in logs]
+    fig = plot.make_figure(runs)
+    loss_step, loss_time, bpb_step, bpb_time, bars = fig.axes
+    assert [len(ax.get_lines()) for ax in (loss_step, loss_time, bpb_step, bpb_time)] == [3, 3, 3, 3]
+    assert [line.get_label() for line in loss_step.get_lines()] == ["record_smearfix_s42", "record_smearfix_s0", "record_smearfix_s1234"]
+    assert len(loss_time.get_lines()[0].get_xdata()) == len(runs[0].train_curve)  # every train point has a time
+    assert len(bars.patches) == 9  # pre-quant, roundtrip and TTT of each seed (no sliding window in this record)
+    notes = [t.get_text() for t in bars.texts]
+    assert sum("quant gap +0.0086" in n for n in notes) == 2 and any(n.startswith("1.0599") for n in notes)
+    out = tmp_path / "record.png"
+    assert plot.main([*map(str, logs), "-o", str(out), "--title", "1.0611"]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and matplotlib.image.imread(out).shape == (990, 1760, 4)
+    assert capsys.readouterr().out == f"wrote {out}\n"
+
+
+def test_plot_without_matplotlib_is_a_one_line_error(tmp_path, capsys, monkeypatch):
+    import plot
+
+    log = tmp_path / "run.txt"
+    log.write_text("step:1/2 train_loss:5.0 train_time:10ms step_avg:10ms\nfinal_int6_roundtrip_exact val_loss:3.0 val_bpb:1.5\n")
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # as if it were not installed
+    assert plot.main([str(log), "-o", str(tmp_path / "x.png")]) == 1
+    err = capsys.readouterr().err
+    assert err == "error: plotting needs matplotlib: pip install matplotlib\n" and not (tmp_path / "x.png").exists()
