@@ -660,7 +660,7 @@ def test_readme_log_arguments_match_only_the_runs_meant(tmp_path, readme):
     logs.mkdir()
     for name in [*meant, "logs/record_seed42.20250101_120000.txt", "logs/record_seed1337.20250101_120500.txt"]:
         (tmp_path / name).write_text("")
-    arguments = {arg for block in blocks for line in block.splitlines() if "records/" in line for arg in re.findall(r"logs/\S+", line)}
+    arguments = {arg for block in blocks for line in block.splitlines() if "records/" in line for arg in re.findall(r"logs/record_\S+", line)}
     assert arguments, f"{readme} has no records/ command reading logs"
     for arg in arguments:
         expanded = subprocess.run(["bash", "-c", f"shopt -s nullglob; printf '%s\\n' {arg}"], cwd=tmp_path, capture_output=True, text=True, check=True)
