@@ -83,6 +83,16 @@ def test_timestamps_compressed_code_size_and_total_eval_time():
     assert run.finals["roundtrip"].name == "quantized" and run.settings["SEED"] == "0"
 
 
+def test_compare_reads_every_official_log(capsys):
+    import compare
+
+    logs = [str(official(rel)) for rel in sorted(EXPECTED)]
+    assert compare.main([*logs, "--markdown"]) == 0
+    rows = capsys.readouterr().out.strip().splitlines()[2:]
+    scores = [float(row.strip("|").split("|")[5]) for row in rows]  # the score column, 6 decimals
+    assert len(scores) == len(EXPECTED) and all(agrees(score, EXPECTED[rel]["val_bpb"]) for score, rel in zip(scores, sorted(EXPECTED)))
+
+
 # ----------------------------------------------------------------------------- each format, written here
 
 
