@@ -183,6 +183,7 @@ class RecordReport:
     new_population_std_loss: float | None
     nats_per_bpb: float | None
     prev_bpb: list[float]
+    prev_seeds: list | None
     prev_mean_bpb: float | None
     prev_std_bpb: float | None
     prev_reported_std_bpb: float | None
@@ -216,6 +217,7 @@ def record_report(runs: list[logparse.RunLog], prev: PreviousRecord | list[float
         new_population_std_loss=population_std(losses),
         nats_per_bpb=ratio,
         prev_bpb=list(prev_bpb),
+        prev_seeds=prev.seeds,
         prev_mean_bpb=mean(prev_bpb) if prev_bpb else None,
         prev_std_bpb=sample_std(prev_bpb),
         prev_reported_std_bpb=prev.reported_std_bpb,
@@ -254,7 +256,7 @@ def format_report(rep: RecordReport) -> str:
         lines.append("no previous record given (--prev-bpb, --prev-logs or --prev-submission): nothing to test")
         return "\n".join(lines)
     lines += [
-        f"previous: {len(rep.prev_bpb)} value(s)",
+        f"previous: {len(rep.prev_bpb)} value(s)" + (f" (seeds {', '.join(map(str, rep.prev_seeds))})" if rep.prev_seeds else ""),
         f"  val_bpb   {_fmt(rep.prev_mean_bpb)} ± {_fmt(rep.prev_std_bpb)} sample std",
     ]
     if rep.prev_reported_std_bpb is not None:
