@@ -1,11 +1,19 @@
 """Download the challenge's FineWeb shards and tokenizer from the Hugging Face hub (stdlib only).
 
-    python3 data/cached_challenge_fineweb.py --variant sp1024 --train-shards 80
+    python3 data/cached_challenge_fineweb.py --variant sp8192 --train-shards 80
+    python3 data/cached_challenge_fineweb.py --variant sp8192 --train-shards 10 --with-docs
 
-writes `data/datasets/fineweb10B_sp1024/fineweb_{val,train}_{i:06d}.bin` and
-`data/tokenizers/fineweb_1024_bpe.{model,vocab}` (same command line and layout as the official
-downloader). It is resumable: complete files are skipped, a file is written to `<name>.part` and
-renamed only once its size is verified, and an interrupted `.part` is continued where it stopped.
+writes `data/datasets/fineweb10B_sp8192/fineweb_{val,train}_{i:06d}.bin` and
+`data/tokenizers/fineweb_8192_bpe.{model,vocab}` (same command line, flags and layout as the
+official downloader). It is resumable: complete files are skipped, a file is written to
+`<name>.part` and renamed only once its size is verified, and an interrupted `.part` is continued
+where it stopped.
+
+Variants: any `sp<N>` (and `byte260`) the manifest lists as a dataset `fineweb10B_<variant>`.
+The manifest is kept as `data/manifest.json`: a later run whose files are all present uses it and
+needs no network; `--skip-manifest` never downloads the manifest and plans from that copy (as the
+official flag, it needs one). `--with-docs` also fetches `docs_selected.jsonl`, the selected source
+documents (one JSON object with a "text" per line), for retokenizing.
 
 Where it reads from: `{HF_ENDPOINT}/datasets/{repo}/resolve/main/{prefix}/{file}` with
   HF_ENDPOINT                         default https://huggingface.co; a `file://` URL or a folder
@@ -15,8 +23,8 @@ Where it reads from: `{HF_ENDPOINT}/datasets/{repo}/resolve/main/{prefix}/{file}
   MATCHED_FINEWEB_REMOTE_ROOT_PREFIX  default datasets
   HF_TOKEN                            optional, sent as a bearer token (gated datasets)
 
-The manifest, `{prefix}/manifest.json`, is read first. Every path in it is relative to the folder
-that holds it. Fields this script uses (others are ignored):
+The manifest, `{prefix}/manifest.json`, is read first (or the copy kept in the output folder, see
+above). Every path in it is relative to the folder that holds it. Fields this script uses (others are ignored):
 
     {
       "datasets": [{
@@ -48,6 +56,7 @@ import contextlib
 import http.client
 import json
 import os
+import re
 import struct
 import sys
 import urllib.error
@@ -59,12 +68,10 @@ from pathlib import Path, PurePosixPath
 DEFAULT_ENDPOINT = "https://huggingface.co"
 DEFAULT_REPO = "willdepueoai/parameter-golf"
 DEFAULT_PREFIX = "datasets"
-VARIANTS = {  # variant -> (dataset folder, repo that publishes it)
-    "sp1024": ("fineweb10B_sp1024", DEFAULT_REPO),
-    "sp4096": ("fineweb10B_sp4096", "kevclark/parameter-golf"),
-    "sp8192": ("fineweb10B_sp8192", "kevclark/parameter-golf"),
-    "byte260": ("fineweb10B_byte260", DEFAULT_REPO),
-}
+VARIANT = re.compile(r"sp\d+|byte260")
+VARIANT_REPOS = {"sp4096": "kevclark/parameter-golf", "sp8192": "kevclark/parameter-golf"}  # others: DEFAULT_REPO
+MANIFEST = "manifest.json"
+DOCS = "docs_selected.jsonl"  # beside the manifest on the hub, data/docs_selected.jsonl here
 SHARD_MAGIC, SHARD_VERSION, SHARD_HEADER_BYTES = 20240520, 1, 1024
 CHUNK_BYTES = 1 << 20
 TIMEOUT_S = 60
@@ -160,9 +167,13 @@ _OPENER = urllib.request.build_opener(_DropAuthOnRedirect)
 def hub_for(variant: str) -> Hub:
     return Hub(
         endpoint=os.environ.get("HF_ENDPOINT") or DEFAULT_ENDPOINT,
-        repo=os.environ.get("MATCHED_FINEWEB_REPO_ID") or VARIANTS[variant][1],
+        repo=os.environ.get("MATCHED_FINEWEB_REPO_ID") or VARIANT_REPOS.get(variant, DEFAULT_REPO),
         prefix=(os.environ.get("MATCHED_FINEWEB_REMOTE_ROOT_PREFIX") or DEFAULT_PREFIX).strip("/"),
     )
+
+
+def dataset_name(variant: str) -> str:
+    return f"fineweb10B_{variant}"
 
 
 # ----------------------------------------------------------------------------- manifest -> file plan
@@ -174,17 +185,32 @@ class RemoteFile:
     size: int | None
 
 
-def fetch_manifest(hub: Hub) -> dict:
-    stream, _, _ = hub.open("manifest.json")
-    with stream, transfer_errors("manifest.json"):
-        raw = stream.read()
+def parse_manifest(raw: bytes, where: str) -> dict:
     try:
         manifest = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as e:
-        raise DownloadError(f"manifest {hub.location('manifest.json')} is not valid JSON ({e})") from None
+        raise DownloadError(f"manifest {where} is not valid JSON ({e})") from None
     if not isinstance(manifest, dict):
-        raise DownloadError(f"manifest {hub.location('manifest.json')} is not a JSON object")
+        raise DownloadError(f"manifest {where} is not a JSON object")
     return manifest
+
+
+def fetch_manifest(hub: Hub, output_dir: Path) -> dict:
+    """The hub's manifest, also kept as output_dir/manifest.json for runs without network."""
+    stream, _, _ = hub.open(MANIFEST)
+    with stream, transfer_errors(MANIFEST):
+        raw = stream.read()
+    manifest = parse_manifest(raw, hub.location(MANIFEST))
+    output_dir.mkdir(parents=True, exist_ok=True)
+    part = output_dir / (MANIFEST + ".part")
+    part.write_bytes(raw)
+    os.replace(part, output_dir / MANIFEST)
+    return manifest
+
+
+def cached_manifest(output_dir: Path) -> dict | None:
+    path = output_dir / MANIFEST
+    return parse_manifest(path.read_bytes(), str(path)) if path.is_file() else None
 
 
 def _safe_rel(rel: str) -> str:
@@ -221,6 +247,11 @@ def _find(manifest: dict, kind: str, name: str) -> dict:
     raise DownloadError(f"the manifest has no {kind[:-1]} named {name} (it lists: {known})")
 
 
+def listed_variants(manifest: dict) -> list[str]:
+    names = [str(e.get("name", "")) for e in manifest.get("datasets") or [] if isinstance(e, dict)]
+    return sorted(n.removeprefix("fineweb10B_") for n in names if n.startswith("fineweb10B_"))
+
+
 def dataset_files(entry: dict, dataset: str, train_shards: int) -> list[RemoteFile]:
     """All validation shards and the first `train_shards` training shards."""
     listed = _sizes(entry)
@@ -251,11 +282,15 @@ def tokenizer_files(entry: dict) -> list[RemoteFile]:
     return [RemoteFile(rel, sizes.get(rel)) for rel in rels]
 
 
-def plan(manifest: dict, variant: str, train_shards: int) -> list[RemoteFile]:
-    dataset = VARIANTS[variant][0]
-    entry = _find(manifest, "datasets", dataset)
+def plan(manifest: dict, variant: str, train_shards: int, with_docs: bool = False) -> list[RemoteFile]:
+    dataset = dataset_name(variant)
+    try:
+        entry = _find(manifest, "datasets", dataset)
+    except DownloadError:
+        raise DownloadError(f"--variant {variant}: the manifest has no dataset {dataset} (its variants: {', '.join(listed_variants(manifest)) or 'none'})") from None
     tokenizer = _find(manifest, "tokenizers", entry.get("tokenizer_name"))
-    return dataset_files(entry, dataset, train_shards) + tokenizer_files(tokenizer)
+    docs = [RemoteFile(DOCS, None)] if with_docs else []
+    return dataset_files(entry, dataset, train_shards) + tokenizer_files(tokenizer) + docs
 
 
 # ----------------------------------------------------------------------------- download with resume
@@ -320,9 +355,26 @@ def download(hub: Hub, item: RemoteFile, dest: Path) -> str:
     return "resumed" if offset else "fetched"
 
 
-def run(variant: str, train_shards: int, output_dir: Path) -> None:
+def all_present(manifest: dict, variant: str, train_shards: int, with_docs: bool, output_dir: Path) -> bool:
+    """Every file the kept manifest plans is complete here (a manifest of another export plans nothing)."""
+    try:
+        return all(is_complete(output_dir / f.rel, f.size) for f in plan(manifest, variant, train_shards, with_docs))
+    except DownloadError:
+        return False
+
+
+def run(variant: str, train_shards: int, output_dir: Path, *, skip_manifest: bool = False, with_docs: bool = False) -> None:
     hub = hub_for(variant)
-    items = plan(fetch_manifest(hub), variant, train_shards)
+    cached = cached_manifest(output_dir)
+    if skip_manifest:
+        if cached is None:
+            raise DownloadError(f"--skip-manifest needs {output_dir / MANIFEST}, which a run without --skip-manifest writes")
+        manifest = cached
+    elif cached is not None and all_present(cached, variant, train_shards, with_docs, output_dir):
+        manifest = cached  # everything is here already: no need to reach the hub
+    else:
+        manifest = fetch_manifest(hub, output_dir)
+    items = plan(manifest, variant, train_shards, with_docs)
     print(f"{len(items)} files of {variant} from {hub.location('')} into {output_dir}", flush=True)
     for i, item in enumerate(items, 1):
         what = download(hub, item, output_dir / item.rel)
@@ -335,10 +387,18 @@ def build_parser() -> argparse.ArgumentParser:
         "Environment: HF_ENDPOINT, MATCHED_FINEWEB_REPO_ID, MATCHED_FINEWEB_REMOTE_ROOT_PREFIX, HF_TOKEN.",
     )
     parser.add_argument("train_shards_positional", nargs="?", type=int, default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--variant", choices=sorted(VARIANTS), default="sp8192", help="tokenizer family (default %(default)s)")
+    parser.add_argument("--variant", type=variant_arg, default="sp8192", help="tokenizer family: sp<N> or byte260, as the manifest lists them (default %(default)s)")
     parser.add_argument("--train-shards", type=int, default=80, help="training shards to fetch, 10^8 tokens each (default %(default)s)")
-    parser.add_argument("--output-dir", type=Path, default=Path(__file__).resolve().parent, help="folder that receives datasets/ and tokenizers/ (default: this script's folder)")
+    parser.add_argument("--skip-manifest", action="store_true", help=f"do not download {MANIFEST}: plan from the copy a previous run kept in the output folder")
+    parser.add_argument("--with-docs", action="store_true", help=f"also fetch {DOCS}, the selected source documents (for retokenizing)")
+    parser.add_argument("--output-dir", type=Path, default=Path(__file__).resolve().parent, help="folder that receives datasets/, tokenizers/ and manifest.json (default: this script's folder)")
     return parser
+
+
+def variant_arg(value: str) -> str:
+    if not VARIANT.fullmatch(value):
+        raise argparse.ArgumentTypeError(f"{value!r} is not sp<N> (e.g. sp1024, sp8192) or byte260")
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -348,7 +408,7 @@ def main(argv: list[str] | None = None) -> int:
         print("error: --train-shards must be >= 0", file=sys.stderr)
         return 1
     try:
-        run(args.variant, shards, args.output_dir)
+        run(args.variant, shards, args.output_dir, skip_manifest=args.skip_manifest, with_docs=args.with_docs)
     except (DownloadError, OSError) as e:  # OSError: the output folder cannot be written
         print(f"error: {e}", file=sys.stderr)
         return 1

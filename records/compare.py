@@ -24,18 +24,13 @@ def _fmt(value, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
-def _path_bpb(run: logparse.RunLog, path: str) -> float | None:
-    score = run.finals.get(path)
-    return score.val_bpb if score else None
-
-
 def row(run: logparse.RunLog) -> list[str]:
     return [
         run.run_id or Path(run.path or "?").stem,
         _fmt(run.seed, "d"),
-        _fmt(_path_bpb(run, "roundtrip"), ".4f"),
-        _fmt(_path_bpb(run, "sliding_window"), ".4f"),
-        _fmt(_path_bpb(run, "ttt_lora"), ".4f"),
+        _fmt(run.path_bpb("roundtrip"), ".4f"),
+        _fmt(run.path_bpb("sliding_window"), ".4f"),
+        _fmt(run.path_bpb("ttt"), ".4f"),
         _fmt(run.final_val_bpb, ".6f"),
         _fmt(run.quant_gap_bpb, "+.4f"),
         _fmt(run.ttt_gain_bpb, "+.4f"),

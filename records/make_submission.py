@@ -12,6 +12,9 @@ Everything in submission.json comes from what the logs prove. It refuses, creati
   - the script's sha256 differs from the `code_sha256` a run logged, or the runs disagree on it,
   - a run's counted size (artifact bytes + shipped code bytes) is not under 16,000,000 bytes,
   - a log has no final score, no seed, or two logs share a seed,
+  - a log does not end with `submission_valid:yes` (a run that died during its evaluation has the
+    score of an earlier path in its log, not the score of the run),
+  - an evaluation audit the run logged did not pass (`eval_audit … verdict:` and `eval_audit_verdict:`),
   - the runs differ in a setting other than SEED and RUN_ID (then no single command reproduces them).
 
 With `--wrap`, the shipped train_gpt.py is a self-extracting lzma + base85 copy of the script; its
@@ -71,12 +74,34 @@ def load_runs(paths: list[str]) -> list[logparse.RunLog]:
             raise SubmissionError(f"{path}: no seed logged (SEED=... line)")
         if run.runs_in_file > 1:
             raise SubmissionError(f"{path}: holds {run.runs_in_file} runs appended together; give the log of one run")
+        check_finished_and_valid(run)
+        check_audits(run)
         runs.append(run)
     seeds = [r.seed for r in runs]
     if len(set(seeds)) != len(seeds):
         dup = sorted({s for s in seeds if seeds.count(s) > 1})
         raise SubmissionError(f"several logs for seed {', '.join(map(str, dup))}; give one log per seed")
     return runs
+
+
+def check_finished_and_valid(run: logparse.RunLog):
+    """The run's own last word: train_gpt.py ends every finished run with submission_valid."""
+    if run.submission_valid is None:
+        raise SubmissionError(
+            f"{run.path}: no submission_valid line, so the run stopped before its evaluation finished "
+            f"(its last score, {run.final_path}, may not be the run's); rerun it"
+        )
+    if not run.submission_valid:
+        raise SubmissionError(f"{run.path}: logged submission_valid:no ({run.submission_reason or 'no reason given'})")
+
+
+def check_audits(run: logparse.RunLog):
+    """Every evaluation audit the run logged must have passed (a run without the audit has none)."""
+    failed = sorted(path for path, verdict in run.audits.items() if verdict != "PASS")
+    if failed:
+        raise SubmissionError(f"{run.path}: the evaluation audit of {', '.join(failed)} did not pass (eval_audit … verdict:)")
+    if run.audit_verdict == "FAIL" or (run.audits and run.audit_verdict != "PASS"):
+        raise SubmissionError(f"{run.path}: eval_audit_verdict:{run.audit_verdict or 'missing'}, PASS is needed")
 
 
 def check_code_hash(runs: list[logparse.RunLog], script: Path, script_sha: str):
@@ -211,6 +236,18 @@ def command(runs: list[logparse.RunLog], changed: dict[str, str], script_rel: st
 # ----------------------------------------------------------------------------- submission.json and README
 
 
+# Setting-name prefixes of evaluation techniques the recent records declare absent (compliance
+# no_slot, no_etlb, no_ngram_cache): a technique counts as used when a logged setting of its family is on.
+TECHNIQUE_SETTING_PREFIXES = {"no_slot": "SLOT", "no_etlb": "ETLB", "no_ngram_cache": "NGRAM"}
+
+
+def technique_on(run: logparse.RunLog, prefix: str) -> bool:
+    return any(
+        name.startswith(prefix) and value.strip().lower() not in (*FALSE_WORDS, "", "0.0", "none")
+        for name, value in run.settings.items()
+    )
+
+
 def compliance(runs: list[logparse.RunLog], totals: dict[int, int]) -> dict[str, bool]:
     train_ms = [r.train_time_ms for r in runs]
     audit_pass = all(r.audit_verdict == "PASS" for r in runs)
@@ -220,6 +257,7 @@ def compliance(runs: list[logparse.RunLog], totals: dict[int, int]) -> dict[str,
         "eval_under_600s": all(r.projected_8gpu_eval_s is not None and r.projected_8gpu_eval_s <= EVAL_LIMIT_S for r in runs),
         "score_first_ttt": audit_pass,
         "no_pre_quant_ttt": audit_pass and all(r.scored_after_serialization for r in runs),
+        **{flag: not any(technique_on(r, prefix) for r in runs) for flag, prefix in TECHNIQUE_SETTING_PREFIXES.items()},
         "three_seeds": len({r.seed for r in runs}) >= 3,
         "audit_passed": audit_pass,
     }
@@ -238,18 +276,22 @@ def hardware(runs: list[logparse.RunLog]) -> str | None:
     return _joined(f"{r.world_size or 1}x {r.versions.get('device') or r.device or 'unknown device'}" for r in runs)
 
 
-def seed_result(run: logparse.RunLog) -> dict:
+def seed_result(run: logparse.RunLog, total_bytes: int) -> dict:
+    """One seed as the official records give it; artifact_bytes is the counted total (model + code)."""
     return {
         "val_bpb": run.final_val_bpb,
         "val_loss": run.final_val_loss,
-        "artifact_bytes": run.artifact_bytes,
+        "artifact_bytes": total_bytes,
         "steps": run.steps,
         "step_avg_ms": run.step_avg_ms,
+        "train_time_s": _round(None if run.train_time_ms is None else run.train_time_ms / 1000, 3),
         "eval_time_s": _round(run.eval_time_s, 3),
     }
 
 
 def submission(args: argparse.Namespace, runs: list[logparse.RunLog], totals: dict[int, int], code_bytes: int) -> dict:
+    """submission.json: the official keys plus those the recent records add. The stds are sample
+    stds (ddof=1), as the t-test uses; records/stats.py prints the population std too."""
     bpbs, losses = [r.final_val_bpb for r in runs], [r.final_val_loss for r in runs]
     return {
         "author": args.author,
@@ -263,8 +305,11 @@ def submission(args: argparse.Namespace, runs: list[logparse.RunLog], totals: di
         "bytes_code": code_bytes,
         "track": "non_record_16mb" if args.non_record else "10min_16mb",
         "seeds": [r.seed for r in runs],
-        "seed_results": {str(r.seed): seed_result(r) for r in runs},
+        "seed_results": {str(r.seed): seed_result(r, totals[r.seed]) for r in runs},
         "val_bpb_std": _round(stats.sample_std(bpbs)),
+        "val_loss_std": _round(stats.sample_std(losses)),
+        "artifact_bytes_mean": round(stats.mean(list(totals.values()))),
+        "artifact_bytes_max": max(totals.values()),
         "hardware": hardware(runs),
         "pytorch_version": _joined(r.versions.get("torch") for r in runs),
         "technique_summary": args.technique_summary,
@@ -322,14 +367,13 @@ def compliance_notes(runs: list[logparse.RunLog], totals: dict[int, int], flags:
         f"- {box(flags['audit_passed'])} Evaluation audit (`eval_audit_verdict`): {verdicts}.",
         f"- {box(flags['score_first_ttt'])} Score-first TTT: every token is scored before any update that used it (audit).",
         f"- {box(flags['no_pre_quant_ttt'])} No pre-quant TTT: every score comes from the artifact reloaded after it was written.",
+        f"- {box(flags['no_slot'] and flags['no_etlb'] and flags['no_ngram_cache'])} No SLOT, no ETLB, no n-gram cache: "
+        "no setting of those families is on in the logs.",
         f"- {box(flags['three_seeds'])} {len(runs)} seed(s): {', '.join(str(r.seed) for r in runs)}.",
         f"- Code: every log records `code_sha256:{script_sha}`, the sha256 of the script"
         + (" that `train_gpt.py` here decompresses to (lzma + base85 wrapper)." if wrapped else " shipped here as `train_gpt.py`."),
         "- No validation data during training and no network during evaluation (see the method).",
     ]
-    invalid = [r for r in runs if r.submission_valid is False]
-    if invalid:
-        lines.append("- Logged `submission_valid:no`: " + "; ".join(f"seed {r.seed}: {r.submission_reason or 'no reason given'}" for r in invalid))
     return "\n".join(lines)
 
 

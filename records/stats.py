@@ -8,7 +8,12 @@ converted with the new runs' own ratio val_loss / val_bpb = ln 2 * (bytes per to
 
     python3 records/stats.py logs/seed1337.txt logs/seed42.txt logs/seed2025.txt \\
         --prev-bpb 1.1194 1.1201 1.1188          # per-seed scores of the previous record (Welch)
-    python3 records/stats.py logs/*.txt --prev-submission records/track_10min_16mb/.../submission.json
+    python3 records/stats.py logs/seed{1337,42,2025}.txt --prev-submission records/track_10min_16mb/.../submission.json
+
+The spread is given both ways, because the records differ: some report the sample std (ddof=1,
+what the t-test uses), others the population std (ddof=0); with --prev-submission the report says
+which one that record's val_bpb_std is. Logs must have distinct seeds: one run counted twice (the
+same log given twice, or an older log of the run renamed by the logger) is refused.
 
 The Student t distribution is computed here (regularized incomplete beta function by its
 continued fraction), so the tool needs nothing beyond the standard library.
@@ -21,6 +26,7 @@ import json
 import math
 import sys
 from dataclasses import asdict, dataclass
+from decimal import Decimal
 from pathlib import Path
 
 import logparse
@@ -89,11 +95,29 @@ def mean(xs: list[float]) -> float:
 
 
 def sample_std(xs: list[float]) -> float | None:
-    """Standard deviation with ddof=1; None for fewer than two values."""
+    """Standard deviation with ddof=1 (what the t-test uses); None for fewer than two values."""
     if len(xs) < 2:
         return None
     m = mean(xs)
     return math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1))
+
+
+def population_std(xs: list[float]) -> float | None:
+    """Standard deviation with ddof=0; None for fewer than two values."""
+    if len(xs) < 2:
+        return None
+    m = mean(xs)
+    return math.sqrt(sum((x - m) ** 2 for x in xs) / len(xs))
+
+
+def std_convention(xs: list[float], reported: float) -> str | None:
+    """Which standard deviation a record's reported std is: "sample", "population", or None when
+    it is neither once rounded to the digits it was reported with. Records use both."""
+    digits = max(0, -Decimal(str(reported)).as_tuple().exponent)
+    for name, std in (("sample", sample_std(xs)), ("population", population_std(xs))):
+        if std is not None and abs(std - reported) <= 0.5 * 10.0**-digits + 1e-12:
+            return name
+    return None
 
 
 def welch_df(var_a: float, n_a: int, var_b: float, n_b: int) -> float:
@@ -139,17 +163,31 @@ def improvement_test(new: list[float], prev: list[float], margin: float = 0.0) -
 
 
 @dataclass
+class PreviousRecord:
+    """The per-seed scores of the record to beat, and the std it reported (if any)."""
+
+    bpb: list[float]
+    seeds: list | None = None
+    reported_std_bpb: float | None = None
+
+
+@dataclass
 class RecordReport:
     seeds: list
     new_bpb: list[float]
     new_mean_bpb: float
-    new_std_bpb: float | None
+    new_std_bpb: float | None  # sample std (ddof=1): the one the t-test uses
+    new_population_std_bpb: float | None
     new_mean_loss: float | None
     new_std_loss: float | None
+    new_population_std_loss: float | None
     nats_per_bpb: float | None
     prev_bpb: list[float]
+    prev_seeds: list | None
     prev_mean_bpb: float | None
     prev_std_bpb: float | None
+    prev_reported_std_bpb: float | None
+    prev_std_convention: str | None  # which std the previous record reported: sample or population
     improvement_bpb: float | None
     improvement_nats: float | None
     threshold_nats: float
@@ -160,7 +198,9 @@ class RecordReport:
     is_record: bool | None  # None when there is nothing to compare with
 
 
-def record_report(runs: list[logparse.RunLog], prev_bpb: list[float], threshold_nats: float = THRESHOLD_NATS, alpha: float = ALPHA) -> RecordReport:
+def record_report(runs: list[logparse.RunLog], prev: PreviousRecord | list[float], threshold_nats: float = THRESHOLD_NATS, alpha: float = ALPHA) -> RecordReport:
+    prev = prev if isinstance(prev, PreviousRecord) else PreviousRecord(list(prev))
+    prev_bpb = prev.bpb
     new_bpb = [r.final_val_bpb for r in runs]
     losses = [r.final_val_loss for r in runs if r.final_val_loss is not None]
     ratios = [r.nats_per_bpb for r in runs if r.nats_per_bpb is not None]
@@ -171,12 +211,17 @@ def record_report(runs: list[logparse.RunLog], prev_bpb: list[float], threshold_
         new_bpb=new_bpb,
         new_mean_bpb=mean(new_bpb),
         new_std_bpb=sample_std(new_bpb),
+        new_population_std_bpb=population_std(new_bpb),
         new_mean_loss=mean(losses) if losses else None,
         new_std_loss=sample_std(losses),
+        new_population_std_loss=population_std(losses),
         nats_per_bpb=ratio,
         prev_bpb=list(prev_bpb),
+        prev_seeds=prev.seeds,
         prev_mean_bpb=mean(prev_bpb) if prev_bpb else None,
         prev_std_bpb=sample_std(prev_bpb),
+        prev_reported_std_bpb=prev.reported_std_bpb,
+        prev_std_convention=std_convention(prev_bpb, prev.reported_std_bpb) if prev.reported_std_bpb is not None else None,
         improvement_bpb=None,
         improvement_nats=None,
         threshold_nats=threshold_nats,
@@ -201,17 +246,23 @@ def _fmt(value: float | None, digits: int = 8) -> str:
 
 def format_report(rep: RecordReport) -> str:
     lines = [
-        f"new runs: {len(rep.new_bpb)} (seeds {', '.join(str(s) for s in rep.seeds)})",
-        f"  val_bpb   {_fmt(rep.new_mean_bpb)} ± {_fmt(rep.new_std_bpb)}  (mean ± sample std)",
-        f"  val_loss  {_fmt(rep.new_mean_loss)} ± {_fmt(rep.new_std_loss)}  nats/token",
+        f"new runs: {len(rep.new_bpb)} (seeds {', '.join('?' if s is None else str(s) for s in rep.seeds)})",
+        f"  val_bpb   {_fmt(rep.new_mean_bpb)} ± {_fmt(rep.new_std_bpb)} sample std (ddof=1), ± {_fmt(rep.new_population_std_bpb)} population std (ddof=0)",
+        f"  val_loss  {_fmt(rep.new_mean_loss)} ± {_fmt(rep.new_std_loss)} sample std, ± {_fmt(rep.new_population_std_loss)} population std (nats/token)",
         f"  nats per bpb: {_fmt(rep.nats_per_bpb, 6)}  (val_loss / val_bpb = ln 2 * bytes per token)",
+        "  records report either std (check val_bpb_std against their seeds); the t-test uses the sample std",
     ]
     if not rep.prev_bpb:
         lines.append("no previous record given (--prev-bpb, --prev-logs or --prev-submission): nothing to test")
         return "\n".join(lines)
     lines += [
-        f"previous: {len(rep.prev_bpb)} value(s)",
-        f"  val_bpb   {_fmt(rep.prev_mean_bpb)} ± {_fmt(rep.prev_std_bpb)}",
+        f"previous: {len(rep.prev_bpb)} value(s)" + (f" (seeds {', '.join(map(str, rep.prev_seeds))})" if rep.prev_seeds else ""),
+        f"  val_bpb   {_fmt(rep.prev_mean_bpb)} ± {_fmt(rep.prev_std_bpb)} sample std",
+    ]
+    if rep.prev_reported_std_bpb is not None:
+        which = f"the {rep.prev_std_convention} std of its seeds" if rep.prev_std_convention else "neither the sample nor the population std of its seeds"
+        lines.append(f"  its submission.json reports val_bpb_std {rep.prev_reported_std_bpb:g}: {which}")
+    lines += [
         f"improvement: {_fmt(rep.improvement_bpb)} bpb = {_fmt(rep.improvement_nats, 6)} nats"
         f"  (needed: {rep.threshold_nats:g} nats = {_fmt(rep.threshold_bpb)} bpb)",
     ]
@@ -233,31 +284,64 @@ class StatsError(Exception):
 
 
 def load_runs(paths: list[str]) -> list[logparse.RunLog]:
+    """The runs of the logs, each with a final score and a seed no other log has: the test assumes
+    independent runs, and the same seed twice (a log given twice, or an older log of the same run
+    renamed by the logger) would count one run as two."""
     runs = [logparse.parse_log(p) for p in paths]
     for run in runs:
         if run.final_val_bpb is None:
-            raise StatsError(f"{run.path}: no final score (no final_..._exact line); did the run finish?")
+            raise StatsError(f"{run.path}: no final score (no final evaluation line); did the run finish?")
+    by_seed: dict[int, list[str]] = {}
+    for run in runs:
+        if run.seed is not None:
+            by_seed.setdefault(run.seed, []).append(Path(run.path).name)
+    for seed, names in by_seed.items():
+        if len(names) > 1:
+            raise StatsError(f"seed {seed} is in {len(names)} logs ({', '.join(names)}): give one log per seed")
     return runs
 
 
-def previous_scores(args: argparse.Namespace) -> list[float]:
+def previous_record(args: argparse.Namespace) -> PreviousRecord:
     if args.prev_bpb:
-        return list(args.prev_bpb)
+        return PreviousRecord(list(args.prev_bpb))
     if args.prev_logs:
-        return [r.final_val_bpb for r in load_runs(args.prev_logs)]
+        runs = load_runs(args.prev_logs)
+        return PreviousRecord([r.final_val_bpb for r in runs], [r.seed for r in runs])
     if args.prev_submission:
-        return scores_from_submission(Path(args.prev_submission))
-    return []
+        return record_from_submission(Path(args.prev_submission))
+    return PreviousRecord([])
 
 
-def scores_from_submission(path: Path) -> list[float]:
+def per_seed_bpb(sub: dict) -> dict:
+    """seed -> val_bpb from the per-seed forms records use: "seed_results" as {seed: {val_bpb}} or
+    [{seed, val_bpb}], or "seeds" with "seed_scores" (a list in the same order, or {seed: val_bpb})."""
+    results = sub.get("seed_results")
+    if isinstance(results, dict):
+        return {seed: float(r["val_bpb"]) for seed, r in results.items()}
+    if isinstance(results, list):
+        return {r.get("seed", i): float(r["val_bpb"]) for i, r in enumerate(results)}
+    scores = sub.get("seed_scores")
+    if isinstance(scores, dict):
+        return {seed: float(v) for seed, v in scores.items()}
+    if isinstance(scores, list):
+        seeds = sub.get("seeds") or list(range(len(scores)))
+        if len(seeds) != len(scores):
+            raise ValueError(f"{len(seeds)} seeds but {len(scores)} seed_scores")
+        return {seed: float(v) for seed, v in zip(seeds, scores)}
+    return {}
+
+
+def record_from_submission(path: Path) -> PreviousRecord:
     """Per-seed scores of a submission.json if it has them, else its single val_bpb."""
     try:
         sub = json.loads(path.read_text(encoding="utf-8"))
-        per_seed = [float(v["val_bpb"]) for v in (sub.get("seed_results") or {}).values()]
-        return per_seed or [float(sub["val_bpb"])]
+        per_seed = per_seed_bpb(sub)
+        std = sub.get("val_bpb_std")
+        if per_seed:
+            return PreviousRecord(list(per_seed.values()), list(per_seed), float(std) if std is not None else None)
+        return PreviousRecord([float(sub["val_bpb"])])
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-        raise StatsError(f"{path}: cannot read val_bpb or seed_results ({e})") from None
+        raise StatsError(f"{path}: cannot read val_bpb or its per-seed scores ({type(e).__name__}: {e})") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -270,7 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
     prev = parser.add_mutually_exclusive_group()
     prev.add_argument("--prev-bpb", type=float, nargs="+", metavar="BPB", help="previous record's per-seed val_bpb (one value = its mean: one-sample test)")
     prev.add_argument("--prev-logs", nargs="+", metavar="LOG", help="previous record's logs")
-    prev.add_argument("--prev-submission", metavar="JSON", help="previous record's submission.json (seed_results, else val_bpb)")
+    prev.add_argument("--prev-submission", metavar="JSON", help="previous record's submission.json (its per-seed scores, else val_bpb)")
     parser.add_argument("--threshold-nats", type=float, default=THRESHOLD_NATS, help="required improvement in nats (default %(default)s)")
     parser.add_argument("--alpha", type=float, default=ALPHA, help="significance level (default %(default)s)")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -280,7 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        report = record_report(load_runs(args.logs), previous_scores(args), args.threshold_nats, args.alpha)
+        report = record_report(load_runs(args.logs), previous_record(args), args.threshold_nats, args.alpha)
     except (StatsError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

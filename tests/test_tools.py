@@ -47,20 +47,24 @@ def shard_bytes(n_tokens: int, seed: int) -> bytes:
     return header.tobytes() + tokens.tobytes()
 
 
-def make_hub(tmp_path: Path, *, with_sizes: bool = True, extra_train: int = 0) -> tuple[Path, dict[str, bytes]]:
+def make_hub(tmp_path: Path, *, with_sizes: bool = True, extra_train: int = 0, repo: str = REPO_ID, variant: str = "sp1024",
+             docs: bytes | None = None) -> tuple[Path, dict[str, bytes]]:
     """A folder laid out like the hub: {hub}/datasets/{repo}/resolve/main/{prefix}/...; returns (hub, files)."""
-    files = {f"datasets/{DATASET}/fineweb_val_000000.bin": shard_bytes(3000, 0)}
+    name = f"fineweb10B_{variant}"
+    files = {f"datasets/{name}/fineweb_val_000000.bin": shard_bytes(3000, 0)}
     for i in range(3):
-        files[f"datasets/{DATASET}/fineweb_train_{i:06d}.bin"] = shard_bytes(2000 + i, i + 1)
+        files[f"datasets/{name}/fineweb_train_{i:06d}.bin"] = shard_bytes(2000 + i, i + 1)
     files["tokenizers/fineweb_1024_bpe.model"] = b"sentencepiece model bytes"
     files["tokenizers/fineweb_1024_bpe.vocab"] = b"<unk>\t0\n"
-    root = tmp_path / "hub" / "datasets" / REPO_ID / "resolve" / "main" / PREFIX
+    if docs is not None:
+        files["docs_selected.jsonl"] = docs
+    root = tmp_path / "hub" / "datasets" / repo / "resolve" / "main" / PREFIX
     for rel, data in files.items():
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         (root / rel).write_bytes(data)
     shard_rels = [rel for rel in files if rel.endswith(".bin")]
-    shard_rels += [f"datasets/{DATASET}/fineweb_train_{3 + i:06d}.bin" for i in range(extra_train)]  # listed, absent
-    dataset = {"name": DATASET, "tokenizer_name": "fineweb_1024_bpe", "stats": {"files_train": 3 + extra_train, "files_val": 1}}
+    shard_rels += [f"datasets/{name}/fineweb_train_{3 + i:06d}.bin" for i in range(extra_train)]  # listed, absent
+    dataset = {"name": name, "tokenizer_name": "fineweb_1024_bpe", "stats": {"files_train": 3 + extra_train, "files_val": 1}}
     tokenizer = {"name": "fineweb_1024_bpe", "model_path": "tokenizers/fineweb_1024_bpe.model", "vocab_path": "tokenizers/fineweb_1024_bpe.vocab"}
     if with_sizes:
         dataset["files"] = [{"path": rel, "bytes": len(files.get(rel, b"x" * 5000))} for rel in shard_rels]
@@ -198,6 +202,60 @@ def test_download_bad_manifest_is_a_clear_error(tmp_path, hub_env, capsys):
     assert not (tmp_path / "data").exists()
 
 
+def manifest_on_hub(hub: Path, repo: str = REPO_ID) -> Path:
+    return hub / "datasets" / repo / "resolve" / "main" / PREFIX / "manifest.json"
+
+
+def test_download_any_sp_variant_the_manifest_lists(tmp_path, hub_env, capsys):
+    hub, files = make_hub(tmp_path, variant="sp2048")
+    hub_env(hub)
+    out = tmp_path / "data"
+    assert downloader.main(["--variant", "sp2048", "--output-dir", str(out), "--train-shards", "1"]) == 0
+    assert (out / "datasets/fineweb10B_sp2048/fineweb_val_000000.bin").read_bytes() == files["datasets/fineweb10B_sp2048/fineweb_val_000000.bin"]
+    assert downloader.main(["--variant", "sp512", "--output-dir", str(out), "--train-shards", "1"]) == 1
+    err = capsys.readouterr().err
+    assert "fineweb10B_sp512" in err and "its variants: sp2048" in err and err.count("\n") == 1
+    with pytest.raises(SystemExit):  # not sp<N> or byte260: argparse's usage error
+        downloader.main(["--variant", "gpt2", "--output-dir", str(out)])
+
+
+def test_download_keeps_the_manifest_and_needs_no_network_when_all_is_there(tmp_path, hub_env, capsys):
+    hub, _ = make_hub(tmp_path)
+    hub_env(hub)
+    out = tmp_path / "data"
+    assert run_downloader(out, "--train-shards", "2") == 0
+    assert (out / "manifest.json").read_bytes() == manifest_on_hub(hub).read_bytes()
+    hub_env(tmp_path / "no_hub_here")  # the hub is gone: a complete download still succeeds
+    capsys.readouterr()
+    assert run_downloader(out, "--train-shards", "2") == 0
+    assert all(" have " in line for line in capsys.readouterr().out.splitlines() if line.startswith("["))
+    (out / f"datasets/{DATASET}/fineweb_train_000001.bin").unlink()  # a missing file needs the hub again
+    assert run_downloader(out, "--train-shards", "2") == 1
+    assert "no manifest.json at" in capsys.readouterr().err
+
+
+def test_skip_manifest_plans_from_the_kept_copy(tmp_path, hub_env, capsys):
+    hub, files = make_hub(tmp_path)
+    hub_env(hub)
+    out = tmp_path / "data"
+    assert run_downloader(out, "--train-shards", "1", "--skip-manifest") == 1
+    assert "--skip-manifest needs" in capsys.readouterr().err and not (out / "manifest.json").exists()
+    assert run_downloader(out, "--train-shards", "1") == 0
+    manifest_on_hub(hub).unlink()  # fetching the manifest now fails; --skip-manifest does not fetch it
+    assert run_downloader(out, "--train-shards", "3", "--skip-manifest") == 0
+    assert (out / f"datasets/{DATASET}/fineweb_train_000002.bin").read_bytes() == files[f"datasets/{DATASET}/fineweb_train_000002.bin"]
+
+
+def test_with_docs_fetches_the_source_documents(tmp_path, hub_env):
+    docs = b'{"text": "first document"}\n{"text": "second document"}\n'
+    hub, _ = make_hub(tmp_path, docs=docs)
+    hub_env(hub)
+    out = tmp_path / "data"
+    assert run_downloader(out, "--train-shards", "0") == 0 and not (out / "docs_selected.jsonl").exists()
+    assert run_downloader(out, "--train-shards", "0", "--with-docs") == 0
+    assert (out / "docs_selected.jsonl").read_bytes() == docs
+
+
 def test_download_offline_exits_with_one_line_and_no_traceback(tmp_path):
     with socket.socket() as s:  # a port nobody listens on: connection refused at once
         s.bind(("127.0.0.1", 0))
@@ -236,8 +294,16 @@ DEFAULT_SETTINGS = {"NUM_LAYERS": "12", "MLP_MULT": "3.0", "TTT_ENABLED": "True"
 
 
 def our_log(seed: int, source: str = SOURCE, *, bpb: float = 1.1, artifact: int = 15_500_000, train_ms: float = 598_123.0,
-            audit: str = "PASS", projected: float = 450.0, settings: dict | None = None, final: bool = True, sha: str | None = None) -> str:
+            audit: str = "PASS", valid: bool | None = None, projected: float = 450.0, settings: dict | None = None, final: bool = True,
+            sha: str | None = None) -> str:
+    """A log as train_gpt.py writes it. audit: PASS, FAIL or SKIPPED (EVAL_AUDIT=0); valid: the
+    submission_valid line, by default what train_gpt.py decides from the audit."""
     sha = sha or hashlib.sha256(source.encode()).hexdigest()
+    valid = audit != "FAIL" if valid is None else valid
+    audit_lines = [] if audit == "SKIPPED" else [
+        "eval_audit path:standard verdict:PASS positions:62021632 scored_once:yes",
+        f"eval_audit path:ttt_lora verdict:{audit} perturbation_max_delta:0.0",
+    ]
     code = len(source.encode())
     loss = bpb * 1.69
     lines = [
@@ -277,11 +343,11 @@ def our_log(seed: int, source: str = SOURCE, *, bpb: float = 1.1, artifact: int 
             f"final_int6_zstd_ttt_lora val_loss:{loss:.4f} val_bpb:{bpb:.4f} eval_time:301877ms",
             f"final_int6_zstd_ttt_lora_exact val_loss:{loss:.8f} val_bpb:{bpb:.8f}",
             f"ttt_base_same_docs val_bpb:{bpb + 0.006:.8f} ttt_gain_bpb:0.006000",
-            "eval_audit path:standard verdict:PASS positions:62021632 scored_once:yes",
-            f"eval_audit path:ttt_lora verdict:{audit} perturbation_max_delta:0.0",
+            *audit_lines,
+            f"final_int8_zlib_roundtrip_exact val_loss:{loss:.8f} val_bpb:{bpb:.8f}",
             f"eval_audit_verdict:{audit}",
             f"eval_time_total:392190ms projected_8gpu_s:{projected:.1f} fits_600s:{'yes' if projected <= 600 else 'no'}",
-            "submission_valid:yes" if audit == "PASS" else "submission_valid:no reason:eval audit failed",
+            "submission_valid:yes" if valid else "submission_valid:no reason:audit_failed",
         ]
     return "\n".join(lines) + "\n"
 
@@ -319,9 +385,11 @@ def test_parse_our_log():
     assert (run.peak_mem_allocated_mib, run.peak_mem_reserved_mib) == (21034, 22018)
     assert (run.pre_quant_weights, run.pre_quant_val_bpb) == ("ema", 1.0825)
     assert (run.quant_scheme, run.artifact_bytes, run.total_bytes, run.size_cap_bytes, run.fits_cap) == ("int6_zstd", 15_500_000, 15_500_000 + len(SOURCE.encode()), 16_000_000, True)
-    assert set(run.finals) == {"roundtrip", "sliding_window", "ttt_lora"}
-    assert run.finals["sliding_window"] == (pytest.approx(1.69 * 1.1 + 0.01), pytest.approx(1.106), 88012.0)
-    assert (run.final_path, run.final_val_bpb, run.final_val_loss) == ("ttt_lora", 1.1, pytest.approx(1.859))
+    assert set(run.finals) == {"roundtrip", "sliding_window", "ttt"}
+    assert run.finals["sliding_window"] == (pytest.approx(1.69 * 1.1 + 0.01), pytest.approx(1.106), 88012.0, "final_int6_zstd_sliding_window")
+    assert run.finals["roundtrip"].name == "final_int6_zstd_roundtrip", "the alias line is not the roundtrip path"
+    assert run.aliases == ["final_int8_zlib_roundtrip_exact"]
+    assert (run.final_path, run.final_val_bpb, run.final_val_loss) == ("ttt", 1.1, pytest.approx(1.859))
     assert (run.quant_gap_bpb, run.ttt_gain_bpb, run.ttt_base_bpb) == (0.0075, 0.006, pytest.approx(1.106))
     assert run.audits == {"standard": "PASS", "ttt_lora": "PASS"} and run.audit_verdict == "PASS"
     assert (run.eval_time_total_ms, run.projected_8gpu_eval_s, run.fits_600s, run.eval_time_s) == (392190.0, 450.0, True, 392.19)
@@ -336,7 +404,7 @@ def test_parse_failed_run_and_official_log():
     assert (run.seed, run.run_id, run.settings, run.code_sha256) == (1337, "baseline_8gpu", {}, None)
     assert (run.steps, run.train_time_ms, run.step_avg_ms, run.stopped_early) == (13780, 600038.0, 43.54, True)
     assert (run.artifact_bytes, run.code_size_bytes, run.total_bytes) == (15815847, 47642, 15863489)  # not the raw lines
-    assert run.finals == {"roundtrip": (2.07269931, 1.2243657, 1401.0)}
+    assert run.finals == {"roundtrip": (2.07269931, 1.2243657, 1401.0, "final_int8_zlib_roundtrip")}
     assert (run.final_path, run.final_val_bpb, run.quant_scheme) == ("roundtrip", 1.2243657, "int8+zlib")
     assert run.audit_verdict is None and run.projected_8gpu_eval_s is None and run.eval_time_s == 1.401
 
@@ -379,6 +447,7 @@ def test_make_submission_builds_the_folder(tmp_path, runs_dir):
     sub = json.loads((folder / "submission.json").read_text())
     types = {"author": str, "github_id": str, "name": str, "blurb": str, "date": str, "val_loss": float, "val_bpb": float,
              "bytes_total": int, "bytes_code": int, "track": str, "seeds": list, "seed_results": dict, "val_bpb_std": float,
+             "val_loss_std": float, "artifact_bytes_mean": int, "artifact_bytes_max": int,
              "hardware": str, "pytorch_version": str, "technique_summary": str, "compliance": dict}
     assert set(sub) == set(types) and all(isinstance(sub[k], t) for k, t in types.items())
     code = len(SOURCE.encode())
@@ -388,9 +457,13 @@ def test_make_submission_builds_the_folder(tmp_path, runs_dir):
     assert (sub["hardware"], sub["pytorch_version"]) == ("8x NVIDIA H100 80GB HBM3", "2.6.0+cu126")
     assert set(sub["seed_results"]) == {"1337", "42", "2025"}
     seed42 = sub["seed_results"]["42"]
-    assert seed42 == {"val_bpb": 1.0995, "val_loss": pytest.approx(1.0995 * 1.69), "artifact_bytes": 15_500_000, "steps": 6901, "step_avg_ms": 86.71, "eval_time_s": 392.19}
+    assert seed42 == {"val_bpb": 1.0995, "val_loss": pytest.approx(1.0995 * 1.69), "artifact_bytes": 15_500_000 + code, "steps": 6901,
+                      "step_avg_ms": 86.71, "train_time_s": 598.123, "eval_time_s": 392.19}  # artifact_bytes: the counted total
+    assert (sub["artifact_bytes_max"], sub["artifact_bytes_mean"]) == (15_500_000 + code, 15_500_000 + code)
+    assert sub["val_loss_std"] == pytest.approx(np.std([1.1001 * 1.69, 1.0995 * 1.69, 1.1010 * 1.69], ddof=1), abs=1e-8)
     assert sub["compliance"] == {"train_under_600s": True, "artifact_under_16mb": True, "eval_under_600s": True, "score_first_ttt": True,
-                                 "no_pre_quant_ttt": True, "three_seeds": True, "audit_passed": True}
+                                 "no_pre_quant_ttt": True, "no_slot": True, "no_etlb": True, "no_ngram_cache": True, "three_seeds": True,
+                                 "audit_passed": True}
 
     readme = (folder / "README.md").read_text()
     assert "## Method" in readme and "## Compliance" in readme and "mean ± std" in readme
@@ -405,13 +478,15 @@ def test_make_submission_compliance_follows_the_logs(tmp_path):
     script = tmp_path / "train_gpt.py"
     script.write_text(SOURCE)
     logs = [tmp_path / "a.txt", tmp_path / "b.txt"]
-    logs[0].write_text(our_log(1, train_ms=600_038, audit="FAIL", projected=640.0))
-    logs[1].write_text(our_log(2))
+    slot_on = {**DEFAULT_SETTINGS, "SLOT_STEPS": "8"}
+    logs[0].write_text(our_log(1, audit="SKIPPED", projected=640.0, settings=slot_on))
+    logs[1].write_text(our_log(2, settings=slot_on))
     assert package(tmp_path, script, logs, "--non-record") == 0
     sub = json.loads((tmp_path / "out" / "track_non_record_16mb" / "2025-01-02_Test_Run" / "submission.json").read_text())
     assert sub["track"] == "non_record_16mb"
-    assert sub["compliance"] == {"train_under_600s": False, "artifact_under_16mb": True, "eval_under_600s": False, "score_first_ttt": False,
-                                 "no_pre_quant_ttt": False, "three_seeds": False, "audit_passed": False}
+    assert sub["compliance"] == {"train_under_600s": True, "artifact_under_16mb": True, "eval_under_600s": False, "score_first_ttt": False,
+                                 "no_pre_quant_ttt": False, "no_slot": False, "no_etlb": True, "no_ngram_cache": True, "three_seeds": False,
+                                 "audit_passed": False}
 
 
 def _refused(tmp_path, capsys, script, logs, *words) -> None:
@@ -445,6 +520,34 @@ def test_refuses_a_log_without_final_score_or_with_other_settings(tmp_path, runs
     _refused(tmp_path, capsys, script, logs, "no final score")
     logs[0].write_text(our_log(1337, settings={**DEFAULT_SETTINGS, "NUM_LAYERS": "11"}))
     _refused(tmp_path, capsys, script, logs, "NUM_LAYERS (11 vs 12)")
+
+
+def test_refuses_a_run_that_died_during_evaluation(tmp_path, runs_dir, capsys):
+    """Killed during TTT: the log's last score is the sliding window's, which is not the run's score."""
+    script, logs = runs_dir
+    logs[2].write_text(our_log(2025).split("final_int6_zstd_ttt_lora ")[0])
+    assert logparse.parse_log(logs[2]).final_path == "sliding_window"
+    _refused(tmp_path, capsys, script, logs, "no submission_valid line", "stopped before its evaluation finished")
+
+
+def test_refuses_a_run_that_logged_submission_valid_no(tmp_path, runs_dir, capsys):
+    script, logs = runs_dir
+    logs[1].write_text(our_log(42, audit="FAIL"))
+    _refused(tmp_path, capsys, script, logs, "submission_valid:no", "audit_failed")
+
+
+def test_refuses_a_failed_audit_even_when_the_run_says_valid(tmp_path, runs_dir, capsys):
+    script, logs = runs_dir
+    logs[1].write_text(our_log(42, audit="FAIL", valid=True))
+    _refused(tmp_path, capsys, script, logs, "audit of ttt_lora did not pass")
+
+
+def test_refuses_two_logs_of_one_seed(tmp_path, runs_dir, capsys):
+    """The logger keeps an older log of the same RUN_ID as {RUN_ID}.{stamp}.txt: the same seed again."""
+    script, logs = runs_dir
+    renamed = logs[1].with_name("run_seed42.20250101_120000.txt")
+    renamed.write_text(our_log(42, bpb=1.0980))
+    _refused(tmp_path, capsys, script, [*logs, renamed], "several logs for seed 42")
 
 
 def test_refuses_a_log_holding_two_appended_runs(tmp_path, runs_dir, capsys):
@@ -515,6 +618,16 @@ def test_record_needs_the_threshold_in_nats_at_one_percent(tmp_path, capsys):
     assert "one-sample" in capsys.readouterr().out
 
 
+def test_stats_refuses_the_same_seed_twice(tmp_path, capsys):
+    """An older log of the same run, renamed by the logger, must not count as a second seed."""
+    logs = [tmp_path / "record_seed42.txt", tmp_path / "record_seed42.20250101_120000.txt", tmp_path / "record_seed7.txt"]
+    for path, seed, bpb in zip(logs, (42, 42, 7), (1.1000, 1.0990, 1.1010)):
+        path.write_text(our_log(seed, bpb=bpb))
+    assert stats.main([*map(str, logs), "--prev-bpb", "1.1200", "1.1210", "1.1190"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: seed 42 is in 2 logs") and err.count("\n") == 1, err
+
+
 # ----------------------------------------------------------------------------- compare
 
 
@@ -530,3 +643,25 @@ def test_compare_prints_one_row_per_run(tmp_path, capsys):
     assert cells[6:8] == ["+0.0075", "+0.0060"] and cells[10] == f"{15_500_000 + len(SOURCE.encode()):,}"
     official_cells = [c.strip() for c in lines[3].strip("|").split("|")]
     assert official_cells[:5] == ["baseline_8gpu", "1337", "1.2244", "-", "-"]
+
+
+# ----------------------------------------------------------------------------- the README commands
+
+
+@pytest.mark.parametrize("readme", ["README.md", "records/README.md"])
+def test_readme_log_arguments_match_only_the_runs_meant(tmp_path, readme):
+    """The logger renames an older log of the same RUN_ID to {RUN_ID}.{YYYYmmdd_HHMMSS}.txt; the
+    commands must take the log of each seed of the README's loop, and nothing else."""
+    text = (REPO / readme).read_text()
+    blocks = re.findall(r"```bash\n(.*?)```", text, re.S)
+    seeds = re.search(r"for SEED in ([\d ]+);", text).group(1).split()
+    meant = sorted(f"logs/record_seed{seed}.txt" for seed in seeds)
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    for name in [*meant, "logs/record_seed42.20250101_120000.txt", "logs/record_seed1337.20250101_120500.txt"]:
+        (tmp_path / name).write_text("")
+    arguments = {arg for block in blocks for line in block.splitlines() if "records/" in line for arg in re.findall(r"logs/record_\S+", line)}
+    assert arguments, f"{readme} has no records/ command reading logs"
+    for arg in arguments:
+        expanded = subprocess.run(["bash", "-c", f"shopt -s nullglob; printf '%s\\n' {arg}"], cwd=tmp_path, capture_output=True, text=True, check=True)
+        assert sorted(expanded.stdout.split()) == meant, (readme, arg, expanded.stdout)
