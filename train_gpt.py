@@ -178,6 +178,23 @@ _NOT_OUR_PREFIXES = {"MAX", "MIN", "RUN", "DATA", "MODEL", "NUM", "LOG", "VOCAB"
 _OUR_PREFIXES = {s.name.split("_")[0] for s in SETTINGS if "_" in s.name} - _NOT_OUR_PREFIXES
 
 
+def misspelt_setting(name: str) -> str | None:
+    """Why a variable looks like a mistyped setting (None if it is one, or unrelated): a typo must not train the default model."""
+    known = {s.name for s in SETTINGS}
+    upper = name.upper()
+    if name in known:
+        return None
+    if upper in known:
+        return f"{name} is not a setting; settings are upper-case: {upper}"
+    near = difflib.get_close_matches(upper, known, n=1, cutoff=0.85)
+    near += [k for k in sorted(known) if "_" in upper and (k.startswith(upper + "_") or upper.startswith(k + "_"))]
+    if near:
+        return f"unknown setting {name}; did you mean {near[0]}?"
+    if "_" in upper and upper.split("_")[0] in _OUR_PREFIXES:
+        return f"unknown setting {name}; see the README's table of settings"
+    return None
+
+
 def _parse_setting(setting: Setting, raw: str):
     kind = type(setting.default)
     try:
@@ -215,10 +232,8 @@ class Hyperparameters:
         environ = os.environ if environ is None else environ
         known = {s.name for s in SETTINGS}
         for name in environ:
-            if name.split("_")[0] in _OUR_PREFIXES and "_" in name and name not in known:
-                close = difflib.get_close_matches(name, known, n=1)
-                hint = f"; did you mean {close[0]}?" if close else "; see the README's table of settings"
-                raise SettingsError(f"unknown setting {name}{hint}")
+            if problem := misspelt_setting(name):
+                raise SettingsError(problem)
         for s in SETTINGS:
             value = s.default
             if s.name in environ:
@@ -276,12 +291,21 @@ class Runtime:
         return 8 // self.world_size
 
 
+def _launcher_int(name: str, default: str) -> int:
+    """WORLD_SIZE, RANK or LOCAL_RANK as torchrun sets them; a malformed one is a one-line error."""
+    raw = os.environ.get(name, default)
+    try:
+        return int(raw)
+    except ValueError:
+        raise SettingsError(f"{name}={raw!r} is not an integer; torchrun sets it, so unset it to run one process or launch with torchrun") from None
+
+
 def setup_runtime() -> Runtime:
     """One process per GPU (NCCL) or per CPU worker (gloo); WORLD_SIZE must divide 8."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    world_size = _launcher_int("WORLD_SIZE", "1")
     if world_size < 1 or 8 % world_size:
         raise SettingsError(f"WORLD_SIZE={world_size} must divide 8 (1, 2, 4 or 8 processes) so the global batch stays the same")
-    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    rank, local_rank = _launcher_int("RANK", "0"), _launcher_int("LOCAL_RANK", "0")
     if torch.cuda.is_available():
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
