@@ -398,7 +398,8 @@ def write_data_shard(path: str | Path, tokens: np.ndarray):
     write_atomic(path, header.tobytes() + tokens.astype("<u2").tobytes())
 
 
-def load_data_shard(path: str | Path) -> np.ndarray:
+def shard_token_count(path: str | Path) -> int:
+    """The token count in a shard's header, checked against the file's size (DataError if they disagree)."""
     path = Path(path)
     size = path.stat().st_size
     if size < SHARD_HEADER_INTS * 4:
@@ -407,11 +408,18 @@ def load_data_shard(path: str | Path) -> np.ndarray:
     if header[0] != SHARD_MAGIC:
         raise DataError(f"{path}: bad magic {header[0]} (expected {SHARD_MAGIC}); not a shard file, re-create it")
     if header[1] != SHARD_VERSION:
-        raise DataError(f"{path}: shard version {header[1]} is not supported (expected {SHARD_VERSION})")
+        raise DataError(
+            f"{path}: shard version {header[1]} is not supported (expected {SHARD_VERSION}); "
+            "re-download it with data/cached_challenge_fineweb.py or re-create it with data/build_shards.py"
+        )
     count = int(header[2])
     if size != SHARD_HEADER_INTS * 4 + 2 * count:
         raise DataError(f"{path}: header says {count} tokens ({SHARD_HEADER_INTS * 4 + 2 * count} bytes) but the file has {size} bytes; re-download or re-create it")
-    return np.fromfile(path, dtype="<u2", count=count, offset=SHARD_HEADER_INTS * 4)
+    return count
+
+
+def load_data_shard(path: str | Path) -> np.ndarray:
+    return np.fromfile(path, dtype="<u2", count=shard_token_count(path), offset=SHARD_HEADER_INTS * 4)
 
 
 def shard_files(data_path: str, split: str) -> list[str]:
@@ -431,6 +439,49 @@ def load_validation_tokens(data_path: str, vocab_size: int, max_tokens: int = 0)
     if int(tokens.max()) >= vocab_size:
         raise DataError(f"validation token id {int(tokens.max())} >= VOCAB_SIZE={vocab_size}; the shards were made with another tokenizer")
     return torch.from_numpy(tokens.astype(np.int64))
+
+
+def shard_problems(files: list[str], vocab_size: int) -> list[str]:
+    """Each shard's header against its size and its largest token id against VOCAB_SIZE (memory-mapped,
+    vectorized), so a bad shard stops the run before the first step, not when the loader reaches it."""
+    problems = []
+    for f in files:
+        try:
+            count = shard_token_count(f)
+            top = int(np.memmap(f, dtype="<u2", mode="r", offset=SHARD_HEADER_INTS * 4, shape=(count,)).max()) if count else 0
+        except (DataError, OSError) as e:  # OSError: unreadable, e.g. its permissions
+            problems.append(str(e))
+            continue
+        if top >= vocab_size:
+            problems.append(f"{f}: token id {top} >= VOCAB_SIZE={vocab_size}; the shard was made with another tokenizer: set VOCAB_SIZE and TOKENIZER_PATH to the ones that made it")
+    return problems
+
+
+TOKENIZER_FINGERPRINT = "tokenizer_fingerprint.json"  # beside shards made by data/build_shards.py; the official ones have none
+
+
+def file_sha256(path: str | Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def tokenizer_mismatch(data_path: str, tokenizer_path: str) -> str | None:
+    """Why TOKENIZER_PATH is not the tokenizer the shards record (None if it is, or if they record none):
+    with another tokenizer of the same size every other check passes and the bpb is silently wrong."""
+    record = Path(data_path) / TOKENIZER_FINGERPRINT
+    if not record.is_file():
+        return None
+    try:
+        made_with = json.loads(record.read_text())
+        recorded = made_with["tokenizer_sha256"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"{record} cannot be read; re-create the shards with data/build_shards.py"
+    actual = file_sha256(tokenizer_path)
+    if recorded == actual:
+        return None
+    return (
+        f"the shards in DATA_PATH={data_path} were made with the tokenizer {made_with.get('tokenizer', '?')} (sha256 {recorded[:12]}), "
+        f"not TOKENIZER_PATH={tokenizer_path} (sha256 {actual[:12]}); point TOKENIZER_PATH at the tokenizer that made them"
+    )
 
 
 class TokenStream:
@@ -525,7 +576,11 @@ def load_tokenizer_tables(tokenizer_path: str, vocab_size: int) -> ByteTables:
 
     if not os.path.isfile(tokenizer_path):
         raise DataError(f"tokenizer not found at TOKENIZER_PATH={tokenizer_path}; {DOWNLOAD_HINT}")
-    return build_byte_tables(spm.SentencePieceProcessor(model_file=tokenizer_path), vocab_size)
+    try:
+        sp = spm.SentencePieceProcessor(model_file=tokenizer_path)
+    except (RuntimeError, OSError):
+        raise DataError(f"TOKENIZER_PATH={tokenizer_path} is not a SentencePiece model; point it at the .model file the shards were made with") from None
+    return build_byte_tables(sp, vocab_size)
 
 
 def target_bytes(prev: Tensor, tgt: Tensor, tables: ByteTables) -> Tensor:
