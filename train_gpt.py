@@ -1518,15 +1518,15 @@ def read_artifact(path: str | Path) -> tuple[ModelConfig, dict[str, object]]:
         raise ArtifactError(f"artifact {path} does not exist; train one first or check EVAL_ONLY/ARTIFACT_PATH")
     data = path.read_bytes()
     if len(data) < _ARTIFACT_HEADER.size:
-        raise ArtifactError(f"{path}: {len(data)} bytes is too short for an artifact; the file is truncated")
+        raise ArtifactError(f"{path}: {len(data)} bytes is too short for an artifact; the file is empty or truncated, copy it again from where the run wrote it")
     magic, version, comp, length, crc = _ARTIFACT_HEADER.unpack_from(data)
     if magic != ARTIFACT_MAGIC:
-        raise ArtifactError(f"{path}: not a train_gpt.py artifact (bad magic {magic!r})")
+        raise ArtifactError(f"{path}: not a train_gpt.py artifact (bad magic {magic!r}); give EVAL_ONLY the .pgz file a training run wrote")
     if version != ARTIFACT_FORMAT_VERSION or comp >= len(COMPRESSORS):
-        raise ArtifactError(f"{path}: artifact format {version}/compressor {comp} is not supported by this script")
+        raise ArtifactError(f"{path}: artifact format {version}/compressor {comp} is not supported by this script; evaluate it with the train_gpt.py that wrote it")
     payload = data[_ARTIFACT_HEADER.size :]
     if len(payload) != length:
-        raise ArtifactError(f"{path}: payload has {len(payload)} bytes, header says {length}; the file is truncated or padded")
+        raise ArtifactError(f"{path}: payload has {len(payload)} bytes, header says {length}; the file is truncated or padded, copy it again from where the run wrote it")
     if zlib.crc32(payload) != crc:
         raise ArtifactError(f"{path}: checksum mismatch; the file is corrupt, re-create or re-download it")
     try:
@@ -1541,7 +1541,10 @@ def load_model_from_artifact(path: str | Path, device: torch.device, attn_backen
     """A fresh model built from the artifact file alone."""
     config, qstate = read_artifact(path)
     model = GPT(config, attn_backend).to(device)
-    model.load_state_dict({k: v.to(device) for k, v in dequantize_state_dict(qstate).items()})
+    try:
+        model.load_state_dict({k: v.to(device) for k, v in dequantize_state_dict(qstate).items()})
+    except RuntimeError as e:
+        raise ArtifactError(f"{path}: its tensors do not fit the model its config describes ({' '.join(str(e).split())[:300]}); re-create it with this script") from None
     return model
 
 
