@@ -2,7 +2,6 @@
 fully undone, and 2 CPU processes (gloo) train exactly like 1 on the same global batch."""
 
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -131,6 +130,7 @@ def test_world_size_must_divide_8(monkeypatch):
 
 
 def test_command_line_errors_are_one_line_each_without_traceback(tmp_path):
+    (tmp_path / "a_file").write_text("not a folder")
     missing = {"DATA_PATH": str(tmp_path / "none"), "TOKENIZER_PATH": str(tmp_path / "none.model"), "LOG_DIR": str(tmp_path / "logs"), "RUN_ID": "t"}
     cases = {
         "malformed": ({"NUM_LAYERS": "abc"}, "NUM_LAYERS"),
@@ -140,6 +140,8 @@ def test_command_line_errors_are_one_line_each_without_traceback(tmp_path):
         "world_size": ({"WORLD_SIZE": "3"}, "WORLD_SIZE=3"),
         "world_size_not_a_number": ({"WORLD_SIZE": "eight"}, "WORLD_SIZE='eight'"),
         "missing_data": (missing, "cached_challenge_fineweb.py"),
+        "log_dir_is_a_file": ({**missing, "LOG_DIR": str(tmp_path / "a_file")}, "LOG_DIR"),
+        "tokenizer_not_sentencepiece": ({**missing, "TOKENIZER_PATH": str(REPO / "README.md")}, "not a SentencePiece model"),
     }
     procs = {
         name: subprocess.Popen([sys.executable, str(REPO / "train_gpt.py")], cwd=tmp_path, env=clean_env(**env), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
