@@ -234,21 +234,20 @@ def test_eval_only_refuses_an_artifact_of_another_vocabulary(tmp_path, synthetic
 
 
 def test_eval_only_refuses_an_artifact_whose_tensors_do_not_fit_its_config(tmp_path, synthetic_data, tiny_tokenizer):
-    small, large = tiny_model(NUM_LAYERS=2), tiny_model(NUM_LAYERS=4)
-    args = tiny_args()
-    blob, _ = train_gpt.encode_artifact(train_gpt.quantize_state_dict(small.state_dict(), args, None), large.cfg, "zstd", 3, "int8")
+    narrow, wide = tiny_model(MLP_MULT=2), tiny_model(MLP_MULT=3)
+    blob, _ = train_gpt.encode_artifact(train_gpt.quantize_state_dict(narrow.state_dict(), tiny_args(), None), wide.cfg, "zstd", 3, "int8")
     artifact = tmp_path / "mixed.pgz"
     artifact.write_bytes(blob)
     problems = preflight_problems(run_args(tmp_path, synthetic_data, tiny_tokenizer, EVAL_ONLY=artifact))
-    assert len(problems) == 1 and "its tensors do not fit the model its config describes" in problems[0] and "blocks.2" in problems[0]
+    assert len(problems) == 1 and "its tensors do not fit the model its config describes" in problems[0] and "mlp.fc.weight" in problems[0]
 
 
 def test_quantize_only_refuses_weights_of_another_model(tmp_path, synthetic_data, tiny_tokenizer):
     weights = tmp_path / "w.pt"
-    torch.save(tiny_model(NUM_LAYERS=2).state_dict(), weights)
+    torch.save(tiny_model(MLP_MULT=3).state_dict(), weights)
     problems = preflight_problems(run_args(tmp_path, synthetic_data, tiny_tokenizer, QUANTIZE_ONLY=weights))
     assert len(problems) == 1 and problems[0].startswith(f"QUANTIZE_ONLY={weights} cannot be loaded into the model these settings build")
-    assert preflight_problems(run_args(tmp_path, synthetic_data, tiny_tokenizer, QUANTIZE_ONLY=weights, NUM_LAYERS=2)) == []
+    assert preflight_problems(run_args(tmp_path, synthetic_data, tiny_tokenizer, QUANTIZE_ONLY=weights, MLP_MULT=3)) == []
     missing = preflight_problems(run_args(tmp_path, synthetic_data, tiny_tokenizer, QUANTIZE_ONLY=tmp_path / "none.pt"))
     assert len(missing) == 1 and "No such file" in missing[0]
     with pytest.raises(train_gpt.SettingsError, match="EVAL_ONLY"):
