@@ -2131,20 +2131,21 @@ def quantize_and_write(model: GPT, hessians, args: Hyperparameters, rt: Runtime,
             t1 = time.perf_counter()
             read_artifact(path)
             decode_ms = 1000.0 * (time.perf_counter() - t1)
-            method = "gptq" if args.gptq_enabled and hessians else "rtn"
-            log(f"quant_stages quantize_{method}:{quant_ms:.0f}ms compress:{timings['compress_ms']:.0f}ms decompress:{decode_ms:.0f}ms packing:{packing} fit_prune:{timings['prune_frac']:.3f}")
-            log(f"Serialized model {scheme}: {report.artifact_bytes} bytes")
-            log(f"Code size: {report.code_bytes} bytes")
-            log(f"Total submission size {scheme}: {report.total_bytes} bytes")
-            log(f"size_check total_bytes:{report.total_bytes} cap_bytes:{report.cap_bytes} fits:{'yes' if report.fits else 'no'}")
-            if not report.fits:
-                log(f"WARNING: OVER THE CAP by {report.total_bytes - report.cap_bytes} bytes: this run is NOT a valid submission (files kept at {path})")
             written[0] = True
     finally:
         if rt.distributed:
             dist.broadcast_object_list(written, src=0)
     if not written[0]:
         raise ArtifactError("rank 0 could not write the artifact")
+    if rt.is_master:
+        method = "gptq" if args.gptq_enabled and hessians else "rtn"
+        log(f"quant_stages quantize_{method}:{quant_ms:.0f}ms compress:{timings['compress_ms']:.0f}ms decompress:{decode_ms:.0f}ms packing:{packing} fit_prune:{timings['prune_frac']:.3f}")
+        log(f"Serialized model {scheme}: {report.artifact_bytes} bytes")
+        log(f"Code size: {report.code_bytes} bytes")
+        log(f"Total submission size {scheme}: {report.total_bytes} bytes")
+        log(f"size_check total_bytes:{report.total_bytes} cap_bytes:{report.cap_bytes} fits:{'yes' if report.fits else 'no'}")
+        if not report.fits:
+            log(f"WARNING: OVER THE CAP by {report.total_bytes - report.cap_bytes} bytes: this run is NOT a valid submission (files kept at {path})")
     return report
 
 
