@@ -18,10 +18,15 @@ import lzma
 import math
 import os
 import platform
+import shlex
+import shutil
+import signal
 import struct
 import subprocess
 import sys
+import tempfile
 import time
+import traceback
 import uuid
 import zlib
 from dataclasses import dataclass, field
@@ -74,6 +79,7 @@ SETTINGS = (
     Setting("VAL_LOSS_EVERY", 0, "validation every N steps during training (0 = only at the end)", _non_negative, ">= 0"),
     Setting("VAL_BATCH_SIZE", 524288, "tokens per validation batch, all ranks together", _positive, "> 0"),
     Setting("VAL_MAX_TOKENS", 0, "score only the first N validation tokens (0 = all; smoke runs and tests only)", _non_negative, ">= 0"),
+    Setting("QUANTIZE_ONLY", "", "path of a state dict saved by a run whose artifact could not be written: skip training; quantize, write and evaluate it"),
     # schedule
     Setting("ITERATIONS", 20000, "maximum number of training steps", _positive, "> 0"),
     Setting("MAX_WALLCLOCK_SECONDS", 600.0, "training wall-clock cap in seconds (0 = no cap)", _non_negative, ">= 0"),
@@ -195,6 +201,23 @@ _NOT_OUR_PREFIXES = {"MAX", "MIN", "RUN", "DATA", "MODEL", "NUM", "LOG", "VOCAB"
 _OUR_PREFIXES = {s.name.split("_")[0] for s in SETTINGS if "_" in s.name} - _NOT_OUR_PREFIXES
 
 
+def misspelt_setting(name: str) -> str | None:
+    """Why a variable looks like a mistyped setting (None if it is one, or unrelated): a typo must not train the default model."""
+    known = {s.name for s in SETTINGS}
+    upper = name.upper()
+    if name in known:
+        return None
+    if upper in known:
+        return f"{name} is not a setting; settings are upper-case: {upper}"
+    near = difflib.get_close_matches(upper, known, n=1, cutoff=0.85)
+    near += [k for k in sorted(known) if "_" in upper and (k.startswith(upper + "_") or upper.startswith(k + "_"))]
+    if near:
+        return f"unknown setting {name}; did you mean {near[0]}?"
+    if "_" in upper and upper.split("_")[0] in _OUR_PREFIXES:
+        return f"unknown setting {name}; see the README's table of settings"
+    return None
+
+
 def _parse_setting(setting: Setting, raw: str):
     kind = type(setting.default)
     try:
@@ -232,10 +255,8 @@ class Hyperparameters:
         environ = os.environ if environ is None else environ
         known = {s.name for s in SETTINGS}
         for name in environ:
-            if name.split("_")[0] in _OUR_PREFIXES and "_" in name and name not in known:
-                close = difflib.get_close_matches(name, known, n=1)
-                hint = f"; did you mean {close[0]}?" if close else "; see the README's table of settings"
-                raise SettingsError(f"unknown setting {name}{hint}")
+            if problem := misspelt_setting(name):
+                raise SettingsError(problem)
         for s in SETTINGS:
             value = s.default
             if s.name in environ:
@@ -263,6 +284,8 @@ class Hyperparameters:
             raise SettingsError(f"LOOP_START={self.loop_start}..LOOP_END={self.loop_end} must be blocks of NUM_LAYERS={self.num_layers} (or set NUM_LOOPS=0)")
         if self.eval_stride > self.eval_seq_len:
             raise SettingsError(f"EVAL_STRIDE={self.eval_stride} must be <= EVAL_SEQ_LEN={self.eval_seq_len}")
+        if self.eval_only and self.quantize_only:
+            raise SettingsError("EVAL_ONLY and QUANTIZE_ONLY are both set; set one: EVAL_ONLY scores an artifact, QUANTIZE_ONLY makes one from saved weights")
 
     @property
     def ttt_target_list(self) -> list[str]:
@@ -295,12 +318,21 @@ class Runtime:
         return 8 // self.world_size
 
 
+def _launcher_int(name: str, default: str) -> int:
+    """WORLD_SIZE, RANK or LOCAL_RANK as torchrun sets them; a malformed one is a one-line error."""
+    raw = os.environ.get(name, default)
+    try:
+        return int(raw)
+    except ValueError:
+        raise SettingsError(f"{name}={raw!r} is not an integer; torchrun sets it, so unset it to run one process or launch with torchrun") from None
+
+
 def setup_runtime() -> Runtime:
     """One process per GPU (NCCL) or per CPU worker (gloo); WORLD_SIZE must divide 8."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    world_size = _launcher_int("WORLD_SIZE", "1")
     if world_size < 1 or 8 % world_size:
         raise SettingsError(f"WORLD_SIZE={world_size} must divide 8 (1, 2, 4 or 8 processes) so the global batch stays the same")
-    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    rank, local_rank = _launcher_int("RANK", "0"), _launcher_int("LOCAL_RANK", "0")
     if torch.cuda.is_available():
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
@@ -317,25 +349,28 @@ class Logger:
     """Rank 0 writes every line to stdout and, flushed at once, to logs/{RUN_ID}.txt.
 
     One run per file (the tools read a file as one run): an older log of the same RUN_ID is kept
-    under a name stamped with its modification time.
+    under a name stamped with its modification time. If the file cannot be opened, lines go to the
+    console only and the preflight reports the unusable LOG_DIR.
     """
 
     def __init__(self, path: Path | None):
-        self.path = path
+        self.path, self.file = path, None
         if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            if path.exists():
-                stamp = time.strftime("%Y%m%d_%H%M%S", time.localtime(path.stat().st_mtime))
-                os.replace(path, path.with_name(f"{path.stem}.{stamp}{path.suffix}"))
-            self.file = open(path, "w", encoding="utf-8")
+            with contextlib.suppress(OSError):
+                path.parent.mkdir(parents=True, exist_ok=True)
+                if path.exists():
+                    stamp = time.strftime("%Y%m%d_%H%M%S", time.localtime(path.stat().st_mtime))
+                    os.replace(path, path.with_name(f"{path.stem}.{stamp}{path.suffix}"))
+                self.file = open(path, "w", encoding="utf-8")
 
-    def __call__(self, line: str = "", console: bool = True):
+    def __call__(self, line: str = "", console: bool = True, stream=None):
         if self.path is None:
             return
         if console:
-            print(line, flush=True)
-        self.file.write(line + "\n")
-        self.file.flush()
+            print(line, file=stream or sys.stdout, flush=True)
+        if self.file is not None:
+            self.file.write(line + "\n")
+            self.file.flush()
 
 
 def environment_versions() -> str:
@@ -356,15 +391,20 @@ def sync_time(rt: Runtime) -> float:
 
 
 def write_atomic(path: str | Path, data: bytes):
-    """Write to a temporary file and rename it, so a crash never leaves a half-written file."""
+    """Write to a temporary file and rename it, so a crash never leaves a half-written file; on
+    any failure the temporary file is removed (a full disk must not fill up further)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 # ----------------------------------------------------------------------------- data: shards, loaders, documents
@@ -393,7 +433,8 @@ def write_data_shard(path: str | Path, tokens: np.ndarray):
     write_atomic(path, header.tobytes() + tokens.astype("<u2").tobytes())
 
 
-def load_data_shard(path: str | Path) -> np.ndarray:
+def shard_token_count(path: str | Path) -> int:
+    """The token count in a shard's header, checked against the file's size (DataError if they disagree)."""
     path = Path(path)
     size = path.stat().st_size
     if size < SHARD_HEADER_INTS * 4:
@@ -402,11 +443,18 @@ def load_data_shard(path: str | Path) -> np.ndarray:
     if header[0] != SHARD_MAGIC:
         raise DataError(f"{path}: bad magic {header[0]} (expected {SHARD_MAGIC}); not a shard file, re-create it")
     if header[1] != SHARD_VERSION:
-        raise DataError(f"{path}: shard version {header[1]} is not supported (expected {SHARD_VERSION})")
+        raise DataError(
+            f"{path}: shard version {header[1]} is not supported (expected {SHARD_VERSION}); "
+            "re-download it with data/cached_challenge_fineweb.py or re-create it with data/build_shards.py"
+        )
     count = int(header[2])
     if size != SHARD_HEADER_INTS * 4 + 2 * count:
         raise DataError(f"{path}: header says {count} tokens ({SHARD_HEADER_INTS * 4 + 2 * count} bytes) but the file has {size} bytes; re-download or re-create it")
-    return np.fromfile(path, dtype="<u2", count=count, offset=SHARD_HEADER_INTS * 4)
+    return count
+
+
+def load_data_shard(path: str | Path) -> np.ndarray:
+    return np.fromfile(path, dtype="<u2", count=shard_token_count(path), offset=SHARD_HEADER_INTS * 4)
 
 
 def shard_files(data_path: str, split: str) -> list[str]:
@@ -426,6 +474,49 @@ def load_validation_tokens(data_path: str, vocab_size: int, max_tokens: int = 0)
     if int(tokens.max()) >= vocab_size:
         raise DataError(f"validation token id {int(tokens.max())} >= VOCAB_SIZE={vocab_size}; the shards were made with another tokenizer")
     return torch.from_numpy(tokens.astype(np.int64))
+
+
+def shard_problems(files: list[str], vocab_size: int) -> list[str]:
+    """Each shard's header against its size and its largest token id against VOCAB_SIZE (memory-mapped,
+    vectorized), so a bad shard stops the run before the first step, not when the loader reaches it."""
+    problems = []
+    for f in files:
+        try:
+            count = shard_token_count(f)
+            top = int(np.memmap(f, dtype="<u2", mode="r", offset=SHARD_HEADER_INTS * 4, shape=(count,)).max()) if count else 0
+        except (DataError, OSError) as e:  # OSError: unreadable, e.g. its permissions
+            problems.append(str(e))
+            continue
+        if top >= vocab_size:
+            problems.append(f"{f}: token id {top} >= VOCAB_SIZE={vocab_size}; the shard was made with another tokenizer: set VOCAB_SIZE and TOKENIZER_PATH to the ones that made it")
+    return problems
+
+
+TOKENIZER_FINGERPRINT = "tokenizer_fingerprint.json"  # beside shards made by data/build_shards.py; the official ones have none
+
+
+def file_sha256(path: str | Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def tokenizer_mismatch(data_path: str, tokenizer_path: str) -> str | None:
+    """Why TOKENIZER_PATH is not the tokenizer the shards record (None if it is, or if they record none):
+    with another tokenizer of the same size every other check passes and the bpb is silently wrong."""
+    record = Path(data_path) / TOKENIZER_FINGERPRINT
+    if not record.is_file():
+        return None
+    try:
+        made_with = json.loads(record.read_text())
+        recorded = made_with["tokenizer_sha256"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"{record} cannot be read; re-create the shards with data/build_shards.py"
+    actual = file_sha256(tokenizer_path)
+    if recorded == actual:
+        return None
+    return (
+        f"the shards in DATA_PATH={data_path} were made with the tokenizer {made_with.get('tokenizer', '?')} (sha256 {recorded[:12]}), "
+        f"not TOKENIZER_PATH={tokenizer_path} (sha256 {actual[:12]}); point TOKENIZER_PATH at the tokenizer that made them"
+    )
 
 
 class TokenStream:
@@ -521,7 +612,11 @@ def load_tokenizer_tables(tokenizer_path: str, vocab_size: int) -> ByteTables:
 
     if not os.path.isfile(tokenizer_path):
         raise DataError(f"tokenizer not found at TOKENIZER_PATH={tokenizer_path}; {DOWNLOAD_HINT}")
-    return build_byte_tables(spm.SentencePieceProcessor(model_file=tokenizer_path), vocab_size)
+    try:
+        sp = spm.SentencePieceProcessor(model_file=tokenizer_path)
+    except (RuntimeError, OSError):
+        raise DataError(f"TOKENIZER_PATH={tokenizer_path} is not a SentencePiece model; point it at the .model file the shards were made with") from None
+    return build_byte_tables(sp, vocab_size)
 
 
 def target_bytes(prev: Tensor, tgt: Tensor, tables: ByteTables) -> Tensor:
@@ -1719,15 +1814,15 @@ def read_artifact(path: str | Path) -> tuple[ModelConfig, dict[str, object]]:
         raise ArtifactError(f"artifact {path} does not exist; train one first or check EVAL_ONLY/ARTIFACT_PATH")
     data = path.read_bytes()
     if len(data) < _ARTIFACT_HEADER.size:
-        raise ArtifactError(f"{path}: {len(data)} bytes is too short for an artifact; the file is truncated")
+        raise ArtifactError(f"{path}: {len(data)} bytes is too short for an artifact; the file is empty or truncated, copy it again from where the run wrote it")
     magic, version, comp, length, crc = _ARTIFACT_HEADER.unpack_from(data)
     if magic != ARTIFACT_MAGIC:
-        raise ArtifactError(f"{path}: not a train_gpt.py artifact (bad magic {magic!r})")
+        raise ArtifactError(f"{path}: not a train_gpt.py artifact (bad magic {magic!r}); give EVAL_ONLY the .pgz file a training run wrote")
     if version != ARTIFACT_FORMAT_VERSION or comp >= len(COMPRESSORS):
-        raise ArtifactError(f"{path}: artifact format {version}/compressor {comp} is not supported by this script")
+        raise ArtifactError(f"{path}: artifact format {version}/compressor {comp} is not supported by this script; evaluate it with the train_gpt.py that wrote it")
     payload = data[_ARTIFACT_HEADER.size :]
     if len(payload) != length:
-        raise ArtifactError(f"{path}: payload has {len(payload)} bytes, header says {length}; the file is truncated or padded")
+        raise ArtifactError(f"{path}: payload has {len(payload)} bytes, header says {length}; the file is truncated or padded, copy it again from where the run wrote it")
     if zlib.crc32(payload) != crc:
         raise ArtifactError(f"{path}: checksum mismatch; the file is corrupt, re-create or re-download it")
     try:
@@ -1742,7 +1837,10 @@ def load_model_from_artifact(path: str | Path, device: torch.device, attn_backen
     """A fresh model built from the artifact file alone."""
     config, qstate = read_artifact(path)
     model = GPT(config, attn_backend).to(device)
-    model.load_state_dict({k: v.to(device) for k, v in dequantize_state_dict(qstate).items()})
+    try:
+        model.load_state_dict({k: v.to(device) for k, v in dequantize_state_dict(qstate).items()})
+    except RuntimeError as e:
+        raise ArtifactError(f"{path}: its tensors do not fit the model its config describes ({' '.join(str(e).split())[:300]}); re-create it with this script") from None
     return model
 
 
@@ -2305,16 +2403,24 @@ def broadcast_run_id(args: Hyperparameters, rt: Runtime) -> str:
 
 
 def quantize_and_write(model: GPT, hessians, args: Hyperparameters, rt: Runtime, log: Logger, path: Path, scheme: str) -> SizeReport | None:
-    """Rank 0 quantizes (GPTQ where Hessians exist), packs and writes the artifact; the others wait."""
-    report = None
+    """Rank 0 quantizes (GPTQ where Hessians exist), packs and writes the artifact; the others wait, and fail with it."""
+    report, written = None, [False]
+    try:
+        if rt.is_master:
+            t0 = sync_time(rt)
+            qstate = quantize_state_dict(model.state_dict(), args, hessians)
+            quant_ms = 1000.0 * (sync_time(rt) - t0)
+            report, packing, timings = write_artifact(qstate, model.cfg, args, path, log)
+            t1 = time.perf_counter()
+            read_artifact(path)
+            decode_ms = 1000.0 * (time.perf_counter() - t1)
+            written[0] = True
+    finally:
+        if rt.distributed:
+            dist.broadcast_object_list(written, src=0)
+    if not written[0]:
+        raise ArtifactError("rank 0 could not write the artifact")
     if rt.is_master:
-        t0 = sync_time(rt)
-        qstate = quantize_state_dict(model.state_dict(), args, hessians)
-        quant_ms = 1000.0 * (sync_time(rt) - t0)
-        report, packing, timings = write_artifact(qstate, model.cfg, args, path, log)
-        t1 = time.perf_counter()
-        read_artifact(path)
-        decode_ms = 1000.0 * (time.perf_counter() - t1)
         method = "gptq" if args.gptq_enabled and hessians else "rtn"
         log(f"quant_stages quantize_{method}:{quant_ms:.0f}ms compress:{timings['compress_ms']:.0f}ms decompress:{decode_ms:.0f}ms packing:{packing} fit_prune:{timings['prune_frac']:.3f}")
         log(f"Serialized model {scheme}: {report.artifact_bytes} bytes")
@@ -2323,21 +2429,145 @@ def quantize_and_write(model: GPT, hessians, args: Hyperparameters, rt: Runtime,
         log(f"size_check total_bytes:{report.total_bytes} cap_bytes:{report.cap_bytes} fits:{'yes' if report.fits else 'no'}")
         if not report.fits:
             log(f"WARNING: OVER THE CAP by {report.total_bytes - report.cap_bytes} bytes: this run is NOT a valid submission (files kept at {path})")
-    if rt.distributed:
-        dist.barrier()
     return report
 
 
-def run(args: Hyperparameters, rt: Runtime):
-    run_id = broadcast_run_id(args, rt)
+def calibrate_after_training(model: GPT, hessians: dict | None, args: Hyperparameters, rt: Runtime, log: Logger) -> dict | None:
+    """GPTQ Hessians that training did not collect: from self-generated text, or after QUANTIZE_ONLY from the start of the training stream."""
+    if not args.gptq_enabled or (hessians is not None and args.gptq_calibration == "train"):
+        return hessians
+    t0 = sync_time(rt)
+    if args.gptq_calibration == "self":
+        batches = generate_calibration_batches(model, args.gptq_calib_seqs, args.train_seq_len, args.gptq_calib_temperature, rt, args.seed)
+    else:
+        batches = train_batches_for_calibration(DistributedTokenLoader(args.data_path, rt), args, rt)
+    hessians = collect_hessians(model, batches, rt)
+    log(f"gptq_calibration source:{args.gptq_calibration} seqs:{args.gptq_calib_seqs} time:{1000.0 * (sync_time(rt) - t0):.0f}ms")
+    return hessians
+
+
+def load_trained_weights(model: GPT, path: str):
+    """QUANTIZE_ONLY: the plain state dict a run saved when it could not write its artifact."""
+    try:
+        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    except Exception as e:
+        detail = " ".join(str(e).split())[:300]
+        raise DataError(f"QUANTIZE_ONLY={path} cannot be loaded into the model these settings build ({detail}); use the file and the settings the failed run printed") from None
+
+
+def keep_trained_weights(model: GPT, args: Hyperparameters, rt: Runtime, run_id: str, artifact_path: Path, error: Exception) -> str:
+    """After training, when no artifact could be made: save the averaged weights as a plain state dict
+    where they fit, and say how to quantize, write and evaluate them without retraining."""
+    reason = f"no artifact was written to {artifact_path} ({type(error).__name__}: {error})"
+    if args.quantize_only:
+        return f"{reason}; the weights are still in QUANTIZE_ONLY={args.quantize_only}: fix the cause and run the same command again"
+    if not rt.is_master:
+        return reason
+    buffer = io.BytesIO()
+    torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, buffer)
+    for folder in dict.fromkeys([Path(args.log_dir), artifact_path.parent, Path.cwd(), Path(tempfile.gettempdir())]):
+        saved = folder / f"{run_id}.weights.pt"
+        try:
+            write_atomic(saved, buffer.getvalue())
+            break
+        except OSError:
+            continue
+    else:
+        return f"{reason}; the trained weights could not be saved anywhere either (no writable folder with room)"
+    settings = {s.name: getattr(args, s.name.lower()) for s in SETTINGS if getattr(args, s.name.lower()) != s.default}
+    settings.update(RUN_ID=run_id, QUANTIZE_ONLY=saved)
+    env = " ".join(f"{k}={shlex.quote(str(int(v) if isinstance(v, bool) else v))}" for k, v in settings.items())
+    launcher = f"torchrun --standalone --nproc_per_node={rt.world_size}" if rt.distributed else "python3"
+    return f"{reason}; the trained weights are saved in {saved}: fix the cause, then quantize, write and evaluate them without retraining: {env} {launcher} {os.path.relpath(__file__)}"
+
+
+def writable_problem(folder: Path, setting: str, room: int = 0) -> str | None:
+    """Why `folder` cannot take a file of `room` bytes (None if it can): found before training, not after it."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder):
+            pass
+        free = shutil.disk_usage(folder).free
+    except OSError as e:
+        return f"{setting}: cannot create or write the folder {folder} ({e.strerror or e}); set {setting} to a writable place"
+    if free < room:
+        return f"{setting}: {free} bytes free in {folder}, but the artifact may take {room}; free space or set {setting} to another disk"
+    return None
+
+
+def loaded_weights_problem(args: Hyperparameters) -> str | None:
+    """EVAL_ONLY / QUANTIZE_ONLY: why the file cannot be scored or quantized with these data, tokenizer and settings."""
+    try:
+        if args.eval_only:
+            vocab = load_model_from_artifact(args.eval_only, torch.device("cpu")).cfg.vocab_size
+            if vocab != args.vocab_size:
+                return (
+                    f"EVAL_ONLY={args.eval_only} holds a model of vocabulary {vocab}, but VOCAB_SIZE={args.vocab_size} (the data and tokenizer); "
+                    "score it with the VOCAB_SIZE, DATA_PATH and TOKENIZER_PATH it was trained with"
+                )
+        elif args.quantize_only:
+            load_trained_weights(GPT(ModelConfig.from_args(args)), args.quantize_only)
+    except (ArtifactError, DataError) as e:
+        return str(e)
+    return None
+
+
+def preflight(args: Hyperparameters, rt: Runtime, artifact_path: Path, log: Logger):
+    """Everything checkable before the first step, in seconds, on every rank (the shards split between them):
+    shards, tokenizer, outputs, libraries, the file to load. All problems at once, before any GPU time."""
+    t0 = time.perf_counter()
+    problems, shards = [], 0
+    for split in ("train", "val"):
+        try:
+            files = shard_files(args.data_path, split)
+        except DataError as e:
+            problems.append(str(e))
+            continue
+        shards += len(files)
+        problems += shard_problems(files[rt.rank :: rt.world_size], args.vocab_size)
+    try:
+        load_tokenizer_tables(args.tokenizer_path, args.vocab_size)
+        problems.append(tokenizer_mismatch(args.data_path, args.tokenizer_path))
+    except DataError as e:
+        problems.append(str(e))
+    try:
+        select_attention_backend(args.attn_backend, rt.device)
+    except SettingsError as e:
+        problems.append(str(e))
+    try:
+        compress(b"", args.artifact_compressor, args.artifact_level)
+    except ImportError as e:
+        problems.append(f"ARTIFACT_COMPRESSOR={args.artifact_compressor} needs the package {e.name}: pip install {e.name}, or choose another ARTIFACT_COMPRESSOR")
+    if rt.is_master:  # the only rank that writes or loads files
+        problems.append(writable_problem(Path(args.log_dir), "LOG_DIR"))
+        if args.eval_dump:
+            problems.append(writable_problem(Path(args.eval_dump).parent, "EVAL_DUMP"))
+        if not args.eval_only and artifact_path.is_dir():
+            problems.append(f"ARTIFACT_PATH={artifact_path} is a folder; give a file name such as {artifact_path / 'model.pgz'}")
+        elif not args.eval_only:
+            problems.append(writable_problem(artifact_path.parent, "ARTIFACT_PATH" if args.artifact_path else "LOG_DIR", args.size_cap_bytes - code_size_bytes()))
+        problems.append(loaded_weights_problem(args))
+    if rt.distributed:
+        gathered = [None] * rt.world_size
+        dist.all_gather_object(gathered, problems)
+        problems = sum(gathered, [])
+    problems = [p for p in dict.fromkeys(problems) if p]
+    if problems:
+        raise DataError("\n".join(problems))
+    log(f"preflight: {shards} shards, tokenizer, outputs and libraries checked in {time.perf_counter() - t0:.1f}s")
+
+
+def run(args: Hyperparameters, rt: Runtime, run_id: str, log: Logger) -> bool:
+    """The pipeline; returns whether the run is a valid submission."""
     log_dir = Path(args.log_dir)
-    log = Logger(log_dir / f"{run_id}.txt" if rt.is_master else None)
     source = Path(__file__).read_bytes()
     log(source.decode("utf-8"), console=False)
     log("=" * 100, console=False)
     log(environment_versions())
     log(args.describe().replace(f"RUN_ID={args.run_id}", f"RUN_ID={run_id}"))
     log(f"code_sha256:{hashlib.sha256(source).hexdigest()} code_bytes:{len(source)}")
+    artifact_path = Path(args.eval_only or args.artifact_path or log_dir / f"{run_id}.pgz")
+    preflight(args, rt, artifact_path, log)
     backend = select_attention_backend(args.attn_backend, rt.device)
     log(f"world_size:{rt.world_size} grad_accum_steps:{rt.grad_accum_steps} device:{rt.device.type}")
     log(f"attention_backend:{backend}")
@@ -2349,22 +2579,25 @@ def run(args: Hyperparameters, rt: Runtime):
     scheme = quantization_scheme(args)
     pre_quant, train_result, size = None, None, None
     if args.eval_only:
-        artifact_path = Path(args.eval_only)
         log(f"eval_only artifact:{artifact_path}")
     else:
-        artifact_path = Path(args.artifact_path or log_dir / f"{run_id}.pgz")
         model = GPT(ModelConfig.from_args(args), backend).to(rt.device)
-        log(f"model_params:{count_parameters(model)}")
-        train_result = train_model(model, args, rt, log, lambda m: evaluate_standard(m, val_tokens, tables, args, rt))
-        pre_quant = evaluate_standard(model, val_tokens, tables, args, rt)
-        log(f"pre_quant weights:{train_result.exported_weights} val_loss:{pre_quant.val_loss:.4f} val_bpb:{pre_quant.val_bpb:.4f}")
-        hessians = train_result.hessians
-        if args.gptq_enabled and args.gptq_calibration == "self":
-            t0 = sync_time(rt)
-            batches = generate_calibration_batches(model, args.gptq_calib_seqs, args.train_seq_len, args.gptq_calib_temperature, rt, args.seed)
-            hessians = collect_hessians(model, batches, rt)
-            log(f"gptq_calibration source:self seqs:{args.gptq_calib_seqs} time:{1000.0 * (sync_time(rt) - t0):.0f}ms")
-        size = quantize_and_write(model, hessians, args, rt, log, artifact_path, scheme)
+        if args.quantize_only:
+            load_trained_weights(model, args.quantize_only)
+            log(f"quantize_only weights:{args.quantize_only} (no training)")
+            weights, hessians = "quantize_only", None
+        else:
+            log(f"model_params:{count_parameters(model)}")
+            train_result = train_model(model, args, rt, log, lambda m: evaluate_standard(m, val_tokens, tables, args, rt))
+            weights, hessians = train_result.exported_weights, train_result.hessians
+        try:
+            pre_quant = evaluate_standard(model, val_tokens, tables, args, rt)
+            log(f"pre_quant weights:{weights} val_loss:{pre_quant.val_loss:.4f} val_bpb:{pre_quant.val_bpb:.4f}")
+            hessians = calibrate_after_training(model, hessians, args, rt, log)
+            size = quantize_and_write(model, hessians, args, rt, log, artifact_path, scheme)
+        except Exception as e:
+            log(traceback.format_exc().rstrip(), console=False)
+            raise ArtifactError(keep_trained_weights(model, args, rt, run_id, artifact_path, e)) from e
         del model
     results, audits = evaluate_artifact(artifact_path, args, rt, log, tables, val_tokens, scheme, backend)
     if pre_quant is not None:
@@ -2379,6 +2612,18 @@ def run(args: Hyperparameters, rt: Runtime):
     if verdict == "FAIL":
         problems.append("audit_failed")
     log(f"submission_valid:{'no reason:' + ','.join(problems) if problems else 'yes'}")
+    return not problems
+
+
+EXIT_ERROR, EXIT_INVALID_SUBMISSION = 1, 3  # and 128 + the signal's number after SIGINT (130) or SIGTERM (143)
+
+
+class Interrupted(BaseException):
+    """SIGINT or SIGTERM: stop now, and say so as the log's last line."""
+
+
+def _raise_interrupted(signum, frame):
+    raise Interrupted(signum)
 
 
 def main():
@@ -2387,13 +2632,23 @@ def main():
         rt = setup_runtime()
     except SettingsError as e:
         sys.exit(f"error: {e}")
-    code = 0
+    run_id = broadcast_run_id(args, rt)
+    log = Logger(Path(args.log_dir) / f"{run_id}.txt" if rt.is_master else None)
+    code = EXIT_ERROR
     try:
-        run(args, rt)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, _raise_interrupted)
+        code = 0 if run(args, rt, run_id, log) else EXIT_INVALID_SUBMISSION
+    except Interrupted as e:
+        log(f"interrupted: {signal.Signals(e.args[0]).name}; the run stopped here", stream=sys.stderr)
+        code = 128 + e.args[0]
     except (SettingsError, DataError, ArtifactError, LeakageError) as e:
-        if rt.is_master:
-            print(f"error: {e}", file=sys.stderr, flush=True)
-        code = 1
+        for line in str(e).splitlines():
+            log(f"error: {line}", stream=sys.stderr)
+    except Exception as e:  # a bug or a crash: the traceback goes to stderr as usual, and the reason ends the log
+        log(traceback.format_exc().rstrip(), console=False)
+        log(f"error: {type(e).__name__}: {e}", console=False)
+        raise
     finally:
         if rt.distributed:
             dist.destroy_process_group()

@@ -110,7 +110,13 @@ def read_documents(paths: list[Path], txt_separator: str | None = None) -> Itera
                 yield from iter_txt_documents(path, txt_separator)
             else:
                 yield from iter_jsonl_texts(path)
-        except (OSError, EOFError, lzma.LZMAError, UnicodeDecodeError) as e:
+        except UnicodeDecodeError as e:
+            raise BuildError(f"{path}: not UTF-8 text ({e.reason}: byte {e.object[e.start]:#04x}); convert it to UTF-8, "
+                             "e.g. iconv -f latin1 -t utf-8 IN > OUT, and run this command again") from None
+        except (EOFError, lzma.LZMAError, gzip.BadGzipFile) as e:
+            raise BuildError(f"{path}: the compressed file is truncated or corrupt ({e}); download or compress it again, "
+                             "then run this command again") from None
+        except OSError as e:
             raise BuildError(f"{path}: cannot read: {e}") from None
 
 
@@ -313,13 +319,23 @@ def write_split(encoder: ParallelEncoder, documents: Iterable[str], directory: P
 
 def write_dataset(val_docs: Iterable[str], train_docs: Iterable[str], model_path: Path, dataset_dir: Path, *,
                   shard_tokens: int = DEFAULT_SHARD_TOKENS, workers: int = 1) -> dict:
-    """Write the validation split, then the training split, with the tokenizer at model_path."""
-    with ParallelEncoder(model_path, workers) as encoder:
-        val = write_split(encoder, val_docs, dataset_dir, "val", shard_tokens)
-        train = write_split(encoder, train_docs, dataset_dir, "train", shard_tokens)
-    for split, stats in (("validation", val), ("training", train)):
-        if stats["docs"] == 0:
-            raise BuildError(f"no {split} documents: the corpus is empty or --val-docs takes all of it")
+    """Write the validation split, then the training split, with the tokenizer at model_path, and record
+    that tokenizer's fingerprint beside them (train_gpt.py refuses another). On any failure the shards
+    written are removed: a validation split without its training split must not look like a dataset."""
+    try:
+        dataset_dir.mkdir(parents=True, exist_ok=True)
+        fingerprint = {"tokenizer": model_path.name, "tokenizer_sha256": train_gpt.file_sha256(model_path)}
+        (dataset_dir / train_gpt.TOKENIZER_FINGERPRINT).write_text(json.dumps(fingerprint) + "\n")
+        with ParallelEncoder(model_path, workers) as encoder:
+            val = write_split(encoder, val_docs, dataset_dir, "val", shard_tokens)
+            train = write_split(encoder, train_docs, dataset_dir, "train", shard_tokens)
+        for split, stats in (("validation", val), ("training", train)):
+            if stats["docs"] == 0:
+                raise BuildError(f"no {split} documents: the corpus is empty or --val-docs takes all of it")
+    except BaseException:
+        for written in [*dataset_dir.glob("fineweb_*.bin"), dataset_dir / train_gpt.TOKENIZER_FINGERPRINT]:
+            written.unlink(missing_ok=True)
+        raise
     return {"val": val, "train": train}
 
 

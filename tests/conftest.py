@@ -1,5 +1,6 @@
 """Shared helpers for the CPU test suite: tiny configurations, toy byte tables, synthetic shards."""
 
+import os
 import sys
 from pathlib import Path
 
@@ -28,6 +29,26 @@ def tiny_args(**overrides) -> train_gpt.Hyperparameters:
     """Hyperparameters of a tiny model, independent of the caller's environment."""
     env = {k: str(v) for k, v in {**TINY, **overrides}.items()}
     return train_gpt.Hyperparameters(env)
+
+
+def clean_env(**extra) -> dict:
+    """The current environment without the script's settings, anything it would take for a misspelt one, or torchrun's variables."""
+    ours = {s.name for s in train_gpt.SETTINGS} | {"WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"}
+    env = {k: v for k, v in os.environ.items() if k not in ours and not train_gpt.misspelt_setting(k)}
+    env.update({k: str(v) for k, v in extra.items()})
+    env["OMP_NUM_THREADS"] = "1"
+    return env
+
+
+class Recorder(train_gpt.Logger):
+    """A Logger(None) that keeps the lines."""
+
+    def __init__(self):
+        super().__init__(None)
+        self.lines = []
+
+    def __call__(self, line: str = "", console: bool = True, stream=None):
+        self.lines.append(line)
 
 
 def randomize(model: torch.nn.Module, seed: int = 0, std: float = 0.3) -> torch.nn.Module:
@@ -80,6 +101,28 @@ def synthetic_data(tmp_path):
     train_gpt.write_data_shard(tmp_path / "fineweb_train_000000.bin", synthetic_stream(400, seed=1))
     train_gpt.write_data_shard(tmp_path / "fineweb_val_000000.bin", synthetic_stream(30, seed=2))
     return tmp_path
+
+
+def train_tiny_tokenizer(path: Path, seed: int = 0, vocab: int = 64) -> Path:
+    """A real SentencePiece BPE model of `vocab` pieces (BOS = 1), trained in milliseconds on random
+    phrases; another seed gives another tokenizer of the same size."""
+    import random
+
+    import sentencepiece as spm
+
+    rng = random.Random(seed)
+    words = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(2, 6))) for _ in range(30)]
+    lines = [" ".join(rng.choice(words) for _ in range(12)) for _ in range(500)]
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines), model_prefix=str(path.with_suffix("")), model_type="bpe", vocab_size=vocab,
+        pad_id=0, bos_id=train_gpt.BOS_ID, eos_id=2, unk_id=3, add_dummy_prefix=False, minloglevel=2, num_threads=1,
+    )
+    return path
+
+
+@pytest.fixture
+def tiny_tokenizer(tmp_path) -> Path:
+    return train_tiny_tokenizer(tmp_path / "tiny_64.model")
 
 
 @pytest.fixture

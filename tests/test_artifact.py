@@ -439,16 +439,16 @@ def corrupt(kind: str, data: bytes, cfg, qstate) -> bytes | None:
     raise AssertionError(kind)
 
 
-CORRUPTIONS = {
-    "missing": "does not exist",
-    "empty": "too short",
-    "header_only_part": "too short",
-    "truncated": "truncated",
-    "padded": "padded",
+CORRUPTIONS = {  # what the message says is wrong, then what to do
+    "missing": "does not exist; train one first",
+    "empty": "too short.*copy it again",
+    "header_only_part": "too short.*copy it again",
+    "truncated": "truncated.*copy it again",
+    "padded": "padded.*copy it again",
     "flipped_payload_byte": "checksum mismatch",
-    "wrong_magic": "bad magic",
-    "unknown_version": r"format 2/compressor 0 is not supported",
-    "unknown_compressor": r"compressor 2 is not supported",
+    "wrong_magic": "bad magic.*give EVAL_ONLY the .pgz file a training run wrote",
+    "unknown_version": r"format 2/compressor 0 is not supported.*evaluate it with the train_gpt.py that wrote it",
+    "unknown_compressor": r"compressor 2 is not supported.*evaluate it with the train_gpt.py that wrote it",
     "garbage_payload_good_crc": "cannot decode",
     "bad_manifest": "cannot decode",
     "body_length_mismatch": "manifest describes",

@@ -112,6 +112,13 @@ def test_shard_header_and_size(built):
         assert path.stat().st_size == 1024 + 2 * int(header[2])
 
 
+def test_the_shards_record_the_tokenizer_that_made_them(built):
+    record = json.loads((dataset_dir(built) / train_gpt.TOKENIZER_FINGERPRINT).read_text())
+    model = built / "tokenizers" / f"fineweb_{VOCAB}_bpe.model"
+    assert record == {"tokenizer": model.name, "tokenizer_sha256": train_gpt.file_sha256(model)}
+    assert train_gpt.tokenizer_mismatch(str(dataset_dir(built)), str(model)) is None
+
+
 def test_split_by_val_docs_and_exact_tokens(built, corpus):
     _, texts = corpus
     sp = tokenizer(built)
@@ -183,6 +190,29 @@ def test_bad_jsonl_is_a_one_line_error(tmp_path, capsys, lines, message):
     assert build_shards.main(argv) == 1
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_non_utf8_input_says_how_to_convert_it(tmp_path, capsys):
+    path = tmp_path / "latin1.txt"
+    path.write_bytes("caf\u00e9 au lait".encode("latin-1"))
+    argv = [str(path), "--train-tokenizer", "--vocab-size", "300", "--val-docs", "1", "--output-dir", str(tmp_path)]
+    assert build_shards.main(argv) == 1
+    err = capsys.readouterr().err
+    assert f"{path}: not UTF-8 text" in err and "iconv -f latin1 -t utf-8" in err and err.count("\n") == 1
+
+
+def test_a_truncated_xz_leaves_no_half_dataset(built, corpus, tmp_path, capsys):
+    """The validation split used to stay on disk without its training split, which train_gpt.py then
+    reported as missing official data."""
+    good = Path(corpus[0][0]).read_bytes()
+    truncated = tmp_path / "cut.jsonl.xz"
+    truncated.write_bytes(good[: len(good) // 2])
+    model = built / "tokenizers" / f"fineweb_{VOCAB}_bpe.model"
+    argv = [str(truncated), "--tokenizer", str(model), "--val-docs", "2", "--output-dir", str(tmp_path), "--workers", "1"]
+    assert build_shards.main(argv) == 1
+    last = capsys.readouterr().err.strip().splitlines()[-1]  # after the validation split's progress line
+    assert last.startswith(f"build_shards: error: {truncated}: the compressed file is truncated or corrupt") and "download or compress it again" in last
+    assert list(dataset_dir(tmp_path).iterdir()) == []
 
 
 def test_vocab_too_large_for_uint16_is_an_error(corpus, tmp_path, capsys):

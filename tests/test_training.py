@@ -2,7 +2,6 @@
 fully undone, and 2 CPU processes (gloo) train exactly like 1 on the same global batch."""
 
 import json
-import os
 import re
 import socket
 import subprocess
@@ -15,7 +14,7 @@ import pytest
 import torch
 
 import train_gpt
-from conftest import REPO, TINY, tiny_args
+from conftest import REPO, TINY, Recorder, clean_env, tiny_args
 
 
 
@@ -107,7 +106,8 @@ def test_keyword_overrides_win_over_the_environment():
         ({"MLP_ACT": "gelu"}, ["MLP_ACT", "relu2"]),
         ({"ROPE_DIMS": "3"}, ["ROPE_DIMS"]),
         ({"TTT_STPES": "2"}, ["TTT_STPES", "TTT_STEPS"]),
-        ({"MATRX_LR": "0.1"}, []),  # unknown prefix: not ours, ignored
+        ({"MATRX_LR": "0.1"}, ["MATRX_LR", "MATRIX_LR"]),  # a near miss, whatever its prefix
+        ({"MAX_JOBS": "4"}, []),  # unrelated: ignored
     ],
     ids=lambda v: "_".join(f"{k}={x}" for k, x in v.items()) if isinstance(v, dict) else None,
 )
@@ -128,32 +128,57 @@ def test_typo_suggests_the_setting():
         train_gpt.Hyperparameters({"EMA_DECAY": "0.997", "EMA_DECAY_RATE": "1"})
 
 
+MISSPELT = {  # variable -> the setting the message suggests
+    "MODEL_DIMS": "MODEL_DIM", "NUM_LAYER": "NUM_LAYERS", "MAX_WALLCLOCK": "MAX_WALLCLOCK_SECONDS", "VOCABSIZE": "VOCAB_SIZE",
+    "DATA_PTH": "DATA_PATH", "RUNID": "RUN_ID", "LOGDIR": "LOG_DIR", "SIZE_CAP": "SIZE_CAP_BYTES", "MIN_LRS": "MIN_LR",
+    "num_layers": "NUM_LAYERS", "model_dim": "MODEL_DIM", "max_wallclock_seconds": "MAX_WALLCLOCK_SECONDS", "Eval_Only": "EVAL_ONLY",
+    "TTT_STPES": "TTT_STEPS", "EMA_DECAY_RATE": "EMA_DECAY", "GPTQ_FOO": None,
+}
+UNRELATED = [  # variables users really have set
+    "MAX_JOBS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "LOG_LEVEL", "DATA_DIR", "MODEL_NAME", "NUM_WORKERS", "RUN_NAME", "LOG_FILE",
+    "LOCAL_WORLD_SIZE", "WORLD_SIZE", "RANK", "LOCAL_RANK", "GROUP_RANK", "ROLE_RANK", "ROLE_NAME", "ROLE_WORLD_SIZE", "GROUP_WORLD_SIZE",
+    "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID", "TORCHELASTIC_RESTART_COUNT", "TORCHELASTIC_MAX_RESTARTS",
+    "TORCHELASTIC_USE_AGENT_STORE", "TORCHELASTIC_ERROR_FILE", "CUDA_VISIBLE_DEVICES", "CUDA_HOME", "CUDA_LAUNCH_BLOCKING",
+    "CUDA_DEVICE_MAX_CONNECTIONS", "NCCL_DEBUG", "NCCL_IB_DISABLE", "NCCL_P2P_DISABLE", "NCCL_SOCKET_IFNAME",
+    "PYTORCH_CUDA_ALLOC_CONF", "TORCH_CUDA_ARCH_LIST", "TORCH_NCCL_ASYNC_ERROR_HANDLING", "TORCH_DISTRIBUTED_DEBUG", "TORCH_LOGS",
+    "TORCH_HOME", "TORCHINDUCTOR_CACHE_DIR", "TOKENIZERS_PARALLELISM", "HF_TOKEN", "HF_HOME", "PYTHONPATH", "PATH", "HOME",
+    "LD_LIBRARY_PATH", "TMPDIR", "http_proxy", "no_proxy",
+]
+
+
+def test_near_misses_of_any_setting_are_refused_and_common_variables_are_not():
+    for name, suggestion in MISSPELT.items():
+        with pytest.raises(train_gpt.SettingsError) as info:
+            train_gpt.Hyperparameters({name: "1"})
+        message = str(info.value)
+        assert name in message and (suggestion is None or suggestion in message), message
+    train_gpt.Hyperparameters({name: "1" for name in UNRELATED})
+
+
 def test_world_size_must_divide_8(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "3")
     with pytest.raises(train_gpt.SettingsError, match="WORLD_SIZE=3"):
+        train_gpt.setup_runtime()
+    monkeypatch.setenv("WORLD_SIZE", "eight")
+    with pytest.raises(train_gpt.SettingsError, match="WORLD_SIZE='eight' is not an integer"):
         train_gpt.setup_runtime()
     for world, accum in ((1, 8), (2, 4), (4, 2), (8, 1)):
         assert train_gpt.Runtime(world_size=world).grad_accum_steps == accum
 
 
-def clean_env(**extra) -> dict:
-    """The current environment without any of the script's settings or torchrun's variables."""
-    ours = {s.name for s in train_gpt.SETTINGS} | {"WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"}
-    env = {k: v for k, v in os.environ.items() if k not in ours and k.split("_")[0] not in train_gpt._OUR_PREFIXES}
-    env.update({k: str(v) for k, v in extra.items()})
-    env["OMP_NUM_THREADS"] = "1"
-    return env
-
-
-def test_command_line_errors_are_one_line_without_traceback(tmp_path):
+def test_command_line_errors_are_one_line_each_without_traceback(tmp_path):
+    (tmp_path / "a_file").write_text("not a folder")
+    missing = {"DATA_PATH": str(tmp_path / "none"), "TOKENIZER_PATH": str(tmp_path / "none.model"), "LOG_DIR": str(tmp_path / "logs"), "RUN_ID": "t"}
     cases = {
         "malformed": ({"NUM_LAYERS": "abc"}, "NUM_LAYERS"),
         "typo": ({"TTT_STPES": "2"}, "TTT_STEPS"),
+        "near_miss": ({"MODEL_DIMS": "256"}, "MODEL_DIM"),
+        "lower_case": ({"num_layers": "2"}, "NUM_LAYERS"),
         "world_size": ({"WORLD_SIZE": "3"}, "WORLD_SIZE=3"),
-        "missing_data": (
-            {"DATA_PATH": str(tmp_path / "none"), "TOKENIZER_PATH": str(tmp_path / "none.model"), "LOG_DIR": str(tmp_path / "logs"), "RUN_ID": "t"},
-            "cached_challenge_fineweb.py",
-        ),
+        "world_size_not_a_number": ({"WORLD_SIZE": "eight"}, "WORLD_SIZE='eight'"),
+        "missing_data": (missing, "cached_challenge_fineweb.py"),
+        "log_dir_is_a_file": ({**missing, "LOG_DIR": str(tmp_path / "a_file")}, "LOG_DIR"),
+        "tokenizer_not_sentencepiece": ({**missing, "TOKENIZER_PATH": str(REPO / "README.md")}, "not a SentencePiece model"),
     }
     procs = {
         name: subprocess.Popen([sys.executable, str(REPO / "train_gpt.py")], cwd=tmp_path, env=clean_env(**env), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -162,25 +187,14 @@ def test_command_line_errors_are_one_line_without_traceback(tmp_path):
     for name, proc in procs.items():
         _, err = proc.communicate(timeout=120)
         expected = cases[name][1]
-        assert proc.returncode != 0, name
+        assert proc.returncode == 1, name
         assert "Traceback" not in err, f"{name}: {err}"
         lines = err.strip().splitlines()
-        assert len(lines) == 1 and lines[0].startswith("error: "), f"{name}: {err!r}"
-        assert expected in lines[0], f"{name}: {lines[0]}"
+        assert lines and all(line.startswith("error: ") for line in lines), f"{name}: {err!r}"
+        assert any(expected in line for line in lines), f"{name}: {err}"
 
 
 # ----------------------------------------------------------------------------- the training loop
-
-
-class Recorder(train_gpt.Logger):
-    """A Logger(None) that keeps the lines."""
-
-    def __init__(self):
-        super().__init__(None)
-        self.lines = []
-
-    def __call__(self, line: str = "", console: bool = True):
-        self.lines.append(line)
 
 
 def test_logger_without_path_prints_nothing(capsys, tmp_path):
