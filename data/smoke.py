@@ -45,7 +45,11 @@ SMOKE_ENV = {
     "TOKENIZER_PATH": f"./data/smoke/tokenizers/fineweb_{VOCAB_SIZE}_bpe.model",
     "RUN_ID": "smoke",
     "VOCAB_SIZE": str(VOCAB_SIZE),
-    "NUM_LAYERS": "2",
+    "NUM_LAYERS": "3",
+    "LOOP_START": "1",  # the record stack at small scale: block 1 runs twice (4 virtual layers) from 35 % of the steps,
+    "LOOP_END": "1",
+    "NUM_LOOPS": "1",
+    "PARALLEL_RESIDUAL_START": "2",  # and block 2 on two residual lanes
     "MODEL_DIM": "64",
     "NUM_HEADS": "4",
     "NUM_KV_HEADS": "2",
