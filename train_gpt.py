@@ -121,7 +121,7 @@ SETTINGS = (
     Setting("UNET_SKIPS", True, "skip connections from the first half of the (virtual) layers to the second"),
     Setting("SKIP_GATES", True, "U-Net skips enter through a learned sigmoid gate (lerp) instead of a plain sum"),
     Setting("ATTN_BACKEND", "auto", "auto = FlashAttention-3, else FlashAttention-2, else SDPA", ("auto", "fa3", "fa2", "sdpa")),
-    Setting("COMPILE", True, "torch.compile the model and Newton-Schulz on CUDA (never on CPU)"),
+    Setting("COMPILE", True, "torch.compile the model for training and evaluation on CUDA (never on CPU)"),
     # optimizer
     Setting("EMBED_LR", 0.6, "Adam LR of the untied input embedding", _non_negative, ">= 0"),
     Setting("HEAD_LR", 0.008, "Adam LR of the untied LM head", _non_negative, ">= 0"),
@@ -722,7 +722,8 @@ def select_attention_backend(choice: str, device: torch.device) -> str:
         if choice in ("fa3", "fa2"):
             raise SettingsError(f"ATTN_BACKEND={choice} needs a CUDA GPU; use auto or sdpa")
         return "sdpa"
-    for backend in ("fa3", "fa2") if choice == "auto" else (choice,):
+    hopper = torch.cuda.get_device_capability(device)[0] >= 9  # FlashAttention-3 runs on Hopper only
+    for backend in (("fa3", "fa2") if hopper else ("fa2",)) if choice == "auto" else (choice,):
         if backend == "sdpa":
             return backend
         try:
@@ -775,6 +776,7 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor, backend: str, layout: Atte
     B, T, H, D = q.shape
     if backend in ("fa3", "fa2"):
         fa = _flash_attention_module(backend)
+        q, k = q.to(v.dtype), k.to(v.dtype)  # autocast may keep the QK-norm's output in fp32; FlashAttention wants one dtype
         if layout is None:
             out = fa.flash_attn_func(q, k, v, causal=True)
         else:
