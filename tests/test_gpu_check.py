@@ -54,6 +54,7 @@ def test_cpu_mode_runs_every_check_of_every_part(tmp_path):
     assert step_ms["step"] > 0
 
     size = {check: row for (part, check), row in rows.items() if part == "size"}
+    assert size["training"]["status"] == "measured"
     assert {"artifact role attn", "artifact role mlp", "artifact role embed", "artifact role control"} <= set(size)
     total = {name: value for name, value, _ in size["artifact total vs cap"]["figures"]}
     assert size["artifact total vs cap"]["status"] == "pass" and total["total"] == total["code"] + total["artifact"]
@@ -74,7 +75,8 @@ def test_a_part_out_of_budget_skips_its_checks_and_the_next_part_runs(tmp_path):
     done = run_harness("--cpu", "--parts", "size,eval", "--budget", "size=0", "--out", str(out))
     report = json.loads(out.read_text())
     rows = rows_by_check(report)
-    assert rows[("size", "train 20 steps")]["status"] == "skipped" and "budget" in rows[("size", "train 20 steps")]["note"]
+    training = rows[("size", "train 20 steps, quantize, write the artifact")]
+    assert training["status"] == "skipped" and "budget" in training["note"]
     # no artifact from the size part: the evaluation makes one of untrained weights and times every path
     assert rows[("eval", "artifact")]["status"] == "measured"
     assert rows[("eval", "eval ttt_lora")]["status"] == "measured"
@@ -88,7 +90,7 @@ def write_events(path, *events):
 
 
 def test_a_child_stuck_past_the_hard_limit_is_stopped_and_the_rest_of_the_parts_go_on(tmp_path, monkeypatch):
-    monkeypatch.setattr(gpu_check, "HARD_LIMIT_GRACE_S", 0.5)
+    monkeypatch.setattr(gpu_check, "HARD_LIMIT_GRACE_S", 0.5)  # budget 0.5 s: stopped after 1.25 s
     events = tmp_path / "events.jsonl"
     write_events(events, {"event": "part", "part": "speed"}, {"event": "check", "part": "speed", "check": "default, fa3"})
     stuck = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True)
@@ -99,7 +101,7 @@ def test_a_child_stuck_past_the_hard_limit_is_stopped_and_the_rest_of_the_parts_
     assert time.monotonic() - start < 10 and stuck.poll() is not None
     assert remaining == ["size", "eval"]
     stopped, rest = report.data["rows"]
-    assert (stopped["check"], stopped["status"]) == ("default, fa3", "ERROR") and "stopped at the part's budget" in stopped["note"]
+    assert (stopped["check"], stopped["status"]) == ("default, fa3", "ERROR") and "stopped after 1 s, the hard limit" in stopped["note"]
     assert rest["status"] == "skipped"
     assert json.loads((tmp_path / "t.json").read_text())["rows"] == report.data["rows"]
 
