@@ -706,7 +706,8 @@ class Report:
 
     def __init__(self, opts, settings_changed: dict):
         self.out = Path(opts.out)
-        self.data = {"mode": "cpu" if opts.cpu else "gpu", "data": str(opts.data), "settings_changed": settings_changed,
+        data = "synthetic shards" if opts.tokenizer is None else str(opts.data)
+        self.data = {"mode": "cpu" if opts.cpu else "gpu", "data": data, "settings_changed": settings_changed,
                      "budgets_s": {}, "rows": [], "finished": False}
 
     def add_row(self, **row):
