@@ -2510,7 +2510,12 @@ def ttt_deadline(t_start: float, deadline_seconds: float, world_size: int) -> fl
 
 
 def compile_for_eval(model: GPT, args: Hyperparameters, rt: Runtime):
-    return torch.compile(model) if args.compile and rt.device.type == "cuda" else model
+    """Shape-generic after the first recompile; TTT calls the model in four ways (up to 8 graphs), above dynamo's default limit of 8."""
+    if not (args.compile and rt.device.type == "cuda"):
+        return model
+    name = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"  # renamed in torch 2.7
+    setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 32))
+    return torch.compile(model)
 
 
 def warm_up_paths(forward, weights, names: list[str], args: Hyperparameters, rt: Runtime, tables: ByteTables, vocab_size: int):

@@ -58,10 +58,11 @@ GPUS = 8
 DEFAULT_DATA = REPO / ".bench" / "wiki_bench" / "datasets" / "fineweb10B_sp8192"  # README, Benchmarks
 DEFAULT_TOKENIZER = REPO / ".bench" / "wiki_bench" / "tokenizers" / "fineweb_8192_bpe.model"
 
-# Compiles of GPT.forward that the TTT path may cause: it calls the model in 3 ways (scoring with
-# adapters, scoring the base model for TTT_REPORT_BASE, training the adapters with gradients), and
-# automatic dynamic shapes compile each way at most twice (its first shapes, then shape-generic).
-TTT_FORWARD_COMPILE_BOUND = 6
+# Compiles of GPT.forward that the TTT path may cause: it calls the model in 4 ways (scoring with
+# adapters, scoring the base model for TTT_REPORT_BASE, training the adapters, the phases' SGD on
+# every weight), and automatic dynamic shapes compile each way at most twice (its first shapes,
+# then shape-generic).
+TTT_FORWARD_COMPILE_BOUND = 8
 
 # Tiny settings of the CPU mode (as tests/conftest.py's TINY, with 2 blocks): the default
 # configuration's features (recurrence, parallel lanes, gates, XSA, document isolation, TTT) at a
@@ -73,6 +74,7 @@ CPU_SETTINGS = dict(
     EVAL_SEQ_LEN=32, EVAL_STRIDE=8, VAL_BATCH_SIZE=32 * 16, TTT_CHUNK_SIZE=8, TTT_CONTEXT_LEN=16,
     TTT_BATCH_SIZE=4, TTT_LORA_RANK=2, TTT_HEAD_RANK=2, GPTQ_CALIB_SEQS=4, LOOP_START=1, LOOP_END=1,
     NUM_LOOPS=1, PARALLEL_RESIDUAL_START=1, GATE_WINDOW=4, ROPE_DIMS=4, QUANT_FLOAT_MAX_NUMEL=256,
+    TTT_LORA_ALPHA=2, TTT_PHASE_DOCS="4", TTT_PHASE_SEQ_LEN=32, TTT_PHASE_CHUNK_TOKENS=64, EVAL_AUDIT_TOKENS=256,
 )
 CPU_VOCAB = CPU_SETTINGS["VOCAB_SIZE"]
 
@@ -412,8 +414,8 @@ def compare_attention_backends(ctx: Context, args: tg.Hyperparameters, state: di
 def score_path(ctx: Context, args, name: str, scorer, forward, tokens) -> tuple[tg.ScoreLedger, tg.EvalResult]:
     """One path over `tokens` as evaluate_artifact runs it (TTT with its base-model ledger)."""
     ledger = tg.ScoreLedger(tokens, ctx.tables)
-    base_ledger = tg.ScoreLedger(tokens, ctx.tables) if name == "ttt_lora" and args.ttt_report_base else None
-    scorer(forward, tokens, ledger, ctx.rt, base_ledger=base_ledger)
+    options = {"base_ledger": tg.ScoreLedger(tokens, ctx.tables) if args.ttt_report_base else None} if name == "ttt" else {}
+    scorer(forward, tokens, ledger, ctx.rt, **options)
     ledger.merge(ctx.rt)
     return ledger, ledger.result()
 
@@ -421,7 +423,7 @@ def score_path(ctx: Context, args, name: str, scorer, forward, tokens) -> tuple[
 def compare_scoring_path(ctx: Context, args, name: str, scorer, model: tg.GPT, tokens, compiled_out: dict) -> list[Result]:
     tol = ctx.scale
     _, eager = score_path(ctx, args, name, scorer, model, tokens)
-    if name == "ttt_lora":  # TTT's compiles are counted alone; the window paths share their graphs as in evaluate_artifact
+    if name == "ttt":  # TTT's compiles are counted alone; the window paths share their graphs as in evaluate_artifact
         torch._dynamo.reset()
     compiled = torch.compile(model, backend=tol.compile_backend)  # as evaluate_artifact compiles it
     compiled_out["forward"] = compiled
@@ -432,20 +434,25 @@ def compare_scoring_path(ctx: Context, args, name: str, scorer, model: tg.GPT, t
     results = [Result("pass" if error <= tol.tol_bpb else "FAIL",
                       [figure("bpb", result.val_bpb, "bits/byte"), figure("bpb error", error, "relative"), figure("new forward compiles", compiles, "compiles")],
                       f"{result.targets:,} targets; tolerance {tol.tol_bpb:g}")]
-    if name == "ttt_lora":
+    if name == "ttt":
         once = int((ledger.count == 1).sum())
         ok = once == ledger.num_targets and compiles <= TTT_FORWARD_COMPILE_BOUND
         results.append(Result("pass" if ok else "FAIL",
                               [figure("scored once", once, f"of {ledger.num_targets:,} targets"), figure("forward", compiles, f"compiles (bound {TTT_FORWARD_COMPILE_BOUND})")],
-                              f"{ledger.updates} adapter updates, each on scored positions", check="ttt_lora compiled: every target once, bounded compiles"))
+                              f"{ledger.updates} adapter updates, each on scored positions", check="ttt compiled: every target once, bounded compiles"))
     return results
 
 
-def audit_path(ctx: Context, name: str, scorer, model: tg.GPT, tokens, compiled_out: dict) -> Result:
+def audit_path(ctx: Context, args, name: str, model: tg.GPT, weights: dict, tokens, compiled_out: dict) -> Result:
+    """The audit as evaluate_artifact runs it, from `weights` (the ones the scored run started from)."""
     forward = compiled_out.get("forward")
     if forward is None:  # the comparison did not get as far as compiling
         forward = torch.compile(model, backend=ctx.scale.compile_backend)
-    report = tg.audit_scorer(name, scorer, forward, tokens, ctx.tables, ctx.rt, model.cfg.vocab_size, compiled_out.get("ledger"))
+
+    def score(toks, ledger, alone):
+        tg.score_path(name, forward, weights, toks, ledger, tg.one_per_batch(args) if alone else args, ctx.rt)
+
+    report = tg.audit_path(name, score, tokens, ctx.tables, ctx.rt, model.cfg.vocab_size, args.ttt_chunk_size, compiled_out.get("ledger"), args.eval_audit_tokens)
     detail = "; ".join(f"{check} {'ok' if ok else 'FAIL'} {text}" for check, (ok, text) in report.checks.items())
     return Result("pass" if report.passed else "FAIL", note=detail)
 
@@ -509,11 +516,14 @@ def correctness(ctx: Context, part: PartRunner):
     model.requires_grad_(False)  # as evaluate_artifact: only TTT adapters take gradients
     tokens = ctx.val_slice(ctx.scale.check_tokens)
     torch._dynamo.reset()
-    ttt = tg.ScoreFirstLoRATTT(model.cfg, args, ctx.rt) if args.ttt_enabled else None
-    for name, scorer in tg.evaluation_paths(args, ttt):
+    weights = {k: v.clone() for k, v in model.state_dict().items()}  # phased TTT trains them: every path starts here
+    for name in tg.evaluation_paths(args):
+        def scorer(forward, toks, ledger, rt, n=name, **options):
+            return tg.score_path(n, forward, weights, toks, ledger, args, rt, **options)
+
         compiled = {}
         part.check(f"{name}: compiled vs eager", lambda n=name, s=scorer, c=compiled: compare_scoring_path(ctx, args, n, s, model, tokens, c))
-        part.check(f"{name}: causal audit, compiled", lambda n=name, s=scorer, c=compiled: audit_path(ctx, n, s, model, tokens, c))
+        part.check(f"{name}: causal audit, compiled", lambda n=name, c=compiled: audit_path(ctx, args, n, model, weights, tokens, c))
     torch._dynamo.reset()
     part.check("2 processes train like 1", lambda: two_process_training(ctx))
 
@@ -639,7 +649,7 @@ def time_evaluation(ctx: Context, args: tg.Hyperparameters) -> list[Result]:
     compiles = forward_compiles()
     run = logparse.parse_text("\n".join(lines))
     targets, results, projected_paths = tokens.numel() - 1, [], 0.0
-    label_to_path = {label: path for path, label in tg.FINAL_LABELS.items()}
+    label_to_path = {tg.path_label(path, args): path for path in tg.evaluation_paths(args)}
     for label, final in run.finals.items():
         seconds = final.eval_time_ms / 1000
         rate = targets / seconds
@@ -647,7 +657,7 @@ def time_evaluation(ctx: Context, args: tg.Hyperparameters) -> list[Result]:
         projected_paths += projected
         path = label_to_path.get(label, label)
         note = f"{targets:,} targets; projection: {FULL_VALIDATION_TOKENS / 1e6:.0f} M tokens / {GPUS} GPUs at this rate"
-        if path == "ttt_lora" and args.ttt_deadline_seconds and projected > args.ttt_deadline_seconds:
+        if path == "ttt" and args.ttt_deadline_seconds and projected > args.ttt_deadline_seconds:
             note += f"; over TTT_DEADLINE_SECONDS={args.ttt_deadline_seconds:g}, where a real run scores the rest with the base model"
         results.append(Result("measured", [figure("time", seconds, "s"), figure("rate", rate, "tokens/s"), figure("projected", projected, "s on 8 GPUs")],
                               note, check=f"eval {path}"))

@@ -35,10 +35,10 @@ def test_cpu_mode_runs_every_check_of_every_part(tmp_path):
     assert not [r for r in report["rows"] if r["status"] in ("FAIL", "ERROR")]
 
     correctness = [check for part, check in rows if part == "correctness"]
-    for path in ("standard", "sliding_window", "ttt_lora"):
+    for path in ("standard", "sliding_window", "ttt"):
         assert rows[("correctness", f"{path}: compiled vs eager")]["status"] == "pass"
         assert rows[("correctness", f"{path}: causal audit, compiled")]["status"] == "pass"
-    ttt = rows[("correctness", "ttt_lora compiled: every target once, bounded compiles")]
+    ttt = rows[("correctness", "ttt compiled: every target once, bounded compiles")]
     scored_once = {name: (value, unit) for name, value, unit in ttt["figures"]}["scored once"]
     assert ttt["status"] == "pass" and scored_once[1] == f"of {scored_once[0]:,} targets"
     assert rows[("correctness", "attention sdpa vs fp32 SDPA")]["status"] == "pass"
@@ -60,7 +60,7 @@ def test_cpu_mode_runs_every_check_of_every_part(tmp_path):
     assert size["artifact total vs cap"]["status"] == "pass" and total["total"] == total["code"] + total["artifact"]
 
     evaluation = {check: row for (part, check), row in rows.items() if part == "eval"}
-    for path in ("standard", "sliding_window", "ttt_lora"):
+    for path in ("standard", "sliding_window", "ttt"):
         figures = {name: value for name, value, _ in evaluation[f"eval {path}"]["figures"]}
         assert figures["projected"] == pytest.approx(gpu_check.FULL_VALIDATION_TOKENS / gpu_check.GPUS / figures["rate"])
     assert "eval projected total vs budget" in evaluation
@@ -79,7 +79,7 @@ def test_a_part_out_of_budget_skips_its_checks_and_the_next_part_runs(tmp_path):
     assert training["status"] == "skipped" and "budget" in training["note"]
     # no artifact from the size part: the evaluation makes one of untrained weights and times every path
     assert rows[("eval", "artifact")]["status"] == "measured"
-    assert rows[("eval", "eval ttt_lora")]["status"] == "measured"
+    assert rows[("eval", "eval ttt")]["status"] == "measured"
     assert done.returncode == 0 and report["finished"]
 
 
