@@ -63,14 +63,21 @@ SMOKE_ENV = {
     "TRAIN_LOG_EVERY": "25",
     "EVAL_SEQ_LEN": "128",
     "EVAL_STRIDE": "32",
-    "TTT_CHUNK_SIZE": "64",
+    "TTT_CHUNK_SIZE": "32",
     "TTT_CONTEXT_LEN": "128",
     "TTT_BATCH_SIZE": "8",
+    "TTT_LORA_RANK": "8",  # phased TTT at small scale: rank 8 (alpha 14.4 keeps the record's 1.8 scale),
+    "TTT_HEAD_RANK": "8",
+    "TTT_LORA_ALPHA": "14.4",
+    "TTT_LR": "0.001",
+    "TTT_PHASE_DOCS": "6,12",  # global SGD after 6 and 12 of the validation documents,
+    "TTT_PHASE_SEQ_LEN": "128",
+    "TTT_PHASE_CHUNK_TOKENS": "2048",
+    "TTT_REPORT_BASE": "1",  # and the base model on the same chunks, to log the TTT gain
     "BIGRAM_VOCAB_SIZE": "512",
     "BIGRAM_DIM": "32",
     "GPTQ_CALIB_SEQS": "8",
     "EMA_DECAY": "0.95",  # a 150-step run: the record decay (0.997) would export mostly the initial weights
-    "EVAL_AUDIT": "1",
     "QUANT_FLOAT_MAX_NUMEL": "1024",  # quantize the tiny matrices too, as the full-size ones are
 }
 
