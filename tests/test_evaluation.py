@@ -252,9 +252,9 @@ def test_sliding_window_losses_match_a_direct_computation(model, tables):
 
 def test_eval_dump_reaggregates_to_the_logged_bpb(model, tables, tmp_path):
     tokens = doc_stream([40, 60, 35, 50], seed=2)
-    args = tiny_args(EVAL_DUMP=str(tmp_path / "dump"), EVAL_AUDIT=1, TTT_LR=0.05, ARTIFACT_COMPRESSOR="lzma", ARTIFACT_LEVEL=1)
+    args = tiny_args(EVAL_DUMP=str(tmp_path / "dump"), EVAL_AUDIT=1, TTT_LR=0.05, ARTIFACT_COMPRESSOR="lzma")
     qstate = T.quantize_state_dict(model.state_dict(), args, None)
-    blob, _ = T.encode_artifact(qstate, model.cfg, args.artifact_compressor, args.artifact_level, args.artifact_packing)
+    blob, _ = T.encode_artifact(qstate, model.cfg, T.Packing.from_args(args))
     (tmp_path / "model.pgz").write_bytes(blob)
     log = T.Logger(tmp_path / "log.txt")
     results, audits = T.evaluate_artifact(tmp_path / "model.pgz", args, T.Runtime(), log, tables, tokens, "int6", "sdpa")
