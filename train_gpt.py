@@ -159,7 +159,7 @@ SETTINGS = (
     Setting("QUANT_CLIP_K_EMBED", 14.0, "k of the sdclip clip of the token embedding / LM head", _positive, "> 0"),
     Setting("QUANT_CLIP_K_OTHER", 14.0, "k of the sdclip clip of other large matrices (BigramHash)", _positive, "> 0"),
     Setting("QUANT_FLOAT_MAX_NUMEL", 65536, "2-D tensors with fewer elements are stored in fp16, not quantized", _non_negative, ">= 0"),
-    Setting("QUANT_CONTROL_INT8", "", "comma list of control tensors (gates, scales, mixes) stored as int8 with a scale per row instead of fp32", lambda v: _items(v) <= set(CONTROL_PARAMETER_NAMES), "a comma list of names from CONTROL_PARAMETER_NAMES in train_gpt.py"),
+    Setting("QUANT_CONTROL_INT8", "all", "control tensors (gates, scales, mixes) stored as int8 with a scale per row instead of fp32: all, or a comma list of their names (empty = none)", lambda v: v == "all" or _items(v) <= set(CONTROL_PARAMETER_NAMES), "all or a comma list of names from CONTROL_PARAMETER_NAMES in train_gpt.py"),
     Setting("QUANT_PRUNE_FRAC", 0.0, "zero this fraction of smallest-magnitude weights before quantizing", lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
     Setting("QUANT_FIT_TO_CAP", True, "if over SIZE_CAP_BYTES, raise pruning step by step until the artifact fits"),
     Setting("LQER_RANK", 4, "rank of the low-rank correction of the worst-quantized tensors (0 = off)", _non_negative, ">= 0"),
@@ -176,7 +176,7 @@ SETTINGS = (
     Setting("GPTQ_BLOCK_SIZE", 128, "GPTQ column block size", _positive, "> 0"),
     Setting("GPTQ_DAMP", 0.01, "GPTQ damping as a fraction of mean diag(H)", _positive, "> 0"),
     Setting("GPTQ_ACT_ORDER", True, "GPTQ column order by descending diag(H)"),
-    Setting("ARTIFACT_COMPRESSOR", "auto", "compressor of each stream, at its strongest setting; auto = the smallest of every installed one", ("auto",) + ("zstd", "lzma", "brotli", "zpaq")),
+    Setting("ARTIFACT_COMPRESSOR", "auto", "compressor of each stream, at its strongest setting; auto = the smallest of every installed one", ("auto", "zstd", "lzma", "brotli", "zpaq")),
     Setting("ARTIFACT_GROUPING", "role", "role = one compressed stream per kind of tensor across layers (attn.c_q, mlp.fc, ...), scales, fp16 and fp32; single = one stream for all", ("role", "single")),
     Setting("ARTIFACT_PACKING", "int8", "quantized values in int8 containers, bit-packed, or auto = the smaller after compression, per stream", ("auto", "int8", "bitpack")),
     Setting("ARTIFACT_TRANSPOSE", True, "store each quantized matrix column by column"),
@@ -1626,7 +1626,8 @@ def quantize_control(t: Tensor) -> QuantizedTensor:
 def quantize_state_dict(state: dict[str, Tensor], args: Hyperparameters, hessians: dict | None, log=None) -> dict[str, object]:
     """Each tensor by role: QuantizedTensor (GPTQ where a Hessian exists, else round-to-nearest; int8 for the
     QUANT_CONTROL_INT8 tensors), fp16 or fp32; then the low-rank correction of the worst few."""
-    bits_of, k_of, int8_controls = role_bits(args), role_clip_k(args), _items(args.quant_control_int8)
+    bits_of, k_of = role_bits(args), role_clip_k(args)
+    int8_controls = CONTROL_PARAMETER_NAMES if args.quant_control_int8 == "all" else _items(args.quant_control_int8)
     out = {}
     for name, t in state.items():
         role = tensor_role(name, t, args.quant_float_max_numel)
@@ -2651,10 +2652,10 @@ def quantize_and_write(model: GPT, hessians, args: Hyperparameters, rt: Runtime,
 
 
 def run(args: Hyperparameters, rt: Runtime):
+    check_artifact_packages(args)
     run_id = broadcast_run_id(args, rt)
     log_dir = Path(args.log_dir)
     log = Logger(log_dir / f"{run_id}.txt" if rt.is_master else None)
-    check_artifact_packages(args)
     source = running_source()
     log(source.decode("utf-8"), console=False)
     log("=" * 100, console=False)

@@ -36,7 +36,6 @@ OLD_PACKING = dict(  # format 1 on main before issue 9: search clip, int8 RTN em
     QUANT_CLIP="search", QUANT_BITS_EMBED="8", GPTQ_EMBED="0", LQER_RANK="0", QUANT_CONTROL_INT8="", ARTIFACT_COMPRESSOR="zstd",
     ARTIFACT_GROUPING="single", ARTIFACT_PACKING="auto", ARTIFACT_TRANSPOSE="0", ARTIFACT_REORDER_ROWS="0",
 )
-ALL_CONTROLS = ",".join(tg.CONTROL_PARAMETER_NAMES)
 
 
 def settings_env(args: tg.Hyperparameters) -> dict[str, str]:
@@ -48,7 +47,7 @@ def quantizer_variants(args: tg.Hyperparameters, k_scales: list[float], search_b
     ks = {f"QUANT_CLIP_K_{r}": getattr(args, f"quant_clip_k_{r.lower()}") for r in ("ATTN", "MLP", "EMBED", "OTHER")}
     variants = [("old packing (format 1)", OLD_PACKING), ("defaults", {})]
     variants += [("GPTQ_EMBED=0", {"GPTQ_EMBED": "0"}), ("LQER_RANK=0", {"LQER_RANK": "0"}), ("QUANT_BITS_EMBED=8", {"QUANT_BITS_EMBED": "8"})]
-    variants += [(f"QUANT_CONTROL_INT8={'all' if c == ALL_CONTROLS else c or '(none)'}", {"QUANT_CONTROL_INT8": c}) for c in ("", ALL_CONTROLS) if c != args.quant_control_int8]
+    variants += [(f"QUANT_CONTROL_INT8={c or '(none)'}", {"QUANT_CONTROL_INT8": c}) for c in ("", "all") if c != args.quant_control_int8]
     variants += [(f"sdclip k x{f:g}", {"QUANT_CLIP": "sdclip", **{n: str(k * f) for n, k in ks.items()}}) for f in k_scales]
     for bits in search_bits:
         variants.append((f"search int{bits}/int{bits + 1} emb", {"QUANT_CLIP": "search", "QUANT_BITS_ATTN": str(bits), "QUANT_BITS_MLP": str(bits), "QUANT_BITS_EMBED": str(bits + 1)}))
@@ -106,13 +105,18 @@ def role_table(streams: list[tg.StreamReport]):
         print(f"| {s.name} | {s.numel:,} | {s.bytes:,} | {per_value} | {s.compressor} | {s.values} |")
 
 
-def packing_table(qstate, cfg, compressors: list[str], default: tg.Packing):
-    """Every layout with every compressor; auto derived per stream and checked once against a real auto run."""
+LAYOUTS = [f"{g},{t},{r},{v}" for g, t, r, v in itertools.product(("single", "role"), (0, 1), (0, 1), ("int8", "bitpack"))]
+
+
+def packing_table(qstate, cfg, compressors: list[str], default: tg.Packing, layouts: list[str]):
+    """Each layout (grouping,transpose,row order,values) with each compressor; auto derived per stream and
+    checked once against a real auto run."""
     reference = tg.dequantize_state_dict(qstate)
     print("\n| grouping | transpose | row order | values | " + " | ".join(compressors) + " | auto (derived) |")
     print("| --- | --- | --- | --- | " + "---: | " * (len(compressors) + 1))
     times = {c: [0.0, 0.0, 0] for c in compressors}
-    for grouping, transpose, reorder, values in itertools.product(("single", "role"), (False, True), (False, True), ("int8", "bitpack")):
+    for grouping, transpose, reorder, values in (layout.split(",") for layout in layouts):
+        transpose, reorder = transpose == "1", reorder == "1"
         sizes, per_stream = {}, {}
         for c in compressors:
             t0 = time.perf_counter()
@@ -147,6 +151,7 @@ def main():
     parser.add_argument("--k-scales", type=float, nargs="+", default=[0.5, 0.75, 1.0, 1.5, 2.0], help="SDClip sweep: every role's k times these")
     parser.add_argument("--search-bits", type=int, nargs="+", default=[4, 5, 6], help="search-clip points: attention/MLP bits (embedding one more)")
     parser.add_argument("--compressors", nargs="+", default=[c for c in tg.COMPRESSORS if tg.compressor_installed(c)], choices=tg.COMPRESSORS)
+    parser.add_argument("--layouts", nargs="+", default=LAYOUTS, choices=LAYOUTS, help="packing layouts: grouping,transpose,row order,values")
     opts = parser.parse_args()
     args = tg.Hyperparameters()
     rt = tg.setup_runtime()
@@ -185,7 +190,7 @@ def main():
             defaults = defaults or export_and_score(model, hessians, base, {}, rt, tables, val_tokens, code_bytes, Path(tmp))
             role_table(defaults["streams"])
     if "packing" in opts.tables:
-        packing_table(tg.quantize_state_dict(model.state_dict(), args, hessians), model.cfg, opts.compressors, tg.Packing.from_args(args))
+        packing_table(tg.quantize_state_dict(model.state_dict(), args, hessians), model.cfg, opts.compressors, tg.Packing.from_args(args), opts.layouts)
 
 
 if __name__ == "__main__":
