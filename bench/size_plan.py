@@ -25,10 +25,11 @@ import train_gpt as tg  # noqa: E402
 
 
 def short_run_settings(args: tg.Hyperparameters, steps: int, batch_tokens: int, seq_len: int) -> tg.Hyperparameters:
-    """The run's settings with a training budget of `steps` small steps and no warm-up, compile or evaluation."""
+    """The run's settings with a training budget of `steps` small steps, the raw weights exported (an EMA of a
+    few steps would be mostly the initial weights), and no warm-up, compile or evaluation."""
     env = {name: str(int(v) if isinstance(v, bool) else v) for name, v in args.as_dict().items()}
     env.update(ITERATIONS=str(max(steps, 1)), TRAIN_BATCH_TOKENS=str(batch_tokens), TRAIN_SEQ_LEN=str(seq_len), WARMUP_STEPS="0",
-               MAX_WALLCLOCK_SECONDS="0", VAL_LOSS_EVERY="0", COMPILE="0", GPTQ_CALIB_SEQS=str(min(args.gptq_calib_seqs, 8)), TRAIN_LOG_EVERY="0")
+               MAX_WALLCLOCK_SECONDS="0", VAL_LOSS_EVERY="0", EMA_DECAY="0", SWA_ENABLED="0", COMPILE="0", GPTQ_CALIB_SEQS=str(min(args.gptq_calib_seqs, 8)), TRAIN_LOG_EVERY="0")
     return tg.Hyperparameters(env)
 
 
