@@ -12,6 +12,7 @@ import copy
 import difflib
 import glob
 import hashlib
+import importlib.util
 import io
 import json
 import lzma
@@ -29,7 +30,8 @@ import time
 import traceback
 import uuid
 import zlib
-from dataclasses import dataclass, field
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -64,6 +66,10 @@ def _non_negative(v):
 
 def _fraction(v):
     return 0.0 <= v <= 1.0
+
+
+def _items(v: str) -> set[str]:
+    return {item.strip() for item in v.split(",") if item.strip()}
 
 
 SETTINGS = (
@@ -151,14 +157,24 @@ SETTINGS = (
     # quantization and the artifact
     Setting("QUANT_BITS_ATTN", 6, "bits of attention matrices", lambda v: 2 <= v <= 8, "in [2, 8]"),
     Setting("QUANT_BITS_MLP", 6, "bits of MLP matrices", lambda v: 2 <= v <= 8, "in [2, 8]"),
-    Setting("QUANT_BITS_EMBED", 8, "bits of the token embedding / LM head", lambda v: 2 <= v <= 8, "in [2, 8]"),
+    Setting("QUANT_BITS_EMBED", 7, "bits of the token embedding / LM head", lambda v: 2 <= v <= 8, "in [2, 8]"),
     Setting("QUANT_BITS_OTHER", 8, "bits of other large matrices (BigramHash)", lambda v: 2 <= v <= 8, "in [2, 8]"),
-    Setting("QUANT_CLIP", "search", "row clip: search = MSE-best of a few quantiles, std = QUANT_CLIP_STD_K * std(row)", ("search", "std")),
-    Setting("QUANT_CLIP_STD_K", 4.0, "k of the k*std clip", _positive, "> 0"),
+    Setting("QUANT_CLIP", "sdclip", "row clip: search = MSE-best of a few quantiles, sdclip = QUANT_CLIP_K_<role> * std(row) (a larger k: coarser grid, fewer bytes)", ("search", "sdclip")),
+    Setting("QUANT_CLIP_K_ATTN", 13.0, "k of the sdclip clip of attention matrices", _positive, "> 0"),
+    Setting("QUANT_CLIP_K_MLP", 11.5, "k of the sdclip clip of MLP matrices", _positive, "> 0"),
+    Setting("QUANT_CLIP_K_EMBED", 14.0, "k of the sdclip clip of the token embedding / LM head", _positive, "> 0"),
+    Setting("QUANT_CLIP_K_OTHER", 14.0, "k of the sdclip clip of other large matrices (BigramHash)", _positive, "> 0"),
     Setting("QUANT_FLOAT_MAX_NUMEL", 65536, "2-D tensors with fewer elements are stored in fp16, not quantized", _non_negative, ">= 0"),
+    Setting("QUANT_CONTROL_INT8", "all", "control tensors (gates, scales, mixes) stored as int8 with a scale per row instead of fp32: all, or a comma list of their names (empty = none)", lambda v: v == "all" or _items(v) <= set(CONTROL_PARAMETER_NAMES), "all or a comma list of names from CONTROL_PARAMETER_NAMES in train_gpt.py"),
     Setting("QUANT_PRUNE_FRAC", 0.0, "zero this fraction of smallest-magnitude weights before quantizing", lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
     Setting("QUANT_FIT_TO_CAP", True, "if over SIZE_CAP_BYTES, raise pruning step by step until the artifact fits"),
+    Setting("LQER_RANK", 4, "rank of the low-rank correction of the worst-quantized tensors (0 = off)", _non_negative, ">= 0"),
+    Setting("LQER_TOP_K", 3, "how many tensors get the correction: those with the largest norm of W - W_q", _non_negative, ">= 0"),
+    Setting("LQER_A_BITS", 2, "bits of the correction's left factor A = U S (one scale)", lambda v: 2 <= v <= 8, "in [2, 8]"),
+    Setting("LQER_B_BITS", 4, "bits of the correction's right factor B = V^T (one scale per LQER_GROUP columns)", lambda v: 2 <= v <= 8, "in [2, 8]"),
+    Setting("LQER_GROUP", 64, "columns of B sharing one scale", _positive, "> 0"),
     Setting("GPTQ_ENABLED", True, "full-Hessian GPTQ (else round-to-nearest)"),
+    Setting("GPTQ_EMBED", True, "GPTQ the tied embedding too, with the Hessian of the LM head's input (else round-to-nearest)"),
     Setting("GPTQ_CALIBRATION", "train", "train = batches read inside the training budget, self = model-generated text", ("train", "self")),
     Setting("GPTQ_RESERVE_SECONDS", 10.0, "training stops this much early to read calibration batches inside the cap", _non_negative, ">= 0"),
     Setting("GPTQ_CALIB_SEQS", 64, "calibration sequences, all ranks together", _positive, "> 0"),
@@ -166,9 +182,12 @@ SETTINGS = (
     Setting("GPTQ_BLOCK_SIZE", 128, "GPTQ column block size", _positive, "> 0"),
     Setting("GPTQ_DAMP", 0.01, "GPTQ damping as a fraction of mean diag(H)", _positive, "> 0"),
     Setting("GPTQ_ACT_ORDER", True, "GPTQ column order by descending diag(H)"),
-    Setting("ARTIFACT_COMPRESSOR", "zstd", "compressor of the artifact", ("zstd", "lzma")),
-    Setting("ARTIFACT_LEVEL", 22, "compression level (zstd 1-22, lzma 0-9)", lambda v: 0 <= v <= 22, "in [0, 22]"),
-    Setting("ARTIFACT_PACKING", "auto", "int8 containers, bit-packed values, or auto = the smaller after compression", ("auto", "int8", "bitpack")),
+    Setting("ARTIFACT_COMPRESSOR", "auto", "compressor of each stream, at its strongest setting; auto = the smallest of every installed one", ("auto", "zstd", "lzma", "brotli", "zpaq")),
+    Setting("ARTIFACT_GROUPING", "role", "role = one compressed stream per kind of tensor across layers (attn.c_q, mlp.fc, ...), scales, fp16 and fp32; single = one stream for all", ("role", "single")),
+    Setting("ARTIFACT_PACKING", "int8", "quantized values in int8 containers, bit-packed, or auto = the smaller after compression, per stream", ("auto", "int8", "bitpack")),
+    Setting("ARTIFACT_TRANSPOSE", True, "store each quantized matrix column by column"),
+    Setting("ARTIFACT_REORDER_ROWS", True, "store the rows of each quantized matrix in nearest-neighbour order (the order is stored)"),
+    Setting("CODE_MINIFY", True, "minify the source (python-minifier) before compressing it into the shipped train_gpt.py"),
     Setting("SIZE_CAP_BYTES", 16000000, "cap on code bytes + artifact bytes", _positive, "> 0"),
     # evaluation
     Setting("EVAL_SEQ_LEN", 2048, "window length of sliding-window evaluation", _positive, "> 0"),
@@ -1091,6 +1110,7 @@ class GPT(nn.Module):
         self.lane_resid = nn.Parameter(torch.full((cfg.num_layers, 2), 1.1)) if parallel else None
         self.lane_post = nn.Parameter(torch.ones(cfg.num_layers, 2, 2)) if parallel else None
         self.lm_head = None if cfg.tie_embeddings else CastedLinear(cfg.model_dim, cfg.vocab_size, zero_init=True)
+        self.head_input = nn.Identity()  # hook point: the LM head's input, whose Hessian GPTQ uses for the tied embedding
         if cfg.ortho_init:
             for block in self.blocks:
                 for linear in (block.attn.c_q, block.attn.c_k, block.attn.c_v, block.mlp.fc):
@@ -1136,7 +1156,7 @@ class GPT(nn.Module):
                 lanes = block.forward_lanes(lanes, x0, layout, adapters, layer, self.lane_resid[i], self.lane_post[i])
             if self.skip_weights is not None and layer < num_encoder:
                 skips.append(x if lanes is None else 0.5 * (lanes[0] + lanes[1]))
-        x = rms_norm(x if lanes is None else 0.5 * (lanes[0] + lanes[1]))
+        x = self.head_input(rms_norm(x if lanes is None else 0.5 * (lanes[0] + lanes[1])))
         head = self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
         logits = F.linear(x, head.to(x.dtype))
         if adapters is not None:
@@ -1398,17 +1418,22 @@ class TrainResult:
     hessians: dict | None
 
 
-def gptq_target_modules(model: GPT) -> dict[str, CastedLinear]:
-    """Linear layers whose weights GPTQ quantizes (keyed by their weight's state-dict name)."""
-    return {f"{name}.weight": m for name, m in model.named_modules() if isinstance(m, CastedLinear)}
+def gptq_target_modules(model: GPT) -> dict[str, nn.Module]:
+    """For each weight GPTQ quantizes (by state-dict name), the module whose input it multiplies: every
+    CastedLinear, and for a tied embedding the LM head's input."""
+    targets = {f"{name}.weight": m for name, m in model.named_modules() if isinstance(m, CastedLinear)}
+    if model.lm_head is None:
+        targets["tok_emb.weight"] = model.head_input
+    return targets
 
 
 @torch.no_grad()
 def collect_hessians(model: GPT, batches, rt: Runtime) -> dict[str, Tensor]:
-    """H = mean of x^T x over every input row x of each GPTQ target layer (a looped block's layers
-    see each token once per pass), summed over ranks."""
+    """H = mean of x^T x over every input row x of each GPTQ target (a looped block's layers see each
+    token once per pass), summed over ranks."""
     targets = gptq_target_modules(model)
-    hessians = {n: torch.zeros(m.weight.size(1), m.weight.size(1), device=rt.device) for n, m in targets.items()}
+    params = dict(model.named_parameters())
+    hessians = {n: torch.zeros(params[n].size(1), params[n].size(1), device=rt.device) for n in targets}
     counts = torch.zeros(len(targets), device=rt.device)
 
     def hook(k, name):
@@ -1593,6 +1618,7 @@ def train_model(model: GPT, args: Hyperparameters, rt: Runtime, log: Logger, eva
 # ----------------------------------------------------------------------------- artifact: quantization, GPTQ, packing, file format
 
 CLIP_QUANTILES = (0.999, 0.9995, 0.9999, 0.99999, 1.0)
+LQER_A_CLIP_FRACTIONS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0)  # of max |A|: candidate clips of the correction's one-scale factor
 
 
 class ArtifactError(RuntimeError):
@@ -1601,7 +1627,7 @@ class ArtifactError(RuntimeError):
 
 def tensor_role(name: str, tensor: Tensor, float_max_numel: int = 65536) -> str:
     """attn / mlp / embed / other for quantized matrices; control (fp32) or small (fp16) otherwise."""
-    if not tensor.is_floating_point() or tensor.ndim != 2 or any(c in name for c in CONTROL_PARAMETER_NAMES):
+    if not tensor.is_floating_point() or tensor.ndim != 2 or is_control(name):
         return "control"
     if name.startswith(("tok_emb", "lm_head")):
         return "embed"
@@ -1610,8 +1636,16 @@ def tensor_role(name: str, tensor: Tensor, float_max_numel: int = 65536) -> str:
     return "attn" if ".attn." in name else "mlp" if ".mlp." in name else "other"
 
 
+def is_control(name: str) -> bool:
+    return any(c in name for c in CONTROL_PARAMETER_NAMES)
+
+
 def role_bits(args: Hyperparameters) -> dict[str, int]:
     return {"attn": args.quant_bits_attn, "mlp": args.quant_bits_mlp, "embed": args.quant_bits_embed, "other": args.quant_bits_other}
+
+
+def role_clip_k(args: Hyperparameters) -> dict[str, float]:
+    return {"attn": args.quant_clip_k_attn, "mlp": args.quant_clip_k_mlp, "embed": args.quant_clip_k_embed, "other": args.quant_clip_k_other}
 
 
 def quantize_with_scale(w: Tensor, scale: Tensor, bits: int) -> Tensor:
@@ -1619,14 +1653,13 @@ def quantize_with_scale(w: Tensor, scale: Tensor, bits: int) -> Tensor:
     return torch.clamp(torch.round(w / scale), -qmax, qmax).to(torch.int8)
 
 
-def row_scales(w: Tensor, bits: int, mode: str, std_k: float) -> Tensor:
-    """Per-row fp16 scale = clip / qmax; clip is the MSE-best of a few |w| quantiles, or k * std(row)."""
+def row_scales(w: Tensor, bits: int, mode: str, k: float) -> Tensor:
+    """Per-row fp16 scale = clip / qmax; clip = the MSE-best of a few |w| quantiles (search), or
+    k * std(row) (sdclip: a larger k is a coarser grid whose values compress smaller)."""
     qmax = 2 ** (bits - 1) - 1
     w = w.float()
-    absmax = w.abs().amax(dim=1, keepdim=True).clamp_min(1e-8)
-    if mode == "std":
-        clip = torch.minimum(std_k * w.std(dim=1, keepdim=True), absmax)
-        return (clip / qmax).clamp_min(2**-24).half().float()  # 2^-24: the smallest fp16 > 0
+    if mode == "sdclip":
+        return (k * w.std(dim=1, keepdim=True, correction=0) / qmax).clamp_min(2**-24).half().float()  # 2^-24: the smallest fp16 > 0
     best_scale, best_err = None, None
     quantiles = torch.quantile(w.abs(), torch.tensor(CLIP_QUANTILES, device=w.device), dim=1).T  # (rows, Q)
     for j in range(quantiles.size(1)):
@@ -1688,31 +1721,62 @@ def magnitude_keep_mask(w: Tensor, frac: float) -> Tensor | None:
 
 
 @dataclass
+class LowRankCorrection:
+    """A quantized rank-r term added back when the weights are rebuilt: W ~ W_q + A @ B (LQER)."""
+
+    a: Tensor  # int8 (rows, rank), one fp16 scale
+    a_scale: Tensor  # fp16 (1, 1)
+    b: Tensor  # int8 (rank, cols), one fp16 scale per `group` columns
+    b_scale: Tensor  # fp16 (rank, ceil(cols / group))
+    a_bits: int
+    b_bits: int
+    group: int
+
+    def delta(self) -> Tensor:
+        b_scale = self.b_scale.float().repeat_interleave(self.group, dim=1)[:, : self.b.size(1)]
+        return (self.a.float() * self.a_scale.float()) @ (self.b.float() * b_scale)
+
+
+@dataclass
 class QuantizedTensor:
-    q: Tensor  # int8 values in [-qmax, qmax]
+    q: Tensor  # int8 values in [-qmax, qmax], (rows, cols)
     scale: Tensor  # fp16 per-row scale (rows, 1)
     bits: int
+    shape: tuple | None = None  # the tensor's own shape where it is not (rows, cols): 1-D and 3-D control tensors
+    correction: LowRankCorrection | None = None
 
     def dequantize(self, dtype=torch.float32) -> Tensor:
-        return (self.q.float() * self.scale.float()).to(dtype)
+        w = self.q.float() * self.scale.float()
+        if self.correction is not None:
+            w = w + self.correction.delta()
+        return w.reshape(w.shape if self.shape is None else self.shape).to(dtype)
+
+
+def quantize_control(t: Tensor) -> QuantizedTensor:
+    """A gate or control tensor as int8 with an fp16 scale per row (a vector is one row): 4x fewer bytes than fp32."""
+    w = t.detach().float().cpu().reshape(t.shape[0] if t.ndim > 1 else 1, -1)
+    scale = row_scales(w, 8, "search", 0.0)
+    return QuantizedTensor(quantize_with_scale(w, scale, 8), scale.half(), 8, None if t.ndim == 2 else tuple(t.shape))
 
 
 def quantize_state_dict(state: dict[str, Tensor], args: Hyperparameters, hessians: dict | None, log=None) -> dict[str, object]:
-    """Each tensor by role: QuantizedTensor (GPTQ where a Hessian exists, else round-to-nearest), fp16 or fp32."""
-    bits_of = role_bits(args)
+    """Each tensor by role: QuantizedTensor (GPTQ where a Hessian exists, else round-to-nearest; int8 for the
+    QUANT_CONTROL_INT8 tensors), fp16 or fp32; then the low-rank correction of the worst few."""
+    bits_of, k_of = role_bits(args), role_clip_k(args)
+    int8_controls = CONTROL_PARAMETER_NAMES if args.quant_control_int8 == "all" else _items(args.quant_control_int8)
     out = {}
     for name, t in state.items():
         role = tensor_role(name, t, args.quant_float_max_numel)
         if role == "control":
-            out[name] = t.detach().float().cpu()
+            out[name] = quantize_control(t) if any(c in name for c in int8_controls) else t.detach().float().cpu()
             continue
         if role == "small":
             out[name] = t.detach().half().cpu()
             continue
         bits, w = bits_of[role], t.detach().float()
-        scale = row_scales(w, bits, args.quant_clip, args.quant_clip_std_k)
+        scale = row_scales(w, bits, args.quant_clip, k_of[role])
         keep = magnitude_keep_mask(w, args.quant_prune_frac)
-        if args.gptq_enabled and hessians is not None and name in hessians:
+        if args.gptq_enabled and hessians is not None and name in hessians and (role != "embed" or args.gptq_embed):
             H = hessians[name].to(w.device)
             q = gptq_quantize(w, H, scale, bits, args.gptq_block_size, args.gptq_damp, args.gptq_act_order, keep)
         else:
@@ -1720,7 +1784,47 @@ def quantize_state_dict(state: dict[str, Tensor], args: Hyperparameters, hessian
             if keep is not None:
                 q = q * keep.to(torch.int8)
         out[name] = QuantizedTensor(q.cpu(), scale.half().cpu(), bits)
+    if args.lqer_rank and args.lqer_top_k:
+        add_low_rank_corrections(out, state, args, log)
     return out
+
+
+def low_rank_correction(err: Tensor, rank: int, a_bits: int, b_bits: int, group: int) -> LowRankCorrection:
+    """The error's top singular directions: B = V^T quantized per group of columns, then A fitted to
+    that quantized B by least squares and quantized with the one scale that fits best."""
+    rank = min(rank, *err.shape)
+    cols = err.size(1)
+    groups = -(-cols // group)
+    vh = torch.linalg.svd(err, full_matrices=False).Vh[:rank]
+    padded = F.pad(vh, (0, groups * group - cols)).view(rank, groups, group)
+    b_scale = (padded.abs().amax(dim=2, keepdim=True) / (2 ** (b_bits - 1) - 1)).clamp_min(2**-24).half().float()
+    b = quantize_with_scale(padded, b_scale, b_bits).view(rank, -1)[:, :cols]
+    b_scale = b_scale.squeeze(2)
+    b_float = b.float() * b_scale.repeat_interleave(group, dim=1)[:, :cols]
+    a_float = torch.linalg.lstsq(b_float.T, err.T).solution.T
+    best = None
+    for frac in LQER_A_CLIP_FRACTIONS:
+        a_scale = (frac * a_float.abs().max() / (2 ** (a_bits - 1) - 1)).clamp_min(2**-24).half().float().reshape(1, 1)
+        a = quantize_with_scale(a_float, a_scale, a_bits)
+        miss = torch.linalg.norm(err - (a.float() * a_scale) @ b_float).item()
+        if best is None or miss < best[0]:
+            best = (miss, a, a_scale)
+    _, a, a_scale = best
+    return LowRankCorrection(a, a_scale.half(), b, b_scale.half(), a_bits, b_bits, group)
+
+
+def add_low_rank_corrections(qstate: dict[str, object], state: dict[str, Tensor], args: Hyperparameters, log=None):
+    """LQER: the LQER_TOP_K quantized matrices with the largest ||W - W_q|| get a quantized rank-LQER_RANK correction (in place)."""
+    errors = {}
+    for name, v in qstate.items():
+        if isinstance(v, QuantizedTensor) and not is_control(name):
+            errors[name] = torch.linalg.norm(state[name].detach().float().cpu() - v.dequantize()).item()
+    for name in sorted(errors, key=errors.get, reverse=True)[: args.lqer_top_k]:
+        err = state[name].detach().float().cpu() - qstate[name].dequantize()
+        correction = low_rank_correction(err, args.lqer_rank, args.lqer_a_bits, args.lqer_b_bits, args.lqer_group)
+        qstate[name] = replace(qstate[name], correction=correction)
+        if log is not None:
+            log(f"lqer {name} rank:{correction.a.size(1)} error:{errors[name]:.4f} -> {torch.linalg.norm(err - correction.delta()).item():.4f}")
 
 
 def dequantize_state_dict(qstate: dict[str, object]) -> dict[str, Tensor]:
@@ -1728,16 +1832,16 @@ def dequantize_state_dict(qstate: dict[str, object]) -> dict[str, Tensor]:
 
 
 def prune_smallest_quantized(qstate: dict[str, object], frac: float) -> dict[str, object]:
-    """Zero the smallest-magnitude nonzero quantized weights (|q * scale|), `frac` of each tensor's entries."""
+    """Zero the smallest-magnitude nonzero quantized weights (|q * scale|), `frac` of each weight matrix's entries (control tensors are kept)."""
     out = {}
     for name, v in qstate.items():
-        if isinstance(v, QuantizedTensor) and frac > 0:
+        if isinstance(v, QuantizedTensor) and frac > 0 and not is_control(name):
             mag = (v.q.float() * v.scale.float()).abs()
             nonzero = mag[v.q != 0]
             k = min(int(frac * mag.numel()), nonzero.numel())
             if k:
                 threshold = nonzero.kthvalue(k).values
-                v = QuantizedTensor(torch.where(mag <= threshold, torch.zeros_like(v.q), v.q), v.scale, v.bits)
+                v = replace(v, q=torch.where(mag <= threshold, torch.zeros_like(v.q), v.q))
         out[name] = v
     return out
 
@@ -1755,18 +1859,50 @@ def unpack_bits(data: bytes, bits: int, count: int) -> np.ndarray:
     return (u.astype(np.int16) - (1 << (bits - 1))).astype(np.int8)
 
 
+def similarity_order(q: Tensor) -> Tensor:
+    """A greedy nearest-neighbour chain through the rows (L2 on the values), from the smallest row:
+    rows that follow each other in the file are alike, which the compressors exploit."""
+    x = q.float()
+    norms = x.square().sum(dim=1)
+    dist = norms[:, None] + norms[None, :] - 2.0 * (x @ x.T)
+    visited = torch.zeros(x.size(0), dtype=torch.bool)
+    order = [int(torch.argmin(norms))]
+    visited[order[0]] = True
+    for _ in range(x.size(0) - 1):
+        order.append(int(torch.argmin(dist[order[-1]].masked_fill(visited, float("inf")))))
+        visited[order[-1]] = True
+    return torch.tensor(order)
+
+
 ARTIFACT_MAGIC = b"PGA\x01"
-ARTIFACT_FORMAT_VERSION = 1
-COMPRESSORS = ("zstd", "lzma")
-_ARTIFACT_HEADER = struct.Struct("<4sBBII")  # magic, format version, compressor, payload bytes, crc32 of payload
+ARTIFACT_FORMAT_VERSION = 2  # 1: one compressed stream (before per-group packing, LQER and int8 controls)
+COMPRESSORS = ("zstd", "lzma", "brotli", "zpaq")  # position = the id stored in the file
+COMPRESSOR_PACKAGES = {"zstd": ("zstandard", "zstandard"), "brotli": ("brotli", "brotli"), "zpaq": ("zpaq", "zpaq")}  # module, pip name
+_ARTIFACT_PREFIX = struct.Struct("<4sB")  # magic, format version (the same in every format)
+_ARTIFACT_HEADER = struct.Struct("<4sBII")  # magic, format version, payload bytes, crc32 of payload
+_STREAM_HEADER = struct.Struct("<BI")  # compressor id, compressed bytes
+FLOAT_SECTIONS = ("scales", "row_orders", "lqer", "fp16", "fp32")  # after the value groups, in this order
 
 
-def compress(data: bytes, compressor: str, level: int) -> bytes:
+def compressor_installed(compressor: str) -> bool:
+    return compressor not in COMPRESSOR_PACKAGES or importlib.util.find_spec(COMPRESSOR_PACKAGES[compressor][0]) is not None
+
+
+def compress(data: bytes, compressor: str) -> bytes:
+    """Each compressor at its strongest setting; zpaq on one thread, so the bytes do not depend on the machine."""
     if compressor == "zstd":
         import zstandard
 
-        return zstandard.ZstdCompressor(level=min(level, 22)).compress(data)
-    return lzma.compress(data, preset=min(level, 9) | lzma.PRESET_EXTREME)
+        return zstandard.ZstdCompressor(level=22).compress(data)
+    if compressor == "brotli":
+        import brotli
+
+        return brotli.compress(data, quality=11, lgwin=24)
+    if compressor == "zpaq":
+        import zpaq
+
+        return zpaq.compress(data, level=5, threads=1)
+    return lzma.compress(data, format=lzma.FORMAT_ALONE, preset=9 | lzma.PRESET_EXTREME)
 
 
 def decompress(data: bytes, compressor: str) -> bytes:
@@ -1774,78 +1910,221 @@ def decompress(data: bytes, compressor: str) -> bytes:
         import zstandard
 
         return zstandard.ZstdDecompressor().decompress(data)
+    if compressor == "brotli":
+        import brotli
+
+        return brotli.decompress(data)
+    if compressor == "zpaq":
+        import zpaq
+
+        return zpaq.decompress(data)
     return lzma.decompress(data)
 
 
-def serialize_quantized(qstate: dict[str, object], config: ModelConfig, packing: str) -> bytes:
-    """Manifest (JSON) + sections: quantized values, then scales, then fp16, then fp32 tensors.
+@dataclass(frozen=True)
+class Packing:
+    """How the quantized model is laid out and compressed (the ARTIFACT_* settings)."""
 
-    Like data sits together so the compressor sees long homogeneous runs.
-    """
-    sections = {"values": [], "scales": [], "fp16": [], "fp32": []}
-    entries = []
+    compressor: str  # one of COMPRESSORS, or auto
+    grouping: str  # role / single
+    values: str  # int8 / bitpack / auto
+    transpose: bool
+    reorder_rows: bool
+
+    @classmethod
+    def from_args(cls, args: Hyperparameters) -> "Packing":
+        return cls(args.artifact_compressor, args.artifact_grouping, args.artifact_packing, args.artifact_transpose, args.artifact_reorder_rows)
+
+    @property
+    def compressors(self) -> tuple[str, ...]:
+        return tuple(c for c in COMPRESSORS if compressor_installed(c)) if self.compressor == "auto" else (self.compressor,)
+
+
+@dataclass
+class StreamReport:
+    """One compressed stream of the file: what it holds and what it cost."""
+
+    name: str
+    raw_bytes: int
+    bytes: int
+    compressor: str
+    values: str  # int8 / bitpack for quantized values, raw for floats
+    numel: int  # quantized values in it
+
+
+def value_group(name: str) -> str:
+    """The stream of a quantized tensor's values under ARTIFACT_GROUPING=role: one kind of matrix across
+    layers (blocks.3.attn.c_q.weight -> attn.c_q), the control tensors together."""
+    if is_control(name):
+        return "control"
+    return (name.split(".", 2)[2] if name.startswith("blocks.") else name).removesuffix(".weight")
+
+
+def _values_bytes(parts: list[tuple[np.ndarray, int]], values: str) -> bytes:
+    return b"".join(pack_bits(v, bits) if values == "bitpack" else v.tobytes() for v, bits in parts)
+
+
+def _section_length(section: object, values: str) -> int:
+    if not isinstance(section, list):
+        return len(section)
+    return sum((v.size * bits + 7) // 8 if values == "bitpack" else v.size for v, bits in section)
+
+
+def artifact_sections(qstate: dict[str, object], transpose: bool, reorder_rows: bool) -> tuple[list[dict], dict[str, object]]:
+    """Manifest entries and the file's sections: per value group the (values, bits) of its tensors (rows
+    reordered, columns first if transposed), then bytes of row scales, row orders, LQER factors, fp16, fp32."""
+    entries, groups = [], {}
+    floats = {key: [] for key in FLOAT_SECTIONS}
     for name, v in qstate.items():
-        if isinstance(v, QuantizedTensor):
-            flat = v.q.numpy().reshape(-1)
-            raw = pack_bits(flat, v.bits) if packing == "bitpack" else flat.tobytes()
-            sections["values"].append(raw)
-            sections["scales"].append(v.scale.numpy().astype("<f2").tobytes())
-            entries.append({"name": name, "kind": "q", "shape": list(v.q.shape), "bits": v.bits, "nbytes": len(raw)})
-        else:
+        if not isinstance(v, QuantizedTensor):
             kind = "fp16" if v.dtype == torch.float16 else "fp32"
-            sections[kind].append(v.numpy().astype("<f2" if kind == "fp16" else "<f4").tobytes())
+            floats[kind].append(v.numpy().astype("<f2" if kind == "fp16" else "<f4").tobytes())
             entries.append({"name": name, "kind": kind, "shape": list(v.shape)})
-    manifest = json.dumps({"config": config.__dict__, "packing": packing, "tensors": entries}, separators=(",", ":")).encode()
-    body = b"".join(b"".join(parts) for parts in sections.values())
-    return struct.pack("<I", len(manifest)) + manifest + body
+            continue
+        rows, cols = v.q.shape
+        entry = {"name": name, "kind": "q", "group": value_group(name), "shape": list(v.q.shape if v.shape is None else v.shape), "rows": rows, "cols": cols, "bits": v.bits}
+        q = v.q
+        if reorder_rows and rows > 2 and not is_control(name):
+            order = similarity_order(q)
+            q = q[order]
+            floats["row_orders"].append(order.numpy().astype(_order_dtype(rows)).tobytes())
+            entry["ordered"] = True
+        values = (q.T if transpose else q).contiguous().numpy().reshape(-1)
+        groups.setdefault(entry["group"], []).append((values, v.bits))
+        floats["scales"].append(v.scale.numpy().astype("<f2").tobytes())
+        if v.correction is not None:
+            c = v.correction
+            floats["lqer"] += [c.a.numpy().tobytes(), c.b.numpy().tobytes(), c.a_scale.numpy().astype("<f2").tobytes(), c.b_scale.numpy().astype("<f2").tobytes()]
+            entry["lqer"] = [c.a.size(1), c.a_bits, c.b_bits, c.group]
+        entries.append(entry)
+    sections = {**groups, **{key: b"".join(parts) for key, parts in floats.items() if parts}}
+    return entries, sections
 
 
-def deserialize_quantized(raw: bytes) -> tuple[ModelConfig, dict[str, object]]:
-    (mlen,) = struct.unpack_from("<I", raw)
-    manifest = json.loads(raw[4 : 4 + mlen])
-    entries, packing = manifest["tensors"], manifest["packing"]
-    sizes = {"values": 0, "scales": 0, "fp16": 0, "fp32": 0}
-    for e in entries:
-        n = int(np.prod(e["shape"]))
-        if e["kind"] == "q":
-            sizes["values"] += e["nbytes"]
-            sizes["scales"] += 2 * e["shape"][0]
-        else:
-            sizes[e["kind"]] += n * (2 if e["kind"] == "fp16" else 4)
-    offsets, pos = {}, 4 + mlen
-    for key in ("values", "scales", "fp16", "fp32"):
-        offsets[key], pos = pos, pos + sizes[key]
-    if pos != len(raw):
-        raise ArtifactError(f"artifact body has {len(raw)} bytes but its manifest describes {pos}")
+def _order_dtype(rows: int) -> str:
+    return "<u2" if rows <= 65536 else "<u4"
+
+
+def compress_candidates(candidates: dict[str, dict[str, bytes]], compressors: tuple[str, ...]) -> dict[str, tuple[str, str, bytes]]:
+    """stream -> (layout, compressor, bytes): every (stream, layout, compressor) is compressed, in
+    parallel threads, and per stream the smallest wins (ties: the first layout and compressor)."""
+    jobs = [(stream, layout, c) for stream, layouts in candidates.items() for layout in layouts for c in compressors]
+    with ThreadPoolExecutor(max_workers=max(1, min(len(jobs), os.cpu_count() or 1))) as pool:
+        blobs = list(pool.map(lambda job: compress(candidates[job[0]][job[1]], job[2]), jobs))
+    best = {}
+    for (stream, layout, c), blob in zip(jobs, blobs):
+        if stream not in best or len(blob) < len(best[stream][2]):
+            best[stream] = (layout, c, blob)
+    return best
+
+
+def encode_artifact(qstate: dict[str, object], config: ModelConfig, packing: Packing) -> tuple[bytes, list[StreamReport]]:
+    """The artifact file's bytes: a header, then compressed streams, the manifest first (config, tensors,
+    and which sections each stream holds); with auto, each stream keeps its smallest compressor and layout."""
+    entries, sections = artifact_sections(qstate, packing.transpose, packing.reorder_rows)
+    layouts = ("int8", "bitpack") if packing.values == "auto" else (packing.values,)
+
+    def layout_bytes(names: list[str], layout: str) -> bytes:
+        return b"".join(_values_bytes(sections[n], layout) if isinstance(sections[n], list) else sections[n] for n in names)
+
+    plan = {name: [name] for name in sections} if packing.grouping == "role" else {"all": list(sections)}
+    candidates = {}
+    for stream, names in plan.items():
+        has_values = any(isinstance(sections[n], list) for n in names)
+        candidates[stream] = {layout: layout_bytes(names, layout) for layout in (layouts if has_values else ("raw",))}
+    chosen = compress_candidates(candidates, packing.compressors)
+    stream_specs, reports = [], []
+    for stream, names in plan.items():
+        layout, c, blob = chosen[stream]
+        lengths = [_section_length(sections[n], layout) for n in names]
+        stream_specs.append({"sections": names, "lengths": lengths, "values": layout})
+        numel = sum(v.size for n in names if isinstance(sections[n], list) for v, _ in sections[n])
+        reports.append(StreamReport(stream, len(candidates[stream][layout]), len(blob), c, layout, numel))
+    manifest = json.dumps({"config": config.__dict__, "transposed": packing.transpose, "tensors": entries, "streams": stream_specs}, separators=(",", ":")).encode()
+    _, manifest_compressor, manifest_blob = compress_candidates({"manifest": {"raw": manifest}}, packing.compressors)["manifest"]
+    reports.insert(0, StreamReport("manifest", len(manifest), len(manifest_blob), manifest_compressor, "raw", 0))
+    payload = b"".join(
+        _STREAM_HEADER.pack(COMPRESSORS.index(c), len(blob)) + blob
+        for c, blob in [(manifest_compressor, manifest_blob)] + [chosen[s][1:] for s in plan]
+    )
+    header = _ARTIFACT_HEADER.pack(ARTIFACT_MAGIC, ARTIFACT_FORMAT_VERSION, len(payload), zlib.crc32(payload))
+    return header + payload, reports
+
+
+def _read_streams(payload: bytes) -> list[bytes]:
+    streams, pos = [], 0
+    while pos < len(payload):
+        if pos + _STREAM_HEADER.size > len(payload):
+            raise ArtifactError("a stream header is cut off")
+        comp, length = _STREAM_HEADER.unpack_from(payload, pos)
+        pos += _STREAM_HEADER.size
+        if comp >= len(COMPRESSORS) or pos + length > len(payload):
+            raise ArtifactError(f"stream {len(streams)} has compressor id {comp} and {length} bytes, which the file cannot hold")
+        compressor = COMPRESSORS[comp]
+        if not compressor_installed(compressor):
+            module, pip_name = COMPRESSOR_PACKAGES[compressor]
+            raise ArtifactError(f"a stream is {compressor}-compressed and the {module} module is missing: pip install {pip_name}")
+        streams.append(decompress(payload[pos : pos + length], compressor))
+        pos += length
+    return streams
+
+
+def decode_artifact(payload: bytes) -> tuple[ModelConfig, dict[str, object]]:
+    """The inverse of encode_artifact, from the payload after the header."""
+    manifest_raw, *stream_data = _read_streams(payload)
+    manifest = json.loads(manifest_raw)
+    if len(stream_data) != len(manifest["streams"]):
+        raise ArtifactError(f"the manifest lists {len(manifest['streams'])} streams, the file holds {len(stream_data)}")
+    sections, layouts = {}, {}
+    for spec, data in zip(manifest["streams"], stream_data):
+        if sum(spec["lengths"]) != len(data):
+            raise ArtifactError(f"stream of {'+'.join(spec['sections'])} has {len(data)} bytes, the manifest says {sum(spec['lengths'])}")
+        pos = 0
+        for name, length in zip(spec["sections"], spec["lengths"]):
+            sections[name], layouts[name], pos = memoryview(data)[pos : pos + length], spec["values"], pos + length
+    cursor = dict.fromkeys(sections, 0)
+
+    def take(section: str, nbytes: int) -> memoryview:
+        start = cursor[section]
+        if start + nbytes > len(sections[section]):
+            raise ArtifactError(f"section {section} is shorter than its tensors need")
+        cursor[section] = start + nbytes
+        return sections[section][start : start + nbytes]
+
+    def floats(section: str, dtype: str, shape) -> Tensor:
+        count = int(np.prod(shape))
+        return torch.from_numpy(np.frombuffer(take(section, count * np.dtype(dtype).itemsize), dtype=dtype).copy()).reshape(tuple(shape))
+
+    def ints(section: str, shape) -> Tensor:
+        return torch.from_numpy(np.frombuffer(take(section, int(np.prod(shape))), dtype=np.int8).copy()).reshape(tuple(shape))
+
     out = {}
-    for e in entries:
-        shape, n = e["shape"], int(np.prod(e["shape"]))
-        if e["kind"] == "q":
-            data = raw[offsets["values"] : offsets["values"] + e["nbytes"]]
-            offsets["values"] += e["nbytes"]
-            flat = unpack_bits(data, e["bits"], n) if packing == "bitpack" else np.frombuffer(data, dtype=np.int8)
-            scale = np.frombuffer(raw, dtype="<f2", count=shape[0], offset=offsets["scales"])
-            offsets["scales"] += 2 * shape[0]
-            out[e["name"]] = QuantizedTensor(torch.from_numpy(flat.copy()).view(shape), torch.from_numpy(scale.copy()).view(shape[0], 1), e["bits"])
+    for e in manifest["tensors"]:
+        if e["kind"] != "q":
+            out[e["name"]] = floats(e["kind"], "<f2" if e["kind"] == "fp16" else "<f4", e["shape"])
+            continue
+        rows, cols, bits, group = e["rows"], e["cols"], e["bits"], e["group"]
+        if layouts[group] == "bitpack":
+            flat = unpack_bits(take(group, (rows * cols * bits + 7) // 8), bits, rows * cols)
         else:
-            dtype, width = ("<f2", 2) if e["kind"] == "fp16" else ("<f4", 4)
-            arr = np.frombuffer(raw, dtype=dtype, count=n, offset=offsets[e["kind"]])
-            offsets[e["kind"]] += n * width
-            out[e["name"]] = torch.from_numpy(arr.copy()).view(shape)
+            flat = np.frombuffer(take(group, rows * cols), dtype=np.int8)
+        q = torch.from_numpy(flat.copy())
+        q = q.view(cols, rows).T.contiguous() if manifest["transposed"] else q.view(rows, cols)
+        if e.get("ordered"):
+            order = torch.from_numpy(np.frombuffer(take("row_orders", rows * np.dtype(_order_dtype(rows)).itemsize), dtype=_order_dtype(rows)).astype(np.int64))
+            q = q[torch.argsort(order)]
+        scale = floats("scales", "<f2", (rows, 1))
+        correction = None
+        if "lqer" in e:
+            rank, a_bits, b_bits, lgroup = e["lqer"]
+            a, b = ints("lqer", (rows, rank)), ints("lqer", (rank, cols))
+            correction = LowRankCorrection(a, floats("lqer", "<f2", (1, 1)), b, floats("lqer", "<f2", (rank, -(-cols // lgroup))), a_bits, b_bits, lgroup)
+        shape = tuple(e["shape"])
+        out[e["name"]] = QuantizedTensor(q, scale, bits, None if shape == (rows, cols) else shape, correction)
+    leftover = [s for s in sections if cursor[s] != len(sections[s])]
+    if leftover:
+        raise ArtifactError(f"section {leftover[0]} has bytes no tensor uses")
     return ModelConfig(**manifest["config"]), out
-
-
-def encode_artifact(qstate: dict[str, object], config: ModelConfig, compressor: str, level: int, packing: str) -> tuple[bytes, str]:
-    """The artifact file's bytes; with packing 'auto', whichever of int8 containers and bit-packing compresses smaller."""
-    candidates = ("int8", "bitpack") if packing == "auto" else (packing,)
-    best = None
-    for p in candidates:
-        payload = compress(serialize_quantized(qstate, config, p), compressor, level)
-        if best is None or len(payload) < len(best[0]):
-            best = (payload, p)
-    payload, chosen = best
-    header = _ARTIFACT_HEADER.pack(ARTIFACT_MAGIC, ARTIFACT_FORMAT_VERSION, COMPRESSORS.index(compressor), len(payload), zlib.crc32(payload))
-    return header + payload, chosen
 
 
 def read_artifact(path: str | Path) -> tuple[ModelConfig, dict[str, object]]:
@@ -1853,20 +2132,23 @@ def read_artifact(path: str | Path) -> tuple[ModelConfig, dict[str, object]]:
     if not path.is_file():
         raise ArtifactError(f"artifact {path} does not exist; train one first or check EVAL_ONLY/ARTIFACT_PATH")
     data = path.read_bytes()
-    if len(data) < _ARTIFACT_HEADER.size:
+    if len(data) < _ARTIFACT_PREFIX.size:
         raise ArtifactError(f"{path}: {len(data)} bytes is too short for an artifact; the file is empty or truncated, copy it again from where the run wrote it")
-    magic, version, comp, length, crc = _ARTIFACT_HEADER.unpack_from(data)
+    magic, version = _ARTIFACT_PREFIX.unpack_from(data)
     if magic != ARTIFACT_MAGIC:
         raise ArtifactError(f"{path}: not a train_gpt.py artifact (bad magic {magic!r}); give EVAL_ONLY the .pgz file a training run wrote")
-    if version != ARTIFACT_FORMAT_VERSION or comp >= len(COMPRESSORS):
-        raise ArtifactError(f"{path}: artifact format {version}/compressor {comp} is not supported by this script; evaluate it with the train_gpt.py that wrote it")
+    if version != ARTIFACT_FORMAT_VERSION:
+        raise ArtifactError(f"{path}: artifact format {version}, this script reads format {ARTIFACT_FORMAT_VERSION}: evaluate it with the train_gpt.py that wrote it, or retrain")
+    if len(data) < _ARTIFACT_HEADER.size:
+        raise ArtifactError(f"{path}: {len(data)} bytes is too short for an artifact; the file is truncated, copy it again from where the run wrote it")
+    _, _, length, crc = _ARTIFACT_HEADER.unpack_from(data)
     payload = data[_ARTIFACT_HEADER.size :]
     if len(payload) != length:
         raise ArtifactError(f"{path}: payload has {len(payload)} bytes, header says {length}; the file is truncated or padded, copy it again from where the run wrote it")
     if zlib.crc32(payload) != crc:
         raise ArtifactError(f"{path}: checksum mismatch; the file is corrupt, re-create or re-download it")
     try:
-        return deserialize_quantized(decompress(payload, COMPRESSORS[comp]))
+        return decode_artifact(payload)
     except ArtifactError as e:
         raise ArtifactError(f"{path}: {e}") from None
     except Exception as e:
@@ -1874,7 +2156,7 @@ def read_artifact(path: str | Path) -> tuple[ModelConfig, dict[str, object]]:
 
 
 def load_model_from_artifact(path: str | Path, device: torch.device, attn_backend: str = "sdpa") -> GPT:
-    """A fresh model built from the artifact file alone."""
+    """A fresh model built from the artifact file alone (low-rank corrections applied)."""
     config, qstate = read_artifact(path)
     model = GPT(config, attn_backend).to(device)
     try:
@@ -1899,28 +2181,69 @@ class SizeReport:
         return self.total_bytes <= self.cap_bytes
 
 
-def code_size_bytes() -> int:
-    """Bytes of the exact script file that is running (the one that ships)."""
-    return Path(__file__).stat().st_size
-
-
-def write_artifact(qstate: dict[str, object], config: ModelConfig, args: Hyperparameters, path: Path, log: Logger) -> tuple[SizeReport, str, dict]:
-    """Compress, write atomically, check the cap; over the cap, optionally prune until it fits."""
+def write_artifact(qstate: dict[str, object], config: ModelConfig, args: Hyperparameters, path: Path, code_bytes: int, log: Logger) -> tuple[SizeReport, list[StreamReport], dict]:
+    """Compress, write atomically, check code + artifact against the cap; over the cap, optionally prune until it fits."""
     timings = {}
+    packing = Packing.from_args(args)
     t0 = time.perf_counter()
-    blob, packing = encode_artifact(qstate, config, args.artifact_compressor, args.artifact_level, args.artifact_packing)
+    blob, streams = encode_artifact(qstate, config, packing)
     timings["compress_ms"] = 1000.0 * (time.perf_counter() - t0)
-    code = code_size_bytes()
     prune = 0.0
-    while args.quant_fit_to_cap and code + len(blob) > args.size_cap_bytes and prune < 0.5:
-        over = code + len(blob) - args.size_cap_bytes
+    while args.quant_fit_to_cap and code_bytes + len(blob) > args.size_cap_bytes and prune < 0.5:
+        over = code_bytes + len(blob) - args.size_cap_bytes
         prune = min(0.5, prune + max(0.005, 1.5 * over / len(blob)))
-        blob, packing = encode_artifact(prune_smallest_quantized(qstate, prune), config, args.artifact_compressor, args.artifact_level, packing)
-        log(f"fit_to_cap: pruned {prune:.3f} of each quantized tensor -> {code + len(blob)} bytes")
+        blob, streams = encode_artifact(prune_smallest_quantized(qstate, prune), config, packing)
+        log(f"fit_to_cap: pruned {prune:.3f} of each quantized tensor -> {code_bytes + len(blob)} bytes")
     write_atomic(path, blob)
-    report = SizeReport(code, path.stat().st_size, args.size_cap_bytes)
+    report = SizeReport(code_bytes, path.stat().st_size, args.size_cap_bytes)
     timings["prune_frac"] = prune
-    return report, packing, timings
+    return report, streams, timings
+
+
+# ----------------------------------------------------------------------------- artifact: the shipped code
+
+_LATIN1_LITERAL_ESCAPES = {ord("\\"): "\\\\", ord("'"): "\\'", ord("\n"): "\\n", ord("\r"): "\\r", 0: "\\x00"}
+
+
+def minified_source(source: bytes) -> bytes:
+    """The source without docstrings, with short local names and no redundant syntax (python-minifier: deterministic for one version)."""
+    import python_minifier
+
+    return python_minifier.minify(source.decode("utf-8"), remove_literal_statements=True).encode("utf-8")
+
+
+def shipped_code(source: bytes, minify: bool) -> bytes:
+    """The train_gpt.py that ships: the (minified) source brotli-compressed into a Latin-1 string literal and
+    two lines that decompress it and run it as this very module (__name__, __file__ kept)."""
+    import brotli
+
+    packed = brotli.compress(minified_source(source) if minify else source, quality=11, lgwin=24)
+    literal = packed.decode("latin-1").translate(_LATIN1_LITERAL_ESCAPES)
+    wrapper = f"#coding:latin-1\nimport brotli;SHIPPED_SOURCE=brotli.decompress('{literal}'.encode('latin-1'));exec(compile(SHIPPED_SOURCE,'<shipped train_gpt.py>','exec'))\n"
+    return wrapper.encode("latin-1")
+
+
+def running_source() -> bytes:
+    """The source text that runs: this file, or what the shipped wrapper decompressed."""
+    return globals().get("SHIPPED_SOURCE") or Path(__file__).read_bytes()
+
+
+def write_shipped_code(path: Path, source: bytes, minify: bool) -> int:
+    """Write the file that ships (this wrapper itself when running from one) and return its size on disk: the counted code bytes."""
+    write_atomic(path, Path(__file__).read_bytes() if "SHIPPED_SOURCE" in globals() else shipped_code(source, minify))
+    return path.stat().st_size
+
+
+def check_artifact_packages(args: Hyperparameters):
+    """Before training: every package the code and artifact settings need is installed, else a one-line fix."""
+    needs = [("brotli", "brotli", "the shipped train_gpt.py (brotli-compressed)")]
+    if args.code_minify:
+        needs.append(("python_minifier", "python-minifier", "CODE_MINIFY=1 (or set CODE_MINIFY=0)"))
+    if args.artifact_compressor in COMPRESSOR_PACKAGES:
+        needs.append((*COMPRESSOR_PACKAGES[args.artifact_compressor], f"ARTIFACT_COMPRESSOR={args.artifact_compressor}"))
+    for module, pip_name, needed_by in needs:
+        if importlib.util.find_spec(module) is None:
+            raise SettingsError(f"{needed_by} needs the {module} module: pip install {pip_name}")
 
 
 # ----------------------------------------------------------------------------- evaluation: the score ledger
@@ -2616,15 +2939,15 @@ def broadcast_run_id(args: Hyperparameters, rt: Runtime) -> str:
     return run_id[0]
 
 
-def quantize_and_write(model: GPT, hessians, args: Hyperparameters, rt: Runtime, log: Logger, path: Path, scheme: str) -> SizeReport | None:
+def quantize_and_write(model: GPT, hessians, args: Hyperparameters, rt: Runtime, log: Logger, path: Path, scheme: str, code_bytes: int) -> SizeReport | None:
     """Rank 0 quantizes (GPTQ where Hessians exist), packs and writes the artifact; the others wait, and fail with it."""
     report, written = None, [False]
     try:
         if rt.is_master:
             t0 = sync_time(rt)
-            qstate = quantize_state_dict(model.state_dict(), args, hessians)
+            qstate = quantize_state_dict(model.state_dict(), args, hessians, log)
             quant_ms = 1000.0 * (sync_time(rt) - t0)
-            report, packing, timings = write_artifact(qstate, model.cfg, args, path, log)
+            report, streams, timings = write_artifact(qstate, model.cfg, args, path, code_bytes, log)
             t1 = time.perf_counter()
             read_artifact(path)
             decode_ms = 1000.0 * (time.perf_counter() - t1)
@@ -2636,7 +2959,11 @@ def quantize_and_write(model: GPT, hessians, args: Hyperparameters, rt: Runtime,
         raise ArtifactError("rank 0 could not write the artifact")
     if rt.is_master:
         method = "gptq" if args.gptq_enabled and hessians else "rtn"
-        log(f"quant_stages quantize_{method}:{quant_ms:.0f}ms compress:{timings['compress_ms']:.0f}ms decompress:{decode_ms:.0f}ms packing:{packing} fit_prune:{timings['prune_frac']:.3f}")
+        for s in streams:
+            per_value = f" bits_per_value:{8 * s.bytes / s.numel:.3f}" if s.numel else ""
+            log(f"artifact_stream {s.name} bytes:{s.bytes} raw:{s.raw_bytes} compressor:{s.compressor} values:{s.values}{per_value}")
+        log(f"quant_stages quantize_{method}:{quant_ms:.0f}ms compress:{timings['compress_ms']:.0f}ms decompress:{decode_ms:.0f}ms "
+            f"compressors:{','.join(Packing.from_args(args).compressors)} fit_prune:{timings['prune_frac']:.3f}")
         log(f"Serialized model {scheme}: {report.artifact_bytes} bytes")
         log(f"Code size: {report.code_bytes} bytes")
         log(f"Total submission size {scheme}: {report.total_bytes} bytes")
@@ -2749,9 +3076,9 @@ def preflight(args: Hyperparameters, rt: Runtime, artifact_path: Path, log: Logg
     except SettingsError as e:
         problems.append(str(e))
     try:
-        compress(b"", args.artifact_compressor, args.artifact_level)
-    except ImportError as e:
-        problems.append(f"ARTIFACT_COMPRESSOR={args.artifact_compressor} needs the package {e.name}: pip install {e.name}, or choose another ARTIFACT_COMPRESSOR")
+        check_artifact_packages(args)
+    except SettingsError as e:
+        problems.append(str(e))
     if rt.is_master:  # the only rank that writes or loads files
         problems.append(writable_problem(Path(args.log_dir), "LOG_DIR"))
         if args.eval_dump:
@@ -2759,7 +3086,7 @@ def preflight(args: Hyperparameters, rt: Runtime, artifact_path: Path, log: Logg
         if not args.eval_only and artifact_path.is_dir():
             problems.append(f"ARTIFACT_PATH={artifact_path} is a folder; give a file name such as {artifact_path / 'model.pgz'}")
         elif not args.eval_only:
-            problems.append(writable_problem(artifact_path.parent, "ARTIFACT_PATH" if args.artifact_path else "LOG_DIR", args.size_cap_bytes - code_size_bytes()))
+            problems.append(writable_problem(artifact_path.parent, "ARTIFACT_PATH" if args.artifact_path else "LOG_DIR", args.size_cap_bytes))
         problems.append(loaded_weights_problem(args))
     if rt.distributed:
         gathered = [None] * rt.world_size
@@ -2774,7 +3101,7 @@ def preflight(args: Hyperparameters, rt: Runtime, artifact_path: Path, log: Logg
 def run(args: Hyperparameters, rt: Runtime, run_id: str, log: Logger) -> bool:
     """The pipeline; returns whether the run is a valid submission."""
     log_dir = Path(args.log_dir)
-    source = Path(__file__).read_bytes()
+    source = running_source()
     log(source.decode("utf-8"), console=False)
     log("=" * 100, console=False)
     log(environment_versions())
@@ -2782,6 +3109,11 @@ def run(args: Hyperparameters, rt: Runtime, run_id: str, log: Logger) -> bool:
     log(f"code_sha256:{hashlib.sha256(source).hexdigest()} code_bytes:{len(source)}")
     artifact_path = Path(args.eval_only or args.artifact_path or log_dir / f"{run_id}.pgz")
     preflight(args, rt, artifact_path, log)
+    code_bytes = 0
+    if rt.is_master:
+        shipped = log_dir / f"{run_id}.train_gpt.py"
+        code_bytes = write_shipped_code(shipped, source, args.code_minify)
+        log(f"shipped_code file:{shipped.name} bytes:{code_bytes} sha256:{hashlib.sha256(shipped.read_bytes()).hexdigest()}")
     backend = select_attention_backend(args.attn_backend, rt.device)
     log(f"world_size:{rt.world_size} grad_accum_steps:{rt.grad_accum_steps} device:{rt.device.type}")
     log(f"attention_backend:{backend}")
@@ -2808,7 +3140,7 @@ def run(args: Hyperparameters, rt: Runtime, run_id: str, log: Logger) -> bool:
             pre_quant = evaluate_standard(model, val_tokens, tables, args, rt)
             log(f"pre_quant weights:{weights} val_loss:{pre_quant.val_loss:.4f} val_bpb:{pre_quant.val_bpb:.4f}")
             hessians = calibrate_after_training(model, hessians, args, rt, log)
-            size = quantize_and_write(model, hessians, args, rt, log, artifact_path, scheme)
+            size = quantize_and_write(model, hessians, args, rt, log, artifact_path, scheme, code_bytes)
         except Exception as e:
             log(traceback.format_exc().rstrip(), console=False)
             raise ArtifactError(keep_trained_weights(model, args, rt, run_id, artifact_path, e)) from e

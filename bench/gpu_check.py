@@ -605,21 +605,18 @@ def train_and_measure_artifact(ctx: Context) -> list[Result]:
     start = tg.sync_time(ctx.rt)
     qstate = tg.quantize_state_dict(state, args, hessians)
     quantize_s = tg.sync_time(ctx.rt) - start
-    report, packing, timings = tg.write_artifact(qstate, model.cfg, args, ctx.artifact_path, lambda line: None)
-    roles = {}
-    for name, tensor in state.items():
-        roles.setdefault(tg.tensor_role(name, tensor, args.quant_float_max_numel), []).append(name)
-    for role, names in roles.items():
-        alone, _ = tg.encode_artifact({n: qstate[n] for n in names}, model.cfg, args.artifact_compressor, args.artifact_level, packing)
-        params = sum(state[n].numel() for n in names)
-        results.append(Result("measured", [figure("size", params, "parameters"), figure("compressed alone", len(alone), "bytes")],
-                              f"{len(names)} tensor{'s' * (len(names) > 1)}", check=f"artifact role {role}"))
+    code_bytes = len(tg.shipped_code(tg.running_source(), args.code_minify))
+    report, streams, timings = tg.write_artifact(qstate, model.cfg, args, ctx.artifact_path, code_bytes, lambda line: None)
+    for stream in streams:  # the file is one compressed stream per kind of tensor: its bytes per stream are the bytes per role
+        per_value = [figure("bits per value", 8 * stream.bytes / stream.numel, "bits")] if stream.numel else []
+        results.append(Result("measured", [figure("compressed", stream.bytes, "bytes"), figure("raw", stream.raw_bytes, "bytes"), *per_value],
+                              f"{stream.compressor}", check=f"artifact stream {stream.name}"))
     pruned = f"; fit-to-cap pruned {timings['prune_frac']:.3f} of each quantized tensor" if timings["prune_frac"] else ""
     results.append(Result("pass" if report.fits else "FAIL",
                           [figure("code", report.code_bytes, "bytes"), figure("artifact", report.artifact_bytes, "bytes"),
                            figure("total", report.total_bytes, "bytes"), figure("cap", report.cap_bytes, "bytes"),
                            figure("quantize", quantize_s, "s"), figure("compress", timings["compress_ms"] / 1000, "s")],
-                          f"{tg.quantization_scheme(args)}, {packing} packing, {'GPTQ' if hessians else 'round-to-nearest'}{pruned}",
+                          f"{tg.quantization_scheme(args)}, {'GPTQ' if hessians else 'round-to-nearest'}{pruned}",
                           check="artifact total vs cap"))
     return results
 
@@ -635,7 +632,7 @@ def size(ctx: Context, part: PartRunner):
 
 def untrained_artifact(ctx: Context, args: tg.Hyperparameters) -> Result:
     model = tg.GPT(tg.ModelConfig.from_args(args)).to(ctx.rt.device)
-    tg.write_artifact(tg.quantize_state_dict(model.state_dict(), args, None), model.cfg, args, ctx.artifact_path, lambda line: None)
+    tg.write_artifact(tg.quantize_state_dict(model.state_dict(), args, None), model.cfg, args, ctx.artifact_path, 0, lambda line: None)
     return Result("measured", [figure("artifact", ctx.artifact_path.stat().st_size, "bytes")],
                   "the size part wrote no artifact: untrained weights, round-to-nearest (evaluation time does not depend on the weights)")
 

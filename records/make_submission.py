@@ -178,6 +178,26 @@ def check_wrapped(path: Path, source: bytes):
         raise SubmissionError(f"the wrapped script does not load: {last}")
 
 
+def shipped_code_file(runs: list[logparse.RunLog]) -> bytes | None:
+    """The train_gpt.py the runs wrote beside their logs (`shipped_code file:… bytes:… sha256:…`), byte for
+    byte what they logged, or None when the logs name none (older runs)."""
+    pattern = re.compile(r"^shipped_code file:(\S+) bytes:(\d+) sha256:([0-9a-f]{64})$", re.M)
+    logged = [pattern.search(Path(run.path).read_text(encoding="utf-8", errors="replace")) for run in runs]
+    if not any(logged):
+        return None
+    if not all(logged) or len({m.group(3) for m in logged}) > 1:
+        raise SubmissionError("the runs did not all write the same shipped train_gpt.py (shipped_code lines differ); give logs of one script")
+    name, size, sha = logged[0].groups()
+    path = Path(runs[0].path).parent / name
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise SubmissionError(f"cannot read {path}, the shipped train_gpt.py the run wrote beside its log: {e.strerror}") from None
+    if len(data) != int(size) or sha256_bytes(data) != sha:
+        raise SubmissionError(f"{path} has {len(data)} bytes (sha256 {sha256_bytes(data)[:12]}...), the run logged {size} bytes (sha256 {sha[:12]}...): ship the file the run wrote")
+    return data
+
+
 # ----------------------------------------------------------------------------- settings and the command
 
 
@@ -454,7 +474,10 @@ def build(args: argparse.Namespace) -> Path:
     runs = load_runs(args.logs)
     check_code_hash(runs, script, script_sha)
     check_same_settings(runs)
-    shipped = wrap_source(source) if args.wrap else source
+    written = shipped_code_file(runs)
+    if written is not None and args.wrap:
+        raise SubmissionError("the runs wrote their shipped train_gpt.py already; drop --wrap")
+    shipped = written if written is not None else wrap_source(source) if args.wrap else source
     totals = counted_totals(runs, len(shipped))
 
     track = "track_non_record_16mb" if args.non_record else "track_10min_16mb"

@@ -1,7 +1,11 @@
-"""Tests of the artifact pipeline: per-row quantization, GPTQ, pruning, bit-packing, the file format
-(round trip, corruption, size accounting and the cap), weight averaging and the QAT switch under
-torch.compile, and an end-to-end run of train_gpt.py whose artifact is re-scored with EVAL_ONLY."""
+"""Tests of the artifact pipeline: per-row quantization (search and SDClip), GPTQ (the tied embedding
+included), the low-rank correction, int8 control tensors, pruning, bit-packing, the file format
+(per-group streams, every compressor, round trip, corruption, size accounting and the cap), weight
+averaging and the QAT switch under torch.compile, and an end-to-end run of train_gpt.py whose artifact
+is re-scored with EVAL_ONLY, by the script and by the shipped wrapper it wrote."""
 
+import hashlib
+import itertools
 import os
 import re
 import struct
@@ -33,7 +37,7 @@ def heavy_tailed(rows=24, cols=257, seed=0) -> torch.Tensor:
 # ----------------------------------------------------------------------------- per-row quantization
 
 
-@pytest.mark.parametrize("mode", ["search", "std"])
+@pytest.mark.parametrize("mode", ["search", "sdclip"])
 def test_round_to_nearest_error_bounds_per_bit_width(mode):
     w = heavy_tailed()
     mse = []
@@ -57,14 +61,14 @@ def test_round_to_nearest_error_bounds_per_bit_width(mode):
 
 def test_clip_modes_choose_the_documented_scale():
     w = heavy_tailed(seed=1)
-    w[0] = torch.where(torch.arange(w.size(1)) % 2 == 0, 1.0, -1.0)  # k * std > absmax: the clip is absmax
+    w[0] = torch.where(torch.arange(w.size(1)) % 2 == 0, 1.0, -1.0)  # std 1 (population), absmax 1
     for bits in BITS:
         qmax = 2 ** (bits - 1) - 1
         k = 2.5
-        std = T.row_scales(w, bits, "std", k)
-        expect = torch.minimum(k * w.std(dim=1, keepdim=True), w.abs().amax(dim=1, keepdim=True)) / qmax
-        torch.testing.assert_close(std, expect.half().float())
-        assert std[0].item() == pytest.approx(1.0 / qmax, rel=1e-3)
+        sd = T.row_scales(w, bits, "sdclip", k)
+        expect = k * w.std(dim=1, keepdim=True, correction=0) / qmax
+        torch.testing.assert_close(sd, expect.half().float())
+        assert sd[0].item() == pytest.approx(k / qmax, rel=1e-3), "k * std beyond absmax is kept: a coarser grid, not absmax"
         # search: never worse per row than the plain absmax clip (one of its candidates), usually better
         search = T.row_scales(w, bits, "search", k)
         absmax = (w.abs().amax(dim=1, keepdim=True) / qmax).half().float()
@@ -77,7 +81,7 @@ def test_clip_modes_choose_the_documented_scale():
             assert row_err(search).sum() < row_err(absmax).sum()
 
 
-@pytest.mark.parametrize("mode", ["search", "std"])
+@pytest.mark.parametrize("mode", ["search", "sdclip"])
 def test_zero_and_tiny_rows_get_a_nonzero_fp16_scale(mode):
     # A clamp below fp16's smallest positive value (2^-24) used to round to 0: 0/0 = NaN went into an int8 cast.
     w = heavy_tailed(rows=4, cols=300)
@@ -91,6 +95,39 @@ def test_zero_and_tiny_rows_get_a_nonzero_fp16_scale(mode):
         assert (q[1] == 0).all()
         err = (w - q.float() * scale).abs()
         assert (err[1] == 0).all() and err[2].max() <= w[2].abs().max(), "a tiny row must come back no worse than zeroed"
+
+
+def entropy_bits(q: torch.Tensor) -> float:
+    """Empirical entropy of the values, in bits per value (what an ideal order-0 coder needs)."""
+    p = torch.bincount((q.flatten().long() + 128)).float()
+    p = p[p > 0] / q.numel()
+    return float(-(p * p.log2()).sum())
+
+
+def test_sdclip_takes_each_roles_k_and_trades_error_for_bytes():
+    model = tiny_model(seed=4)
+    state = model.state_dict()
+    ks = dict(QUANT_CLIP_K_ATTN=3.0, QUANT_CLIP_K_MLP=5.0, QUANT_CLIP_K_EMBED=7.0)
+    args = tiny_args(QUANT_CLIP="sdclip", QUANT_BITS_ATTN=6, QUANT_BITS_MLP=5, QUANT_BITS_EMBED=7, LQER_RANK=0, GPTQ_ENABLED=0, **ks, **ALL_Q)
+    qstate = T.quantize_state_dict(state, args, None)
+    for name, k, bits in (("blocks.1.attn.c_q.weight", 3.0, 6), ("blocks.2.mlp.fc.weight", 5.0, 5), ("tok_emb.weight", 7.0, 7)):
+        w = state[name].float()
+        expect = (k * w.std(dim=1, keepdim=True, correction=0) / (2 ** (bits - 1) - 1)).half()
+        assert torch.equal(qstate[name].scale, expect), name
+        assert qstate[name].bits == bits
+    # a larger k: a coarser grid, fewer bits per value, more error; inside the clip the error stays under half a step
+    w = heavy_tailed(rows=64, cols=512, seed=5)
+    entropy, mse = [], []
+    for k in (2.0, 4.0, 8.0, 16.0):
+        scale = T.row_scales(w, 6, "sdclip", k)
+        q = T.quantize_with_scale(w, scale, 6)
+        err = (w - q.float() * scale).abs()
+        inside = w.abs() <= 31 * scale
+        assert (err[inside] <= scale.expand_as(w)[inside] / 2 * (1 + 1e-6)).all()
+        entropy.append(entropy_bits(q))
+        mse.append(err[inside].square().mean().item())
+    assert all(a > b for a, b in zip(entropy, entropy[1:])), entropy
+    assert all(a < b for a, b in zip(mse, mse[1:])), mse
 
 
 # ----------------------------------------------------------------------------- GPTQ
@@ -126,8 +163,9 @@ def trained_tiny():
 
 
 def layer_inputs(model, batches, names):
-    """The inputs X of the named CastedLinear layers on `batches`, as (tokens, in_features)."""
-    modules = dict(model.named_modules())
+    """The inputs X that the named weights multiply on `batches`, as (tokens, in_features): a CastedLinear's
+    input, and for the tied embedding the LM head's input (the final norm's output)."""
+    modules = {**dict(model.named_modules()), "tok_emb": model.head_input}
     got = {n: [] for n in names}
     handles = [modules[n.removesuffix(".weight")].register_forward_hook(lambda m, i, o, n=n: got[n].append(i[0].reshape(-1, i[0].size(-1)))) for n in names]
     with torch.no_grad():
@@ -165,6 +203,7 @@ def test_gptq_beats_round_to_nearest_on_layer_outputs(trained_tiny, bits):
 def test_quantize_state_dict_uses_gptq_where_a_hessian_exists(trained_tiny):
     model, calib, _ = trained_tiny
     hessians = T.collect_hessians(model, calib, T.Runtime())
+    assert "tok_emb.weight" in hessians, "the tied embedding gets the Hessian of the LM head's input"
     state = model.state_dict()
     args = tiny_args(QUANT_BITS_ATTN=4, QUANT_BITS_MLP=4, QUANT_BITS_EMBED=8, QUANT_BITS_OTHER=7, **ALL_Q)
     rtn = T.quantize_state_dict(state, args, None)
@@ -172,13 +211,33 @@ def test_quantize_state_dict_uses_gptq_where_a_hessian_exists(trained_tiny):
     assert set(rtn) == set(gptq) == set(state)
     for name, v in gptq.items():
         if name in hessians:
-            assert isinstance(v, T.QuantizedTensor) and v.bits == (4 if name.startswith("blocks.") else 7)
+            assert isinstance(v, T.QuantizedTensor) and v.bits == (4 if name.startswith("blocks.") else 8 if name == "tok_emb.weight" else 7)
             assert not torch.equal(v.q, rtn[name].q), f"{name}: GPTQ was not applied"
-        elif isinstance(v, T.QuantizedTensor):  # embeddings (no Hessian): round-to-nearest
-            assert name in ("tok_emb.weight", "bigram.table.weight") and torch.equal(v.q, rtn[name].q)
-            assert v.bits == (8 if name == "tok_emb.weight" else 7)
-    off = T.quantize_state_dict(state, tiny_args(GPTQ_ENABLED=0, QUANT_BITS_ATTN=4, QUANT_BITS_MLP=4, QUANT_BITS_OTHER=7, **ALL_Q), hessians)
+        elif isinstance(v, T.QuantizedTensor) and not T.is_control(name):  # the BigramHash table (an embedding lookup, no Hessian): round-to-nearest
+            assert name == "bigram.table.weight" and torch.equal(v.q, rtn[name].q) and v.bits == 7
+    off = T.quantize_state_dict(state, tiny_args(GPTQ_ENABLED=0, QUANT_BITS_ATTN=4, QUANT_BITS_MLP=4, QUANT_BITS_EMBED=8, QUANT_BITS_OTHER=7, **ALL_Q), hessians)
     assert all(torch.equal(off[n].q, rtn[n].q) for n in hessians)
+    no_embed = T.quantize_state_dict(state, tiny_args(GPTQ_EMBED=0, QUANT_BITS_ATTN=4, QUANT_BITS_MLP=4, QUANT_BITS_EMBED=8, QUANT_BITS_OTHER=7, **ALL_Q), hessians)
+    assert torch.equal(no_embed["tok_emb.weight"].q, rtn["tok_emb.weight"].q), "GPTQ_EMBED=0: round-to-nearest for the embedding"
+    assert torch.equal(no_embed["blocks.0.attn.c_q.weight"].q, gptq["blocks.0.attn.c_q.weight"].q)
+
+
+@pytest.mark.parametrize("bits", [5, 7])
+def test_gptq_embedding_beats_round_to_nearest_on_the_logits(trained_tiny, bits):
+    """The tied embedding's GPTQ error bound: on held-out text its logits move less than with round-to-nearest
+    on the same grid, and each weight stays within the grid (|q| <= qmax)."""
+    model, calib, test = trained_tiny
+    H = T.collect_hessians(model, calib, T.Runtime())["tok_emb.weight"]
+    X = layer_inputs(model, test, ["tok_emb.weight"])["tok_emb.weight"]  # the head's input on held-out batches
+    w = model.tok_emb.weight.float()
+    for mode, k in (("search", 0.0), ("sdclip", 14.0)):
+        scale = T.row_scales(w, bits, mode, k)
+        rtn = T.quantize_with_scale(w, scale, bits).float() * scale
+        q = T.gptq_quantize(w, H, scale, bits, block_size=128, damp=0.01, act_order=True)
+        assert int(q.abs().max()) <= 2 ** (bits - 1) - 1
+        e_rtn = torch.linalg.norm(X @ (w - rtn).T).item()
+        e_gptq = torch.linalg.norm(X @ (w - q.float() * scale).T).item()
+        assert e_gptq < 0.9 * e_rtn, (mode, bits, e_gptq, e_rtn)
 
 
 # ----------------------------------------------------------------------------- self-generated calibration (GPTQ_CALIBRATION=self)
@@ -233,8 +292,8 @@ def test_self_calibration_hessians_drive_gptq(trained_tiny):
     model, _, test = trained_tiny
     seqs = self_calibration(model, num_seqs=8, seq_len=32, temperature=0.8, seed=5)
     hessians = T.collect_hessians(model, seqs.split(4), T.Runtime())
-    linear_names = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, T.CastedLinear)}
-    assert set(hessians) == linear_names and len(linear_names) == 4 * 6 + 1  # 6 per block + the bigram projection
+    linear_names = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, T.CastedLinear)} | {"tok_emb.weight"}
+    assert set(hessians) == linear_names and len(linear_names) == 4 * 6 + 2  # 6 per block, the bigram projection, the tied embedding
     X = layer_inputs(model, [seqs], sorted(linear_names))
     for name, H in hessians.items():
         assert H.shape == (model.state_dict()[name].size(1),) * 2
@@ -273,8 +332,8 @@ def test_magnitude_pruning_zeroes_about_that_fraction(use_gptq):
     pruned = T.quantize_state_dict(state, tiny_args(QUANT_BITS_ATTN=6, QUANT_BITS_MLP=6, QUANT_PRUNE_FRAC=frac, **ALL_Q), hessians)
     checked = 0
     for name, v in pruned.items():
-        if not isinstance(v, T.QuantizedTensor):
-            assert torch.equal(v, base[name])
+        if not isinstance(v, T.QuantizedTensor) or T.is_control(name):  # int8 control tensors are never pruned
+            assert torch.equal(v.q, base[name].q) if isinstance(v, T.QuantizedTensor) else torch.equal(v, base[name])
             continue
         w = state[name].float()
         smallest = w.abs() <= w.abs().flatten().kthvalue(int(frac * w.numel())).values
@@ -283,7 +342,7 @@ def test_magnitude_pruning_zeroes_about_that_fraction(use_gptq):
         asked = int(frac * w.numel()) / w.numel()
         assert asked <= zeros <= frac + natural + 0.02, f"{name}: {zeros:.3f} zero, asked {frac} (+{natural:.3f} rounding to 0)"
         checked += 1
-    assert checked == len(base) - sum(not isinstance(v, T.QuantizedTensor) for v in base.values()) and checked >= 20
+    assert checked == sum(isinstance(v, T.QuantizedTensor) and not T.is_control(n) for n, v in base.items()) and checked >= 20
 
 
 def test_prune_smallest_quantized_zeroes_the_smallest_nonzero_entries():
@@ -324,10 +383,13 @@ def test_pack_unpack_bits_round_trip(bits):
 
 
 def sample_qstate(seed=0, **overrides):
-    """A randomized tiny model with mixed bit widths, its args and its round-to-nearest qstate."""
-    args = tiny_args(**{**dict(QUANT_BITS_ATTN=5, QUANT_BITS_MLP=6, QUANT_BITS_EMBED=7, QUANT_BITS_OTHER=3, **ALL_Q), **overrides})
+    """A randomized tiny model with mixed bit widths, int8 control tensors and low-rank corrections, its args and its round-to-nearest qstate."""
+    args = tiny_args(**{**dict(QUANT_BITS_ATTN=5, QUANT_BITS_MLP=6, QUANT_BITS_EMBED=7, QUANT_BITS_OTHER=3, QUANT_CONTROL_INT8=CONTROLS_INT8, LQER_RANK=2, **ALL_Q), **overrides})
     model = randomize(T.GPT(T.ModelConfig.from_args(args)), seed)
     return model, args, T.quantize_state_dict(model.state_dict(), args, None)
+
+
+CONTROLS_INT8 = "out_gate,skip_gates,attn_scale,lane_post,smear.scale"  # 2-D, 1-D, 3-D and 0-D control tensors
 
 
 def assert_same_qstate(a, b):
@@ -335,29 +397,122 @@ def assert_same_qstate(a, b):
     for name in a:
         x, y = a[name], b[name]
         if isinstance(x, T.QuantizedTensor):
-            assert isinstance(y, T.QuantizedTensor) and x.bits == y.bits, name
+            assert isinstance(y, T.QuantizedTensor) and x.bits == y.bits and x.shape == y.shape, name
             assert torch.equal(x.q, y.q) and torch.equal(x.scale, y.scale) and x.scale.dtype == y.scale.dtype == torch.float16, name
+            assert (x.correction is None) == (y.correction is None), name
+            if x.correction is not None:
+                for field in ("a", "a_scale", "b", "b_scale"):
+                    assert torch.equal(getattr(x.correction, field), getattr(y.correction, field)), (name, field)
+            assert torch.equal(x.dequantize(), y.dequantize()), name
         else:
             assert x.dtype == y.dtype and torch.equal(x, y), name
 
 
-@pytest.mark.parametrize("packing", ["int8", "bitpack"])
-def test_serialize_deserialize_is_lossless(packing):
+def decode_file_bytes(blob: bytes):
+    return T.decode_artifact(blob[T._ARTIFACT_HEADER.size :])
+
+
+@pytest.mark.parametrize("compressor", [*T.COMPRESSORS, "auto"])
+def test_every_packing_round_trips_losslessly(compressor):
     model, args, qstate = sample_qstate()
     kinds = {type(v).__name__ if isinstance(v, T.QuantizedTensor) else str(v.dtype) for v in qstate.values()}
     assert kinds == {"QuantizedTensor", "torch.float32"}
-    assert {v.bits for v in qstate.values() if isinstance(v, T.QuantizedTensor)} == {3, 5, 6, 7}
-    raw = T.serialize_quantized(qstate, model.cfg, packing)
-    config, back = T.deserialize_quantized(raw)
-    assert config == model.cfg
-    assert_same_qstate(qstate, back)
+    assert {v.bits for v in qstate.values() if isinstance(v, T.QuantizedTensor)} == {3, 5, 6, 7, 8}
+    assert sum(v.correction is not None for v in qstate.values() if isinstance(v, T.QuantizedTensor)) == 3
+    layouts = itertools.product(("role", "single"), ("int8", "bitpack", "auto"), (False, True), (False, True))
+    if compressor != "zstd":  # every layout once with the fast compressor; two opposite ones with the slow ones
+        layouts = [("role", "auto", True, True), ("single", "int8", False, False)]
+    for grouping, values, transpose, reorder in layouts:
+        blob, streams = T.encode_artifact(qstate, model.cfg, T.Packing(compressor, grouping, values, transpose, reorder))
+        config, back = decode_file_bytes(blob)
+        assert config == model.cfg
+        assert_same_qstate(qstate, back)
+        assert compressor == "auto" or {s.compressor for s in streams} == {compressor}
+        assert grouping == "role" or [s.name for s in streams] == ["manifest", "all"]
 
 
-def test_serialize_keeps_small_tensors_in_fp16():
+def test_role_grouping_puts_each_kind_of_matrix_in_its_own_stream():
+    model, args, qstate = sample_qstate(seed=3)
+    _, streams = T.encode_artifact(qstate, model.cfg, T.Packing("zstd", "role", "int8", True, True))
+    names = [s.name for s in streams]
+    assert names[0] == "manifest"
+    expected = {"control", "tok_emb", "bigram.table", "bigram.proj", "attn.c_q", "attn.c_k", "attn.c_v", "attn.proj", "mlp.fc", "mlp.proj", "scales", "row_orders", "lqer", "fp32"}
+    assert set(names[1:]) == expected and len(names) == len(set(names))
+    counts = {s.name: s.numel for s in streams}
+    assert counts["mlp.fc"] == sum(qstate[f"blocks.{i}.mlp.fc.weight"].q.numel() for i in range(4)), "one stream holds the matrix of every layer"
+    assert counts["scales"] == 0 and counts["tok_emb"] == qstate["tok_emb.weight"].q.numel()
+    _, single = T.encode_artifact(qstate, model.cfg, T.Packing("zstd", "single", "int8", True, True))
+    assert [s.name for s in single] == ["manifest", "all"] and single[1].numel == sum(counts.values())
+
+
+def test_small_tensors_stay_in_fp16():
     model, args, qstate = sample_qstate(QUANT_FLOAT_MAX_NUMEL=65536)  # the default: block matrices stay fp16
     assert any(v.dtype == torch.float16 for v in qstate.values() if not isinstance(v, T.QuantizedTensor))
-    for packing in ("int8", "bitpack"):
-        assert_same_qstate(qstate, T.deserialize_quantized(T.serialize_quantized(qstate, model.cfg, packing))[1])
+    for grouping in ("role", "single"):
+        assert_same_qstate(qstate, decode_file_bytes(T.encode_artifact(qstate, model.cfg, T.Packing("zstd", grouping, "auto", True, True))[0])[1])
+
+
+def test_similarity_order_is_a_permutation_that_chains_near_rows():
+    g = torch.Generator().manual_seed(0)
+    centers = torch.randint(-20, 20, (6, 64), generator=g)
+    rows = centers[torch.randint(0, 6, (120,), generator=g)] + torch.randint(-1, 2, (120, 64), generator=g)  # 6 clusters, shuffled
+    q = rows.to(torch.int8)
+    order = T.similarity_order(q)
+    assert sorted(order.tolist()) == list(range(120))
+    chained = q[order].float()
+    step = (chained[1:] - chained[:-1]).square().sum(1)
+    shuffled = (q[1:].float() - q[:-1].float()).square().sum(1)
+    assert int((step > 200).sum()) <= 5 < int((shuffled > 200).sum()), "a chain leaves each cluster once; the shuffled rows jump often"
+
+
+def test_int8_control_tensors_round_trip_within_half_a_step():
+    model, args, qstate = sample_qstate(seed=2)
+    state = model.state_dict()
+    names = [n for n in state if any(c in n for c in CONTROLS_INT8.split(","))]
+    assert {state[n].ndim for n in names} == {0, 1, 2, 3}
+    for name in names:
+        v = qstate[name]
+        assert isinstance(v, T.QuantizedTensor) and v.bits == 8 and v.q.dtype == torch.int8
+        back = v.dequantize()
+        assert back.shape == state[name].shape
+        step = v.scale.float().reshape(-1).max().item()
+        assert (back - state[name]).abs().max().item() <= step / 2 * (1 + 1e-3), name
+    untouched = [n for n in state if T.is_control(n) and n not in names]
+    assert untouched and all(qstate[n].dtype == torch.float32 and torch.equal(qstate[n], state[n]) for n in untouched)
+    fp32 = T.quantize_state_dict(state, tiny_args(QUANT_CONTROL_INT8="", LQER_RANK=0, **ALL_Q), None)
+    sizes = [len(T.encode_artifact(q, model.cfg, T.Packing("zstd", "role", "int8", True, True))[0]) for q in (fp32, T.quantize_state_dict(state, tiny_args(QUANT_CONTROL_INT8=CONTROLS_INT8, LQER_RANK=0, **ALL_Q), None))]
+    assert sizes[1] < sizes[0], f"int8 control tensors must save bytes: {sizes}"
+    with pytest.raises(T.SettingsError, match="CONTROL_PARAMETER_NAMES"):
+        tiny_args(QUANT_CONTROL_INT8="out_gate,tok_emb")
+
+
+# ----------------------------------------------------------------------------- low-rank error correction (LQER)
+
+
+def test_lqer_reduces_the_error_of_the_worst_tensors_and_is_applied_on_reload(tmp_path, trained_tiny):
+    model, _, _ = trained_tiny
+    state = model.state_dict()
+    base = dict(QUANT_BITS_ATTN=3, QUANT_BITS_MLP=3, QUANT_BITS_EMBED=4, GPTQ_ENABLED=0, **ALL_Q)
+    plain = T.quantize_state_dict(state, tiny_args(LQER_RANK=0, **base), None)
+    lines = []
+    corrected = T.quantize_state_dict(state, tiny_args(LQER_RANK=4, LQER_TOP_K=3, LQER_A_BITS=2, LQER_B_BITS=4, LQER_GROUP=8, **base), None, lines.append)
+    errors = {n: torch.linalg.norm(state[n].float() - v.dequantize()).item() for n, v in plain.items() if isinstance(v, T.QuantizedTensor) and not T.is_control(n)}
+    worst = sorted(errors, key=errors.get, reverse=True)[:3]
+    assert [n for n, v in corrected.items() if isinstance(v, T.QuantizedTensor) and v.correction is not None] == [n for n in state if n in worst]
+    assert len(lines) == 3 and all(line.startswith("lqer ") for line in lines)
+    for name in worst:
+        c = corrected[name].correction
+        assert torch.equal(corrected[name].q, plain[name].q), "the correction is added on top; the values stay"
+        assert c.a.shape == (state[name].size(0), 4) and c.b.shape == (4, state[name].size(1))
+        assert int(c.a.abs().max()) <= 1 and int(c.b.abs().max()) <= 7 and c.b_scale.shape == (4, -(-state[name].size(1) // 8))
+        after = torch.linalg.norm(state[name].float() - corrected[name].dequantize()).item()
+        assert after < 0.97 * errors[name], (name, errors[name], after)
+    path = tmp_path / "lqer.pgz"
+    T.write_artifact(corrected, model.cfg, tiny_args(LQER_RANK=4, **base), path, 0, lambda line: None)
+    reloaded = T.load_model_from_artifact(path, torch.device("cpu")).state_dict()
+    for name in worst:
+        assert torch.equal(reloaded[name], corrected[name].dequantize()), "the reload must apply the correction"
+        assert not torch.equal(reloaded[name], plain[name].dequantize())
 
 
 # ----------------------------------------------------------------------------- the artifact file
@@ -369,14 +524,15 @@ def float_model_from_qstate(cfg, qstate):
     return m
 
 
-@pytest.mark.parametrize("compressor", ["zstd", "lzma"])
+@pytest.mark.parametrize("compressor", [*T.COMPRESSORS, "auto"])
 def test_artifact_reloads_to_identical_logits(tmp_path, compressor):
     model, args, qstate = sample_qstate(seed=5, ARTIFACT_COMPRESSOR=compressor)
     path = tmp_path / "model.pgz"
     lines = []
-    report, packing, timings = T.write_artifact(qstate, model.cfg, args, path, lines.append)
-    assert packing in ("int8", "bitpack") and timings["prune_frac"] == 0.0 and report.fits
-    assert path.read_bytes()[5] == T.COMPRESSORS.index(compressor)
+    report, streams, timings = T.write_artifact(qstate, model.cfg, args, path, 1000, lines.append)
+    assert timings["prune_frac"] == 0.0 and report.fits and report.code_bytes == 1000
+    assert {s.compressor for s in streams} <= ({compressor} if compressor != "auto" else set(T.COMPRESSORS))
+    assert sum(s.bytes for s in streams) + T._STREAM_HEADER.size * len(streams) + T._ARTIFACT_HEADER.size == report.artifact_bytes == os.path.getsize(path)
     loaded = T.load_model_from_artifact(path, torch.device("cpu"))
     direct = float_model_from_qstate(model.cfg, qstate)
     x = torch.randint(0, 64, (3, 32), generator=torch.Generator().manual_seed(1))
@@ -387,25 +543,52 @@ def test_artifact_reloads_to_identical_logits(tmp_path, compressor):
     assert_same_qstate(qstate, T.read_artifact(path)[1])
 
 
-@pytest.mark.parametrize("compressor", ["zstd", "lzma"])
-def test_auto_packing_picks_the_smaller_encoding(compressor):
-    for bits in (3, 6):  # low bits favour bit-packing less clearly; check both ends
-        model, args, qstate = sample_qstate(seed=bits, QUANT_BITS_ATTN=bits, QUANT_BITS_MLP=bits)
-        sizes = {p: len(T.encode_artifact(qstate, model.cfg, compressor, 9, p)[0]) for p in ("int8", "bitpack")}
-        blob, chosen = T.encode_artifact(qstate, model.cfg, compressor, 9, "auto")
-        assert chosen == min(sizes, key=sizes.get) and len(blob) == min(sizes.values()), (bits, sizes, chosen)
+def test_auto_keeps_the_smallest_compressor_and_layout_of_each_stream():
+    model, args, qstate = sample_qstate(seed=6, QUANT_BITS_ATTN=3)
+    fixed = {}
+    for c in T.COMPRESSORS:
+        for values in ("int8", "bitpack"):
+            fixed[c, values] = {s.name: s.bytes for s in T.encode_artifact(qstate, model.cfg, T.Packing(c, "role", values, True, False))[1]}
+    blob, streams = T.encode_artifact(qstate, model.cfg, T.Packing("auto", "role", "auto", True, False))
+    for s in streams:
+        sizes = {key: found[s.name] for key, found in fixed.items()}
+        assert s.bytes == min(sizes.values()), (s.name, s.bytes, sizes)
+        assert sizes[s.compressor, s.values if s.values != "raw" else "int8"] == s.bytes
+    assert len(set(fixed[c, "int8"]["mlp.fc"] for c in T.COMPRESSORS)) == len(T.COMPRESSORS), "the compressors must differ for the choice to mean something"
+    totals = {key: sum(v.values()) for key, v in fixed.items()}
+    assert sum(s.bytes for s in streams) <= min(totals.values())
+
+
+def test_a_missing_compressor_module_is_named_when_reading(tmp_path, monkeypatch):
+    model, args, qstate = sample_qstate(seed=7, ARTIFACT_COMPRESSOR="zpaq")
+    path = tmp_path / "zpaq.pgz"
+    T.write_artifact(qstate, model.cfg, args, path, 0, lambda line: None)
+    monkeypatch.setattr(T, "compressor_installed", lambda c: c != "zpaq")
+    with pytest.raises(T.ArtifactError, match="pip install zpaq"):
+        T.read_artifact(path)
+    assert "zpaq" not in T.Packing("auto", "role", "int8", True, True).compressors, "auto uses only the installed compressors"
 
 
 @pytest.fixture
 def good_artifact(tmp_path):
     model, args, qstate = sample_qstate(seed=6)
     path = tmp_path / "good.pgz"
-    T.write_artifact(qstate, model.cfg, args, path, lambda line: None)
+    T.write_artifact(qstate, model.cfg, args, path, 0, lambda line: None)
     return path, model.cfg, qstate
 
 
-def _header(payload: bytes, version=T.ARTIFACT_FORMAT_VERSION, comp=0, magic=T.ARTIFACT_MAGIC) -> bytes:
-    return T._ARTIFACT_HEADER.pack(magic, version, comp, len(payload), zlib.crc32(payload)) + payload
+def _header(payload: bytes, version=T.ARTIFACT_FORMAT_VERSION, magic=T.ARTIFACT_MAGIC) -> bytes:
+    return T._ARTIFACT_HEADER.pack(magic, version, len(payload), zlib.crc32(payload)) + payload
+
+
+def _stream(data: bytes, compressor="zstd") -> bytes:
+    blob = T.compress(data, compressor)
+    return T._STREAM_HEADER.pack(T.COMPRESSORS.index(compressor), len(blob)) + blob
+
+
+def _streams_of(data: bytes) -> list[bytes]:
+    """The decompressed streams of a good file."""
+    return T._read_streams(data[T._ARTIFACT_HEADER.size :])
 
 
 def corrupt(kind: str, data: bytes, cfg, qstate) -> bytes | None:
@@ -426,16 +609,27 @@ def corrupt(kind: str, data: bytes, cfg, qstate) -> bytes | None:
         return bytes(b)
     if kind == "wrong_magic":
         return b"PK\x03\x04" + data[4:]
+    if kind == "format_1":  # a file of the one-stream format before this one
+        payload = T.compress(b"old", "zstd")
+        return struct.pack("<4sBBII", T.ARTIFACT_MAGIC, 1, 0, len(payload), zlib.crc32(payload)) + payload
     if kind == "unknown_version":
         return data[:4] + bytes([T.ARTIFACT_FORMAT_VERSION + 1]) + data[5:]
     if kind == "unknown_compressor":
-        return data[:5] + bytes([len(T.COMPRESSORS)]) + data[6:]
-    if kind == "garbage_payload_good_crc":
-        return _header(b"not a zstd frame at all" * 3)
+        payload = bytearray(data[h:])
+        payload[0] = len(T.COMPRESSORS)
+        return _header(bytes(payload))
+    if kind == "garbage_stream_good_crc":
+        return _header(T._STREAM_HEADER.pack(0, 60) + b"not a zstd frame at all" * 3)
+    if kind == "stream_header_cut":
+        return _header(_stream(b"{}") + b"\x00\x01")
     if kind == "bad_manifest":
-        return _header(T.compress(struct.pack("<I", 9) + b'{"config"' + b"\0" * 10, "zstd", 3))
-    if kind == "body_length_mismatch":
-        return _header(T.compress(T.serialize_quantized(qstate, cfg, "int8") + b"extra", "zstd", 3))
+        return _header(_stream(b'{"config"' + b"\0" * 10))
+    if kind == "stream_length_mismatch":
+        manifest, *streams = _streams_of(data)
+        return _header(_stream(manifest) + b"".join(_stream(s) for s in streams[:-1]) + _stream(streams[-1] + b"extra"))
+    if kind == "missing_stream":
+        manifest, *streams = _streams_of(data)
+        return _header(_stream(manifest) + b"".join(_stream(s) for s in streams[:-1]))
     raise AssertionError(kind)
 
 
@@ -447,11 +641,14 @@ CORRUPTIONS = {  # what the message says is wrong, then what to do
     "padded": "padded.*copy it again",
     "flipped_payload_byte": "checksum mismatch",
     "wrong_magic": "bad magic.*give EVAL_ONLY the .pgz file a training run wrote",
-    "unknown_version": r"format 2/compressor 0 is not supported.*evaluate it with the train_gpt.py that wrote it",
-    "unknown_compressor": r"compressor 2 is not supported.*evaluate it with the train_gpt.py that wrote it",
-    "garbage_payload_good_crc": "cannot decode",
+    "format_1": r"artifact format 1, this script reads format 2: evaluate it with the train_gpt.py that wrote it",
+    "unknown_version": r"artifact format 3, this script reads format 2",
+    "unknown_compressor": r"compressor id 4",
+    "garbage_stream_good_crc": "cannot decode",
+    "stream_header_cut": "stream header is cut off",
     "bad_manifest": "cannot decode",
-    "body_length_mismatch": "manifest describes",
+    "stream_length_mismatch": "the manifest says",
+    "missing_stream": "the file holds",
 }
 
 
@@ -468,6 +665,7 @@ def test_corrupt_artifacts_fail_with_a_clear_artifact_error(good_artifact, tmp_p
             reader(bad)
         message = str(info.value)
         assert str(bad) in message, "the message must name the file"
+        assert "\n" not in message
         assert re.search(CORRUPTIONS[kind], message.replace(str(bad), "<file>")), message
 
 
@@ -477,32 +675,37 @@ def test_corrupt_artifacts_fail_with_a_clear_artifact_error(good_artifact, tmp_p
 def test_size_report_matches_the_bytes_on_disk(tmp_path):
     model, args, qstate = sample_qstate(seed=7)
     path = tmp_path / "sub" / "model.pgz"
-    report, _, _ = T.write_artifact(qstate, model.cfg, args, path, lambda line: None)
+    report, _, _ = T.write_artifact(qstate, model.cfg, args, path, 31_999, lambda line: None)
     assert report.artifact_bytes == os.path.getsize(path)
-    assert report.code_bytes == os.path.getsize(REPO / "train_gpt.py") == os.path.getsize(T.__file__)
-    assert report.total_bytes == report.code_bytes + report.artifact_bytes
+    assert report.code_bytes == 31_999 and report.total_bytes == report.code_bytes + report.artifact_bytes
     assert report.cap_bytes == 16_000_000 and report.fits
     assert not [p for p in path.parent.iterdir() if p.name != "model.pgz"], "no temporary file left behind"
     assert T.SizeReport(10, 6, 16).fits and not T.SizeReport(10, 7, 16).fits  # the cap is inclusive, in bytes
 
 
+CODE_BYTES = 40_000
+
+
 def quantize_and_write(tmp_path, name, **overrides):
     model = tiny_model(seed=8)
-    args = tiny_args(GPTQ_ENABLED=0, **{**ALL_Q, **overrides})
+    args = tiny_args(GPTQ_ENABLED=0, ARTIFACT_COMPRESSOR="zstd", **{**ALL_Q, **overrides})
     lines = []
     path = tmp_path / name
-    report = T.quantize_and_write(model, None, args, T.Runtime(), lines.append, path, T.quantization_scheme(args))
+    report = T.quantize_and_write(model, None, args, T.Runtime(), lines.append, path, T.quantization_scheme(args), CODE_BYTES)
     return report, lines, path
 
 
 def test_over_the_cap_is_flagged_and_the_file_kept(tmp_path):
     report, lines, path = quantize_and_write(tmp_path, "over.pgz", SIZE_CAP_BYTES=50_000, QUANT_FIT_TO_CAP=0)
-    assert not report.fits and report.total_bytes > 50_000
+    assert not report.fits and report.total_bytes > 50_000 and report.code_bytes == CODE_BYTES
     assert path.is_file() and os.path.getsize(path) == report.artifact_bytes
     assert any("NOT a valid submission" in line for line in lines), lines
     assert f"size_check total_bytes:{report.total_bytes} cap_bytes:50000 fits:no" in lines
     assert not any(line.startswith("fit_to_cap") for line in lines)
-    assert f"Serialized model int6_zstd: {report.artifact_bytes} bytes" in lines
+    assert f"Serialized model int6_zstd: {report.artifact_bytes} bytes" in lines and f"Code size: {CODE_BYTES} bytes" in lines
+    streams = [line for line in lines if line.startswith("artifact_stream ")]
+    assert sum(int(re.search(r" bytes:(\d+)", line).group(1)) for line in streams) + T._STREAM_HEADER.size * len(streams) + T._ARTIFACT_HEADER.size == report.artifact_bytes
+    assert any(line.startswith("artifact_stream mlp.fc ") and "bits_per_value:" in line for line in streams)
     T.read_artifact(path)
 
 
@@ -620,10 +823,10 @@ def test_qat_switch_is_seen_by_a_compiled_model_without_recompiling():
 
 
 def tiny_script_runner(synthetic_data, tmp_path):
-    """f(**env) runs train_gpt.py on the synthetic shards with the sp1024 tokenizer (TTT off), returns its stdout."""
+    """f(script=train_gpt.py, **env) runs a script on the synthetic shards with the sp1024 tokenizer (TTT off), returns its stdout."""
     if not SP1024.is_file():
         pytest.skip("../shared/data is not beside the repository")
-    env = {k: v for k, v in os.environ.items() if not re.match(r"(TTT|QUANT|GPTQ|EVAL|ARTIFACT|SIZE|SWA|EMA|QAT)_", k)}
+    env = {k: v for k, v in os.environ.items() if not re.match(r"(TTT|QUANT|GPTQ|EVAL|ARTIFACT|SIZE|SWA|EMA|QAT|LQER|CODE)_", k)}
     env.update({k: str(v) for k, v in TINY.items()})
     env.update(
         DATA_PATH=str(synthetic_data), TOKENIZER_PATH=str(SP1024), VOCAB_SIZE="1024", ITERATIONS="3", TRAIN_LOG_EVERY="0",
@@ -631,8 +834,8 @@ def tiny_script_runner(synthetic_data, tmp_path):
         QUANT_BITS_ATTN="5", QUANT_BITS_MLP="5", OMP_NUM_THREADS="1",
     )
 
-    def run(**extra):
-        r = subprocess.run([sys.executable, str(REPO / "train_gpt.py")], env={**env, **extra}, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    def run(script=REPO / "train_gpt.py", **extra):
+        r = subprocess.run([sys.executable, str(script)], env={**env, **extra}, cwd=tmp_path, capture_output=True, text=True, timeout=300)
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
         return r.stdout
 
@@ -640,20 +843,31 @@ def tiny_script_runner(synthetic_data, tmp_path):
 
 
 def test_end_to_end_run_and_eval_only_rescore_identically(synthetic_data, tmp_path):
+    """Train, then re-score the artifact with EVAL_ONLY twice: by train_gpt.py and by the shipped wrapper the
+    run wrote beside its log, whose exact size is the logged code size."""
     run = tiny_script_runner(synthetic_data, tmp_path)
     artifact = tmp_path / "run" / "model.pgz"
     train = run()
     assert artifact.is_file()
-    size = int(re.search(r"Serialized model int5_zstd: (\d+) bytes", train).group(1))
+    size = int(re.search(r"Serialized model int5_auto: (\d+) bytes", train).group(1))
     assert size == os.path.getsize(artifact)
     assert "gptq_calibration source:train" in train and "quant_stages quantize_gptq" in train
     assert "submission_valid:yes" in train
+    shipped = tmp_path / "logs" / "e2e.train_gpt.py"
+    logged = re.search(r"^shipped_code file:e2e.train_gpt.py bytes:(\d+) sha256:([0-9a-f]{64})$", train, re.M)
+    code = int(re.search(r"^Code size: (\d+) bytes$", train, re.M).group(1))
+    assert logged and int(logged.group(1)) == code == os.path.getsize(shipped)
+    assert logged.group(2) == hashlib.sha256(shipped.read_bytes()).hexdigest()
+    assert f"Total submission size int5_auto: {size + code} bytes" in train
+    assert code < os.path.getsize(REPO / "train_gpt.py") / 3, "the shipped file is the compressed source"
     rescored = run(EVAL_ONLY=str(artifact), RUN_ID="e2e_eval")
     assert "eval_only artifact:" in rescored and "model_params" not in rescored  # no training
+    by_wrapper = run(script=shipped, EVAL_ONLY=str(artifact), RUN_ID="e2e_shipped")
+    assert (tmp_path / "logs" / "e2e_shipped.train_gpt.py").read_bytes() == shipped.read_bytes(), "a wrapper ships itself"
     for label in ("roundtrip", "sliding_window"):
-        pattern = rf"^final_int5_zstd_{label}_exact val_loss:\S+ val_bpb:\S+$"
-        a, b = re.findall(pattern, train, re.M), re.findall(pattern, rescored, re.M)
-        assert len(a) == 1 and a == b, (label, a, b)
+        pattern = rf"^final_int5_auto_{label}_exact val_loss:\S+ val_bpb:\S+$"
+        a, b, c = (re.findall(pattern, out, re.M) for out in (train, rescored, by_wrapper))
+        assert len(a) == 1 and a == b == c, (label, a, b, c)
 
 
 def test_end_to_end_self_calibration(synthetic_data, tmp_path):

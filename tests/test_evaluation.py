@@ -258,7 +258,7 @@ def test_sliding_window_losses_match_a_direct_computation(model, tables):
 
 def write_artifact_of(model, args, path):
     qstate = T.quantize_state_dict(model.state_dict(), args, None)
-    blob, _ = T.encode_artifact(qstate, model.cfg, "lzma", 1, "int8")
+    blob, _ = T.encode_artifact(qstate, model.cfg, T.Packing.from_args(tiny_args(ARTIFACT_COMPRESSOR="lzma")))
     path.write_bytes(blob)
     return path
 

@@ -163,12 +163,11 @@ def test_a_disk_without_room_for_the_artifact_is_a_problem(tmp_path, synthetic_d
     if not real:
         monkeypatch.setattr(train_gpt.shutil, "disk_usage", lambda path: SimpleNamespace(free=256 * 1024))
     args = run_args(tmp_path, synthetic_data, tiny_tokenizer, ARTIFACT_PATH=folder / "model.pgz")
-    room = args.size_cap_bytes - train_gpt.code_size_bytes()
+    room = args.size_cap_bytes  # an artifact may take up to the whole cap
     assert preflight_problems(args) == [
         f"ARTIFACT_PATH: 262144 bytes free in {folder}, but the artifact may take {room}; free space or set ARTIFACT_PATH to another disk"
     ]
-    code = train_gpt.code_size_bytes()
-    assert preflight_problems(run_args(tmp_path, synthetic_data, tiny_tokenizer, ARTIFACT_PATH=folder / "model.pgz", SIZE_CAP_BYTES=code + 100_000)) == []
+    assert preflight_problems(run_args(tmp_path, synthetic_data, tiny_tokenizer, ARTIFACT_PATH=folder / "model.pgz", SIZE_CAP_BYTES=200_000)) == []
 
 
 def test_a_compressor_that_is_not_installed_is_a_problem(tmp_path, synthetic_data, tiny_tokenizer, monkeypatch):
@@ -216,7 +215,7 @@ def test_every_rank_stops_when_another_rank_finds_a_problem(tmp_path, synthetic_
 def write_tiny_artifact(path, **overrides) -> Path:
     model = tiny_model(**overrides)
     args = tiny_args(**overrides)
-    train_gpt.write_artifact(train_gpt.quantize_state_dict(model.state_dict(), args, None), model.cfg, args, path, lambda line: None)
+    train_gpt.write_artifact(train_gpt.quantize_state_dict(model.state_dict(), args, None), model.cfg, args, path, 0, lambda line: None)
     return path
 
 
@@ -235,7 +234,7 @@ def test_eval_only_refuses_an_artifact_of_another_vocabulary(tmp_path, synthetic
 
 def test_eval_only_refuses_an_artifact_whose_tensors_do_not_fit_its_config(tmp_path, synthetic_data, tiny_tokenizer):
     narrow, wide = tiny_model(MLP_MULT=2), tiny_model(MLP_MULT=3)
-    blob, _ = train_gpt.encode_artifact(train_gpt.quantize_state_dict(narrow.state_dict(), tiny_args(), None), wide.cfg, "zstd", 3, "int8")
+    blob, _ = train_gpt.encode_artifact(train_gpt.quantize_state_dict(narrow.state_dict(), tiny_args(), None), wide.cfg, train_gpt.Packing.from_args(tiny_args()))
     artifact = tmp_path / "mixed.pgz"
     artifact.write_bytes(blob)
     problems = preflight_problems(run_args(tmp_path, synthetic_data, tiny_tokenizer, EVAL_ONLY=artifact))
@@ -278,8 +277,7 @@ def test_a_failed_artifact_write_keeps_the_weights_and_the_printed_command_finis
     """The disk fills up while the model trains: the write fails, the averaged weights are saved as a
     plain state dict, and the command in the message quantizes, writes and evaluates them unchanged."""
     folder, real = small_disk
-    code = train_gpt.code_size_bytes()
-    args = run_args(tmp_path, synthetic_data, tiny_tokenizer, ARTIFACT_PATH=folder / "model.pgz", SIZE_CAP_BYTES=code + 100_000)
+    args = run_args(tmp_path, synthetic_data, tiny_tokenizer, ARTIFACT_PATH=folder / "model.pgz", SIZE_CAP_BYTES=200_000)
     train = train_gpt.train_model
 
     def train_while_the_disk_fills(*a, **k):
@@ -353,7 +351,7 @@ def test_an_unexpected_crash_ends_the_log_with_its_reason(tmp_path, synthetic_da
 
 def test_an_invalid_submission_exits_with_its_own_code(tmp_path, synthetic_data, tiny_tokenizer):
     """Seed loops must notice a run over the cap: exit 3, not 0."""
-    env = script_env(tmp_path, synthetic_data, tiny_tokenizer, SIZE_CAP_BYTES=train_gpt.code_size_bytes() + 1000, QUANT_FIT_TO_CAP=0, EVAL_STRIDE=0)
+    env = script_env(tmp_path, synthetic_data, tiny_tokenizer, SIZE_CAP_BYTES=20_000, QUANT_FIT_TO_CAP=0, EVAL_STRIDE=0)
     done = run_script(env, tmp_path)
     assert done.returncode == train_gpt.EXIT_INVALID_SUBMISSION == 3, done.stderr[-3000:]
     assert done.stdout.strip().splitlines()[-1] == "submission_valid:no reason:over_size_cap"
