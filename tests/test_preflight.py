@@ -171,10 +171,12 @@ def test_a_disk_without_room_for_the_artifact_is_a_problem(tmp_path, synthetic_d
 
 
 def test_a_compressor_that_is_not_installed_is_a_problem(tmp_path, synthetic_data, tiny_tokenizer, monkeypatch):
-    monkeypatch.setitem(sys.modules, "zstandard", None)  # what `import zstandard` meets when it is not installed
-    problems = preflight_problems(run_args(tmp_path, synthetic_data, tiny_tokenizer))
-    assert problems == ["ARTIFACT_COMPRESSOR=zstd needs the package zstandard: pip install zstandard, or choose another ARTIFACT_COMPRESSOR"]
+    find_spec = train_gpt.importlib.util.find_spec
+    monkeypatch.setattr(train_gpt.importlib.util, "find_spec", lambda name, *a: None if name == "zstandard" else find_spec(name, *a))
+    problems = preflight_problems(run_args(tmp_path, synthetic_data, tiny_tokenizer, ARTIFACT_COMPRESSOR="zstd"))
+    assert problems == ["ARTIFACT_COMPRESSOR=zstd needs the zstandard module: pip install zstandard"]
     assert preflight_problems(run_args(tmp_path, synthetic_data, tiny_tokenizer, ARTIFACT_COMPRESSOR="lzma")) == []
+    assert preflight_problems(run_args(tmp_path, synthetic_data, tiny_tokenizer, ARTIFACT_COMPRESSOR="auto")) == [], "auto takes what is installed"
 
 
 def test_every_problem_is_reported_at_once_one_line_each(tmp_path, synthetic_data):
