@@ -497,7 +497,8 @@ def load_data_shard(path: str | Path) -> np.ndarray:
 
 
 def shard_files(data_path: str, split: str) -> list[str]:
-    files = sorted(glob.glob(os.path.join(data_path, f"fineweb_{split}_*.bin")))
+    # [0-9]: the byte sidecars fineweb_val_bytes_*.bin sit in the same folder and are not token shards
+    files = sorted(glob.glob(os.path.join(data_path, f"fineweb_{split}_[0-9]*.bin")))
     if not files:
         raise DataError(f"no fineweb_{split}_*.bin shards in DATA_PATH={data_path}; {DOWNLOAD_HINT}")
     return files
@@ -513,6 +514,41 @@ def load_validation_tokens(data_path: str, vocab_size: int, max_tokens: int = 0)
     if int(tokens.max()) >= vocab_size:
         raise DataError(f"validation token id {int(tokens.max())} >= VOCAB_SIZE={vocab_size}; the shards were made with another tokenizer")
     return torch.from_numpy(tokens.astype(np.int64))
+
+
+def byte_sidecar_path(shard: str) -> str:
+    """fineweb_val_000000.bin -> fineweb_val_bytes_000000.bin beside it (the naming of the CaseOps records)."""
+    folder, name = os.path.split(shard)
+    split, index = name.removesuffix(".bin").rsplit("_", 1)
+    return os.path.join(folder, f"{split}_bytes_{index}.bin")
+
+
+def load_byte_sidecar(data_path: str, tokenizer_path: str) -> Tensor | None:
+    """The byte sidecars of the validation shards as one int32 stream (entry i: the original UTF-8 bytes
+    that validation token i stands for), or None when there are none and the official count applies.
+
+    Preflight: every validation shard needs its sidecar of exactly its length, and a CaseOps tokenizer
+    needs sidecars (its operator pieces stand for no bytes, and its pieces are lowercase where the text
+    was not), so any of these stops the run before training instead of reporting a wrong bpb."""
+    shards = shard_files(data_path, "val")
+    sidecars = [byte_sidecar_path(f) for f in shards]
+    found = sorted(glob.glob(os.path.join(data_path, "fineweb_val_bytes_*.bin")))
+    rebuild = "rebuild the data with `python3 data/build_shards.py ... --caseops`"
+    if not found:
+        if is_caseops_tokenizer(tokenizer_path):
+            raise DataError(f"TOKENIZER_PATH={tokenizer_path} is a CaseOps tokenizer but DATA_PATH={data_path} has no fineweb_val_bytes_*.bin byte sidecars to count the original bytes; {rebuild}")
+        return None
+    unpaired = [p for p in sidecars if not os.path.isfile(p)] + sorted(set(found) - set(sidecars))
+    if unpaired:
+        raise DataError(f"{unpaired[0]}: every validation shard in DATA_PATH={data_path} needs its byte sidecar and every sidecar its shard; {rebuild}")
+    parts = []
+    for shard, sidecar in zip(shards, sidecars):
+        counts = load_data_shard(sidecar)
+        tokens = (os.path.getsize(shard) - SHARD_HEADER_INTS * 4) // 2  # load_data_shard checked this size
+        if counts.size != tokens:
+            raise DataError(f"{sidecar} holds {counts.size} byte counts but {shard} holds {tokens} tokens; the two come from different builds: {rebuild}")
+        parts.append(counts)
+    return torch.from_numpy(np.concatenate(parts).astype(np.int32))
 
 
 def shard_problems(files: list[str], vocab_size: int) -> list[str]:
@@ -611,7 +647,9 @@ def document_spans(tokens: Tensor) -> list[tuple[int, int]]:
     return [(s, e) for s, e in zip(starts, ends) if e > s]
 
 
-# ----------------------------------------------------------------------------- bytes: the official bpb accounting
+# ----------------------------------------------------------------------------- bytes: the official bpb accounting, or the byte sidecar
+
+CASEOPS_OPERATORS = "\ue000\ue001\ue002\ue003"  # = data/caseops.py OPERATORS (a test keeps the two equal)
 
 
 @dataclass
@@ -619,9 +657,13 @@ class ByteTables:
     base_bytes: Tensor  # int16 [vocab]: UTF-8 bytes of the piece without its leading space marker
     has_leading_space: Tensor  # bool [vocab]: the piece starts with "▁"
     is_boundary: Tensor  # bool [vocab]: control/unknown/unused pieces (0 bytes, no space after them)
+    # With a byte sidecar: the validation stream it belongs to and, per token, the original UTF-8 bytes
+    # it stands for. A text transform (CaseOps) makes the pieces' own bytes wrong; the sidecar is not.
+    sidecar_tokens: Tensor | None = None  # int64 [N]
+    sidecar_bytes: Tensor | None = None  # int32 [N]
 
     def to(self, device) -> "ByteTables":
-        return ByteTables(self.base_bytes.to(device), self.has_leading_space.to(device), self.is_boundary.to(device))
+        return ByteTables(*(t if t is None else t.to(device) for t in (self.base_bytes, self.has_leading_space, self.is_boundary, self.sidecar_tokens, self.sidecar_bytes)))
 
 
 def build_byte_tables(sp, vocab_size: int) -> ByteTables:
@@ -646,6 +688,25 @@ def build_byte_tables(sp, vocab_size: int) -> ByteTables:
     return ByteTables(torch.from_numpy(base_bytes), torch.from_numpy(has_leading_space), torch.from_numpy(is_boundary))
 
 
+def is_caseops_tokenizer(tokenizer_path: str) -> bool:
+    """A CaseOps tokenizer holds each operator character as a piece of its own (reserved at training)."""
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=tokenizer_path)
+    return all(sp.id_to_piece(sp.piece_to_id(op)) == op for op in CASEOPS_OPERATORS)
+
+
+def attach_byte_sidecar(tables: ByteTables, val_tokens: Tensor, data_path: str, tokenizer_path: str) -> ByteTables:
+    """The tables, with the validation shards' byte sidecar when they have one (load_byte_sidecar's checks)."""
+    sidecar = load_byte_sidecar(data_path, tokenizer_path)
+    if sidecar is None:
+        return tables
+    sidecar = sidecar[: val_tokens.numel()].to(val_tokens.device)  # VAL_MAX_TOKENS cuts both alike
+    if bool((sidecar[val_tokens == BOS_ID] != 0).any()):
+        raise DataError(f"the byte sidecars in DATA_PATH={data_path} charge bytes to a BOS token, so they do not describe these shards; rebuild the data with `python3 data/build_shards.py ... --caseops`")
+    return ByteTables(tables.base_bytes, tables.has_leading_space, tables.is_boundary, val_tokens, sidecar)
+
+
 def load_tokenizer_tables(tokenizer_path: str, vocab_size: int) -> ByteTables:
     import sentencepiece as spm
 
@@ -662,6 +723,19 @@ def target_bytes(prev: Tensor, tgt: Tensor, tables: ByteTables) -> Tensor:
     """Bytes charged for predicting `tgt` after `prev`: base bytes plus a space unless prev is a boundary."""
     extra = tables.has_leading_space[tgt] & ~tables.is_boundary[prev]
     return tables.base_bytes[tgt].to(torch.int32) + extra.to(torch.int32)
+
+
+def stream_target_bytes(tokens: Tensor, tables: ByteTables) -> Tensor:
+    """Bytes of the target positions 1 .. N-1 of `tokens`: where every score ledger gets its bytes.
+
+    When `tokens` is the validation stream of the byte sidecar (or its start, as the audit's probe),
+    target position p is charged sidecar[p]; any other stream (compile warm-up, the audit's perturbed
+    copy) and every run without a sidecar get the official count."""
+    n = tokens.numel()
+    sidecar = tables.sidecar_tokens
+    if sidecar is not None and n <= sidecar.numel() and torch.equal(tokens, sidecar[:n]):
+        return tables.sidecar_bytes[1:n]
+    return target_bytes(tokens[:-1], tokens[1:], tables)
 
 
 def bits_per_byte(nll_sum_nats: float, byte_count: float) -> float:
@@ -2282,7 +2356,7 @@ class ScoreLedger:
         self._targets = tokens[1:]
         self._nll = torch.zeros(self.num_targets, dtype=torch.float64, device=device)
         self._count = torch.zeros(self.num_targets, dtype=torch.int32, device=device)
-        self._bytes = target_bytes(tokens[:-1], tokens[1:], tables.to(device))
+        self._bytes = stream_target_bytes(tokens, tables.to(device))
         self._late = torch.zeros(self.num_targets, dtype=torch.bool, device=device)  # scored after the TTT deadline
         self.updates = 0  # optimizer steps, each checked by require_scored
         self.audit, self.watch = audit, set(watch)
@@ -3121,7 +3195,10 @@ def run(args: Hyperparameters, rt: Runtime, run_id: str, log: Logger) -> bool:
     np.random.seed(args.seed)
     tables = load_tokenizer_tables(args.tokenizer_path, args.vocab_size)
     val_tokens = load_validation_tokens(args.data_path, args.vocab_size, args.val_max_tokens).to(rt.device)
+    tables = attach_byte_sidecar(tables, val_tokens, args.data_path, args.tokenizer_path)
     log(f"val_tokens:{val_tokens.numel()} targets:{val_tokens.numel() - 1}")
+    byte_source = "sidecar (fineweb_val_bytes_*.bin, original UTF-8 bytes)" if tables.sidecar_bytes is not None else "official (tokenizer tables)"
+    log(f"bpb_bytes:{int(stream_target_bytes(val_tokens, tables).sum())} source:{byte_source}")
     scheme = quantization_scheme(args)
     pre_quant, train_result, size = None, None, None
     if args.eval_only:

@@ -9,18 +9,27 @@ train_gpt.py only needs DATA_PATH and TOKENIZER_PATH pointed at it:
     <out>/datasets/fineweb10B_sp{V}/fineweb_val_000000.bin, fineweb_train_000000.bin, ...
 
 Each document is written as [BOS=1] + token ids with no EOS, documents concatenated, 10**8 tokens
-per shard, exactly as the official export. Examples:
+per shard, exactly as the official export.
+
+--caseops lowercases the text and spells capitals as operator pieces (data/caseops.py) before the
+tokenizer sees it; the names get a _caseops suffix (fineweb_{V}_bpe_caseops.model,
+fineweb10B_sp{V}_caseops/), and beside each validation shard goes a byte sidecar in the same format,
+fineweb_val_bytes_000000.bin: per token, the UTF-8 bytes of the original text it stands for (0 for
+BOS and operators), which train_gpt.py divides by. Examples:
 
     python3 data/build_shards.py corpus.jsonl.xz --train-tokenizer --vocab-size 1024 \\
         --val-docs 1000 --output-dir /tmp/mydata
     python3 data/build_shards.py 'books/*.txt' --tokenizer data/tokenizers/fineweb_1024_bpe.model \\
         --val-file heldout.jsonl --output-dir /tmp/mydata
+    python3 data/build_shards.py data/docs_selected.jsonl --caseops --train-tokenizer --vocab-size 8192 \\
+        --byte-fallback --val-docs 50000 --output-dir data   # the official documents, CaseOps
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import functools
 import glob
 import gzip
 import itertools
@@ -38,6 +47,8 @@ import numpy as np
 import sentencepiece as spm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import caseops  # noqa: E402
 import train_gpt  # noqa: E402  (the shard format and BOS id live there, in one place)
 
 DEFAULT_SHARD_TOKENS = 10**8
@@ -134,11 +145,16 @@ def check_vocab_size(vocab_size: int):
         raise BuildError(f"--vocab-size must be in [5, {MAX_TOKEN_ID + 1}] so token ids fit in uint16, got {vocab_size}")
 
 
-def train_tokenizer(documents: Iterable[str], vocab_size: int, model_path: Path, *, byte_fallback: bool = False, threads: int = 1) -> Path:
-    """Train a SentencePiece BPE model with the official spec; writes model_path and its .vocab."""
+def train_tokenizer(documents: Iterable[str], vocab_size: int, model_path: Path, *, byte_fallback: bool = False, threads: int = 1,
+                    caseops_operators: bool = False) -> Path:
+    """Train a SentencePiece BPE model with the official spec; writes model_path and its .vocab.
+
+    caseops_operators: the documents are CaseOps text; each operator becomes a reserved piece (ids 4-7),
+    never merged with its neighbours."""
     check_vocab_size(vocab_size)
     model_path.parent.mkdir(parents=True, exist_ok=True)
     spm.SentencePieceTrainer.train(
+        user_defined_symbols=list(caseops.OPERATORS) if caseops_operators else [],
         sentence_iterator=training_lines(documents),
         model_prefix=str(model_path.with_suffix("")),
         model_type="bpe",
@@ -185,28 +201,84 @@ def load_tokenizer(model_path: Path) -> spm.SentencePieceProcessor:
     return sp
 
 
+def check_caseops_match(model_path: Path, caseops_text: bool):
+    """A CaseOps tokenizer only for CaseOps text, and the other way round."""
+    has_operators = train_gpt.is_caseops_tokenizer(str(model_path))
+    if caseops_text and not has_operators:
+        raise BuildError(f"{model_path} has no CaseOps operator pieces; --caseops needs a tokenizer trained with --caseops (use --train-tokenizer)")
+    if has_operators and not caseops_text:
+        raise BuildError(f"{model_path} is a CaseOps tokenizer; add --caseops so that the text is transformed as it expects")
+
+
+# ----------------------------------------------------------------------------- byte sidecar
+
+
+def token_source_bytes(sp: spm.SentencePieceProcessor, encoded: str, ids: list[int], pieces: list[str]) -> np.ndarray:
+    """Byte sidecar entries of one CaseOps document: per token, the UTF-8 bytes of the original text it stands for.
+
+    The pieces tile SentencePiece's normalized text, and sp.normalize(with_offsets=True) maps each
+    normalized character back to the character of `encoded` it came from. Token k is charged the
+    original bytes (caseops.source_bytes) of encoded[start_k : start_(k+1)], the first token from the
+    document's start and the last one to its end; so whitespace that normalization collapses or drops is
+    charged to the token before it (leading whitespace to the first), and a character split into
+    byte-fallback pieces to the piece that completes it. An operator stands for no text: what would fall
+    to it goes to the next token, the one it applies to. The entries sum to the original document's UTF-8
+    length; a document with no tokens at all (empty, or only whitespace) has nothing to charge."""
+    if not ids:
+        return np.zeros(0, dtype=np.int64)
+    normalized, offsets = sp.normalize(encoded, with_offsets=True)
+    piece_bytes = np.array([1 if sp.is_byte(i) else len(p.encode("utf-8")) for i, p in zip(ids, pieces)])
+    char_starts = np.concatenate([[0], np.cumsum(caseops.utf8_lengths(normalized))])  # byte offsets in normalized
+    if piece_bytes.sum() != char_starts[-1]:
+        raise BuildError(f"the tokenizer's pieces do not tile its normalized text ({piece_bytes.sum()} vs {char_starts[-1]} bytes); cannot attribute bytes to tokens")
+    piece_starts = np.cumsum(piece_bytes) - piece_bytes
+    first_char = np.searchsorted(char_starts, piece_starts, side="right") - 1  # a mid-character start belongs to that character
+    starts = np.asarray(offsets)[first_char]  # where each piece starts in `encoded`
+    # normalization may reorder combining marks: keep the bounds monotone, the sum stays exact
+    bounds = np.maximum.accumulate(np.concatenate([[0], starts[1:], [len(encoded)]]))
+    weights = caseops.source_bytes(encoded)
+    counts = np.diff(np.concatenate([[0], np.cumsum(weights)])[bounds])
+    is_operator = np.array([p in caseops.OPERATORS for p in pieces]) & (weights[starts] == 0)  # not an escaped character
+    for k in np.flatnonzero(is_operator)[::-1]:  # encode puts what an operator applies to right after it
+        counts[k + 1] += counts[k]
+        counts[k] = 0
+    return counts
+
+
 # ----------------------------------------------------------------------------- tokenizing in parallel
 
 _worker_sp: spm.SentencePieceProcessor | None = None
+_worker_caseops = False
 
 
-def _init_worker(model_path: str):
-    global _worker_sp
+def _init_worker(model_path: str, caseops_text: bool):
+    global _worker_sp, _worker_caseops
     _worker_sp = spm.SentencePieceProcessor(model_file=model_path)
+    _worker_caseops = caseops_text
 
 
-def _init_pool_worker(model_path: str):
+def _init_pool_worker(model_path: str, caseops_text: bool):
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is handled once, by the parent
-    _init_worker(model_path)
+    _init_worker(model_path, caseops_text)
 
 
-def encode_batch(texts: list[str]) -> tuple[int, int, np.ndarray]:
-    """(documents, UTF-8 bytes, tokens): each document as [BOS] + ids, concatenated."""
-    encoded = _worker_sp.encode(texts, num_threads=1)  # parallelism comes from the processes
+def encode_batch(texts: list[str], with_sidecar: bool = False) -> tuple[int, int, np.ndarray, np.ndarray | None]:
+    """(documents, UTF-8 bytes of the original texts, tokens, byte sidecar or None): each document as
+    [BOS] + ids, concatenated; the sidecar has one entry per token, 0 for each BOS."""
+    inputs = [caseops.encode(t) for t in texts] if _worker_caseops else texts
+    encoded = _worker_sp.encode(inputs, num_threads=1)  # parallelism comes from the processes
     total = len(encoded) + sum(map(len, encoded))
     flat = itertools.chain.from_iterable(itertools.chain((train_gpt.BOS_ID,), ids) for ids in encoded)
     tokens = np.fromiter(flat, dtype=np.uint16, count=total)
-    return len(texts), sum(len(t.encode("utf-8")) for t in texts), tokens
+    sidecar = None
+    if with_sidecar:
+        pieces = _worker_sp.encode(inputs, out_type=str, num_threads=1)
+        per_doc = [np.append(0, token_source_bytes(_worker_sp, e, ids, p)) for e, ids, p in zip(inputs, encoded, pieces)]
+        sidecar = np.concatenate(per_doc)
+        if sidecar.max() > MAX_TOKEN_ID:
+            raise BuildError(f"a token stands for {sidecar.max()} bytes of text (a run of whitespace or control characters the tokenizer drops), "
+                             "more than a uint16 sidecar entry holds; shorten that run in the input")
+    return len(texts), sum(len(t.encode("utf-8")) for t in texts), tokens, sidecar
 
 
 def batched(items: Iterable[str], size: int) -> Iterator[list[str]]:
@@ -229,45 +301,51 @@ def ordered_parallel_map(pool, func, items: Iterable, max_pending: int) -> Itera
 
 
 class ParallelEncoder:
-    """Encodes document batches on `workers` processes (in this process when workers == 1)."""
+    """Encodes document batches on `workers` processes (in this process when workers == 1); with
+    caseops_text, each document goes through caseops.encode first."""
 
-    def __init__(self, model_path: Path, workers: int):
-        self.model_path, self.workers, self.pool = str(model_path), workers, None
+    def __init__(self, model_path: Path, workers: int, caseops_text: bool = False):
+        self.model_path, self.workers, self.caseops_text, self.pool = str(model_path), workers, caseops_text, None
 
     def __enter__(self):
         if self.workers > 1:
-            self.pool = multiprocessing.Pool(self.workers, _init_pool_worker, (self.model_path,))
+            self.pool = multiprocessing.Pool(self.workers, _init_pool_worker, (self.model_path, self.caseops_text))
         else:
-            _init_worker(self.model_path)
+            _init_worker(self.model_path, self.caseops_text)
         return self
 
     def __exit__(self, *exc):
         if self.pool is not None:
             self.pool.terminate()
 
-    def encode(self, documents: Iterable[str]) -> Iterator[tuple[int, int, np.ndarray]]:
+    def encode(self, documents: Iterable[str], with_sidecar: bool = False) -> Iterator[tuple[int, int, np.ndarray, np.ndarray | None]]:
         batches = batched(documents, DOCS_PER_BATCH)
+        encode = functools.partial(encode_batch, with_sidecar=with_sidecar)
         if self.pool is None:
-            return map(encode_batch, batches)
-        return ordered_parallel_map(self.pool, encode_batch, batches, max_pending=2 * self.workers)
+            return map(encode, batches)
+        return ordered_parallel_map(self.pool, encode, batches, max_pending=2 * self.workers)
 
 
 # ----------------------------------------------------------------------------- writing shards
 
 
 class ShardWriter:
-    """Cuts the token stream of one split into shards of exactly `shard_tokens` (the last may be shorter)."""
+    """Cuts the token stream of one split into shards of exactly `shard_tokens` (the last may be shorter),
+    and, with_sidecar, the byte sidecar stream at the same points into fineweb_{split}_bytes_*.bin."""
 
-    def __init__(self, directory: Path, split: str, shard_tokens: int):
+    def __init__(self, directory: Path, split: str, shard_tokens: int, with_sidecar: bool = False):
         self.directory, self.split, self.shard_tokens = directory, split, shard_tokens
         self.parts, self.buffered, self.shards_written = [], 0, 0
+        self.sidecar_parts = [] if with_sidecar else None
         directory.mkdir(parents=True, exist_ok=True)
-        # Stale shards from an earlier, larger build would otherwise be read as part of this one.
+        # Stale shards (and sidecars) from an earlier, larger build would otherwise be read as part of this one.
         for stale in directory.glob(f"fineweb_{split}_*.bin"):
             stale.unlink()
 
-    def add(self, tokens: np.ndarray):
+    def add(self, tokens: np.ndarray, sidecar: np.ndarray | None = None):
         self.parts.append(tokens)
+        if self.sidecar_parts is not None:
+            self.sidecar_parts.append(sidecar)
         self.buffered += tokens.size
         while self.buffered >= self.shard_tokens:
             self._write(self.shard_tokens)
@@ -281,6 +359,10 @@ class ShardWriter:
         path = self.directory / f"fineweb_{self.split}_{self.shards_written:06d}.bin"
         train_gpt.write_data_shard(path, stream[:count])
         self.parts, self.buffered = [stream[count:]], stream.size - count
+        if self.sidecar_parts is not None:
+            sidecar = np.concatenate(self.sidecar_parts)
+            train_gpt.write_data_shard(train_gpt.byte_sidecar_path(str(path)), sidecar[:count])
+            self.sidecar_parts = [sidecar[count:]]
         self.shards_written += 1
 
 
@@ -304,12 +386,13 @@ class Progress:
         print(("\r" if self.tty else "") + line, end=end, file=sys.stderr, flush=True)
 
 
-def write_split(encoder: ParallelEncoder, documents: Iterable[str], directory: Path, split: str, shard_tokens: int) -> dict:
-    """Tokenize `documents` into fineweb_{split}_*.bin; returns counts for the summary."""
-    writer, progress = ShardWriter(directory, split, shard_tokens), Progress(split)
+def write_split(encoder: ParallelEncoder, documents: Iterable[str], directory: Path, split: str, shard_tokens: int,
+                with_sidecar: bool = False) -> dict:
+    """Tokenize `documents` into fineweb_{split}_*.bin (and their byte sidecars); returns counts for the summary."""
+    writer, progress = ShardWriter(directory, split, shard_tokens, with_sidecar), Progress(split)
     docs = text_bytes = tokens = 0
-    for n_docs, n_bytes, batch_tokens in encoder.encode(documents):
-        writer.add(batch_tokens)
+    for n_docs, n_bytes, batch_tokens, batch_sidecar in encoder.encode(documents, with_sidecar):
+        writer.add(batch_tokens, batch_sidecar)
         docs, text_bytes, tokens = docs + n_docs, text_bytes + n_bytes, tokens + batch_tokens.size
         progress.update(docs, tokens)
     writer.close()
@@ -318,16 +401,17 @@ def write_split(encoder: ParallelEncoder, documents: Iterable[str], directory: P
 
 
 def write_dataset(val_docs: Iterable[str], train_docs: Iterable[str], model_path: Path, dataset_dir: Path, *,
-                  shard_tokens: int = DEFAULT_SHARD_TOKENS, workers: int = 1) -> dict:
+                  shard_tokens: int = DEFAULT_SHARD_TOKENS, workers: int = 1, caseops_text: bool = False) -> dict:
     """Write the validation split, then the training split, with the tokenizer at model_path, and record
     that tokenizer's fingerprint beside them (train_gpt.py refuses another). On any failure the shards
-    written are removed: a validation split without its training split must not look like a dataset."""
+    written are removed: a validation split without its training split must not look like a dataset.
+    CaseOps text gets byte sidecars for the validation split only: train_gpt.py counts bytes only to evaluate."""
     try:
         dataset_dir.mkdir(parents=True, exist_ok=True)
         fingerprint = {"tokenizer": model_path.name, "tokenizer_sha256": train_gpt.file_sha256(model_path)}
         (dataset_dir / train_gpt.TOKENIZER_FINGERPRINT).write_text(json.dumps(fingerprint) + "\n")
-        with ParallelEncoder(model_path, workers) as encoder:
-            val = write_split(encoder, val_docs, dataset_dir, "val", shard_tokens)
+        with ParallelEncoder(model_path, workers, caseops_text) as encoder:
+            val = write_split(encoder, val_docs, dataset_dir, "val", shard_tokens, with_sidecar=caseops_text)
             train = write_split(encoder, train_docs, dataset_dir, "train", shard_tokens)
         for split, stats in (("validation", val), ("training", train)):
             if stats["docs"] == 0:
@@ -361,6 +445,8 @@ def build_parser() -> argparse.ArgumentParser:
     tok.add_argument("--train-tokenizer", action="store_true", help="train a BPE tokenizer (official spec) on the training documents first")
     p.add_argument("--vocab-size", type=int, help="vocabulary of the trained tokenizer (with --train-tokenizer)")
     p.add_argument("--byte-fallback", action="store_true", help="trained tokenizer: byte pieces instead of <unk> (the official sp1024 has none)")
+    p.add_argument("--caseops", action="store_true", help="lowercase the text, capitals as operator pieces (data/caseops.py); "
+                   "writes a byte sidecar beside each validation shard")
     p.add_argument("--output-dir", type=Path, required=True, help="root of the tokenizers/ and datasets/ folders")
     val = p.add_mutually_exclusive_group(required=True)
     val.add_argument("--val-docs", type=int, help="the first N documents of the inputs are the validation set")
@@ -405,21 +491,27 @@ def run(args) -> dict:
     val_stream, train_stream = corpus_streams(args, separator)
     require_documents(val_stream, "validation")
     require_documents(train_stream, "training")
+    suffix = "_caseops" if args.caseops else ""
     if args.train_tokenizer:
-        model_path = args.output_dir / "tokenizers" / f"fineweb_{args.vocab_size}_bpe.model"
+        model_path = args.output_dir / "tokenizers" / f"fineweb_{args.vocab_size}_bpe{suffix}.model"
         print(f"training a {args.vocab_size}-piece BPE tokenizer -> {model_path}", file=sys.stderr, flush=True)
         start = time.time()
         docs = itertools.islice(train_stream(), args.tokenizer_train_docs)
-        train_tokenizer(docs, args.vocab_size, model_path, byte_fallback=args.byte_fallback, threads=args.workers)
+        if args.caseops:
+            docs = map(caseops.encode, docs)
+        train_tokenizer(docs, args.vocab_size, model_path, byte_fallback=args.byte_fallback, threads=args.workers, caseops_operators=args.caseops)
         print(f"tokenizer trained in {time.time() - start:.1f}s", file=sys.stderr, flush=True)
     else:
         model_path = args.tokenizer
-    vocab_size = load_tokenizer(model_path).vocab_size()
+    sp = load_tokenizer(model_path)
+    check_caseops_match(model_path, args.caseops)
+    vocab_size = sp.vocab_size()
     if args.train_tokenizer and vocab_size != args.vocab_size:
         print(f"note: the corpus gave {vocab_size} pieces, not {args.vocab_size}; use VOCAB_SIZE={vocab_size}", file=sys.stderr)
-    dataset_dir = args.output_dir / "datasets" / f"fineweb10B_sp{vocab_size}"
-    stats = write_dataset(val_stream(), train_stream(), model_path, dataset_dir, shard_tokens=args.shard_tokens, workers=args.workers)
-    return {**stats, "vocab_size": vocab_size, "tokenizer": str(model_path), "dataset_dir": str(dataset_dir)}
+    dataset_dir = args.output_dir / "datasets" / f"fineweb10B_sp{vocab_size}{suffix}"
+    stats = write_dataset(val_stream(), train_stream(), model_path, dataset_dir, shard_tokens=args.shard_tokens, workers=args.workers,
+                          caseops_text=args.caseops)
+    return {**stats, "vocab_size": vocab_size, "tokenizer": str(model_path), "dataset_dir": str(dataset_dir), "caseops": args.caseops}
 
 
 def format_summary(result: dict) -> str:
@@ -428,7 +520,9 @@ def format_summary(result: dict) -> str:
         s = result[split]
         lines.append(f"{split:>5}: {s['docs']:,} docs, {s['tokens']:,} tokens, {s['shards']} shard(s), "
                      f"{s['bytes'] / s['tokens']:.3f} bytes/token")
-    lines.append("(bytes/token: UTF-8 bytes of the text per shard token, BOS tokens included)")
+    lines.append("(bytes/token: UTF-8 bytes of the original text per shard token, BOS tokens included)")
+    if result.get("caseops"):
+        lines.append("CaseOps: fineweb_val_bytes_*.bin beside the validation shards hold each token's original bytes; train_gpt.py divides by them")
     lines.append(f"DATA_PATH={result['dataset_dir']} TOKENIZER_PATH={result['tokenizer']} VOCAB_SIZE={result['vocab_size']}")
     return "\n".join(lines)
 
