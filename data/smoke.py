@@ -5,6 +5,7 @@
     python3 data/smoke.py --prepare-only   # only build data/smoke/
     python3 data/smoke.py --steps 50       # shorter training
     python3 data/smoke.py --rebuild        # rebuild the data even if it exists
+    python3 data/smoke.py --caseops        # the same with CaseOps text and byte sidecars, in data/smoke_caseops/
 
 Needs no download: the corpus is the English documentation shipped with the interpreter (the
 pydoc topics, one document per topic) plus the docstrings of the standard-library modules (one
@@ -30,6 +31,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import build_shards  # noqa: E402
+import caseops  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE_DIR = REPO / "data" / "smoke"
@@ -37,6 +39,11 @@ VOCAB_SIZE = 1024
 TOKENIZER_PATH = SMOKE_DIR / "tokenizers" / f"fineweb_{VOCAB_SIZE}_bpe.model"
 DATASET_DIR = SMOKE_DIR / "datasets" / f"fineweb10B_sp{VOCAB_SIZE}"
 BUILD_INFO = SMOKE_DIR / "build_info.json"  # written last: its presence means the data is complete
+# --caseops: the same corpus as CaseOps text, in a folder of its own so both builds can coexist
+CASEOPS_DIR = REPO / "data" / "smoke_caseops"
+CASEOPS_TOKENIZER_PATH = CASEOPS_DIR / "tokenizers" / f"fineweb_{VOCAB_SIZE}_bpe_caseops.model"
+CASEOPS_DATASET_DIR = CASEOPS_DIR / "datasets" / f"fineweb10B_sp{VOCAB_SIZE}_caseops"
+CASEOPS_BUILD_INFO = CASEOPS_DIR / "build_info.json"
 VAL_TEXT_BYTES = 90_000  # about 30k validation tokens at ~3 bytes/token
 
 # A tiny model that trains in a few minutes on 2 CPU cores. Paths are relative to the repo root.
@@ -79,6 +86,12 @@ SMOKE_ENV = {
     "GPTQ_CALIB_SEQS": "8",
     "EMA_DECAY": "0.95",  # a 150-step run: the record decay (0.997) would export mostly the initial weights
     "QUANT_FLOAT_MAX_NUMEL": "1024",  # quantize the tiny matrices too, as the full-size ones are
+}
+
+CASEOPS_ENV = {
+    "DATA_PATH": f"./data/smoke_caseops/datasets/fineweb10B_sp{VOCAB_SIZE}_caseops",
+    "TOKENIZER_PATH": f"./data/smoke_caseops/tokenizers/fineweb_{VOCAB_SIZE}_bpe_caseops.model",
+    "RUN_ID": "smoke_caseops",
 }
 
 # Modules whose import has visible side effects (a browser, a terminal escape) or needs a display.
@@ -140,35 +153,45 @@ def smoke_corpus() -> tuple[list[str], list[str]]:
 # ----------------------------------------------------------------------------- steps
 
 
-def prepare_data() -> dict:
+def data_paths(caseops_text: bool) -> tuple[Path, Path, Path]:
+    """(tokenizer, dataset folder, build info) of the plain or the CaseOps smoke data."""
+    if caseops_text:
+        return CASEOPS_TOKENIZER_PATH, CASEOPS_DATASET_DIR, CASEOPS_BUILD_INFO
+    return TOKENIZER_PATH, DATASET_DIR, BUILD_INFO
+
+
+def prepare_data(caseops_text: bool = False) -> dict:
+    tokenizer_path, dataset_dir, build_info = data_paths(caseops_text)
     val_docs, train_docs = smoke_corpus()
     workers = build_shards.default_workers()
     print(f"smoke: training a {VOCAB_SIZE}-piece tokenizer on {len(train_docs)} documents", file=sys.stderr, flush=True)
-    build_shards.train_tokenizer(train_docs, VOCAB_SIZE, TOKENIZER_PATH, threads=workers)
-    vocab = build_shards.load_tokenizer(TOKENIZER_PATH).vocab_size()
+    tokenizer_docs = map(caseops.encode, train_docs) if caseops_text else train_docs
+    build_shards.train_tokenizer(tokenizer_docs, VOCAB_SIZE, tokenizer_path, threads=workers, caseops_operators=caseops_text)
+    vocab = build_shards.load_tokenizer(tokenizer_path).vocab_size()
     if vocab != VOCAB_SIZE:  # VOCAB_SIZE in SMOKE_ENV must match the tokenizer
         raise build_shards.BuildError(f"the smoke corpus gave a vocabulary of {vocab}, not {VOCAB_SIZE}")
-    stats = build_shards.write_dataset(val_docs, train_docs, TOKENIZER_PATH, DATASET_DIR, workers=workers)
-    BUILD_INFO.write_text(json.dumps(stats, indent=2) + "\n")
+    stats = build_shards.write_dataset(val_docs, train_docs, tokenizer_path, dataset_dir, workers=workers, caseops_text=caseops_text)
+    build_info.write_text(json.dumps(stats, indent=2) + "\n")
     return stats
 
 
-def training_env(steps: int | None) -> dict[str, str]:
-    """SMOKE_ENV, overridden by the caller's environment, overridden by --steps."""
-    overridden = sorted(k for k in SMOKE_ENV if k in os.environ and os.environ[k] != SMOKE_ENV[k])
+def training_env(steps: int | None, caseops_text: bool = False) -> dict[str, str]:
+    """SMOKE_ENV (with the CaseOps data paths), overridden by the caller's environment, overridden by --steps."""
+    defaults = {**SMOKE_ENV, **CASEOPS_ENV} if caseops_text else SMOKE_ENV
+    overridden = sorted(k for k in defaults if k in os.environ and os.environ[k] != defaults[k])
     if overridden:
         print(f"smoke: from your environment: {', '.join(f'{k}={os.environ[k]}' for k in overridden)}", file=sys.stderr)
-    env = {**SMOKE_ENV, **os.environ}
+    env = {**defaults, **os.environ}
     if steps is not None:
         env["ITERATIONS"] = str(steps)
     return env
 
 
-def train(steps: int | None) -> int:
+def train(steps: int | None, caseops_text: bool = False) -> int:
     command = [sys.executable, "train_gpt.py"]
     print(f"smoke: running {' '.join(command)} in {REPO}", file=sys.stderr, flush=True)
     try:
-        return subprocess.run(command, cwd=REPO, env=training_env(steps)).returncode
+        return subprocess.run(command, cwd=REPO, env=training_env(steps, caseops_text)).returncode
     except KeyboardInterrupt:  # the child got the Ctrl-C too
         return 130
 
@@ -178,25 +201,28 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prepare-only", action="store_true", help="build the data, do not train")
     p.add_argument("--rebuild", action="store_true", help="rebuild the data even if data/smoke/ is complete")
     p.add_argument("--steps", type=int, help="training steps (ITERATIONS; default from SMOKE_ENV)")
+    p.add_argument("--caseops", action="store_true", help="CaseOps text with byte sidecars, in data/smoke_caseops/")
     args = p.parse_args(argv)
     if args.steps is not None and args.steps < 1:
         p.error("--steps must be at least 1")
 
-    if args.rebuild or not BUILD_INFO.is_file():
-        BUILD_INFO.unlink(missing_ok=True)
+    _, _, build_info = data_paths(args.caseops)
+    if args.rebuild or not build_info.is_file():
+        build_info.unlink(missing_ok=True)
         try:
-            stats = prepare_data()
+            stats = prepare_data(args.caseops)
         except build_shards.BuildError as e:
             print(f"smoke: error: {e}", file=sys.stderr)
             return 1
     else:
-        stats = json.loads(BUILD_INFO.read_text())
-        print(f"smoke: using the existing data in {SMOKE_DIR.relative_to(REPO)} (--rebuild to redo it)", file=sys.stderr)
-    print(build_shards.format_summary({**stats, "vocab_size": VOCAB_SIZE,
-                                       "tokenizer": SMOKE_ENV["TOKENIZER_PATH"], "dataset_dir": SMOKE_ENV["DATA_PATH"]}))
+        stats = json.loads(build_info.read_text())
+        print(f"smoke: using the existing data in {build_info.parent} (--rebuild to redo it)", file=sys.stderr)
+    env = {**SMOKE_ENV, **CASEOPS_ENV} if args.caseops else SMOKE_ENV
+    print(build_shards.format_summary({**stats, "vocab_size": VOCAB_SIZE, "caseops": args.caseops,
+                                       "tokenizer": env["TOKENIZER_PATH"], "dataset_dir": env["DATA_PATH"]}))
     if args.prepare_only:
         return 0
-    return train(args.steps)
+    return train(args.steps, args.caseops)
 
 
 if __name__ == "__main__":

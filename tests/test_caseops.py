@@ -423,3 +423,23 @@ def test_the_run_refuses_before_training(caseops_build, tmp_path):
         T.run(args, T.Runtime(), "refused", log)
     assert any(line.startswith("attention_backend") for line in log.lines)
     assert not any(line.startswith("model_params") for line in log.lines)
+
+
+# ----------------------------------------------------------------------------- smoke --caseops
+
+
+def test_smoke_caseops_builds_its_own_folder_with_sidecars(tmp_path, monkeypatch):
+    root = tmp_path / "smoke_caseops"
+    monkeypatch.setattr(smoke, "CASEOPS_TOKENIZER_PATH", root / "tokenizers" / "fineweb_1024_bpe_caseops.model")
+    monkeypatch.setattr(smoke, "CASEOPS_DATASET_DIR", root / "datasets" / "fineweb10B_sp1024_caseops")
+    monkeypatch.setattr(smoke, "CASEOPS_BUILD_INFO", root / "build_info.json")
+    monkeypatch.setattr(smoke, "BUILD_INFO", tmp_path / "plain" / "build_info.json")  # must stay untouched
+    assert smoke.main(["--caseops", "--prepare-only"]) == 0
+    assert not smoke.BUILD_INFO.exists()
+    tokens = T.load_data_shard(smoke.CASEOPS_DATASET_DIR / "fineweb_val_000000.bin")
+    sidecar = T.load_data_shard(smoke.CASEOPS_DATASET_DIR / "fineweb_val_bytes_000000.bin")
+    val_docs, _ = smoke.smoke_corpus()
+    assert [int(sidecar[s].sum()) for s in document_slices(tokens)] == [utf8(d) for d in val_docs]
+    env = smoke.training_env(steps=None, caseops_text=True)
+    assert env["DATA_PATH"].endswith("fineweb10B_sp1024_caseops") and env["TOKENIZER_PATH"].endswith("_caseops.model")
+    assert set(smoke.CASEOPS_ENV) <= {s.name for s in T.SETTINGS}
