@@ -1151,3 +1151,21 @@ def test_ttt_deadline_counts_eight_gpu_seconds():
     assert T.ttt_deadline(100.0, 500.0, 1) == 100.0 + 4000.0  # one GPU does eight GPUs' work
     assert T.ttt_deadline(100.0, 0.0, 8) is None
     assert T.Hyperparameters({}).ttt_deadline_seconds == 500.0
+
+
+def test_lora_alpha_scales_every_delta_and_eps_reaches_the_optimizer(model):
+    """TTT_LORA_ALPHA: deltas are alpha / rank times x A B (the head's with its own rank); TTT_EPS is the adapters' Adam epsilon."""
+    x = torch.randn(2, 8, 32, generator=torch.Generator().manual_seed(3))
+    deltas = {}
+    for alpha in (2.0, 6.0):
+        ttt = T.ScoreFirstTTT(model.cfg, tiny_args(TTT_LORA_ALPHA=alpha, TTT_LORA_RANK=2, TTT_HEAD_RANK=4, TTT_BATCH_SIZE=2, TTT_EPS=1e-6), T.Runtime())
+        with torch.no_grad():
+            for m in ttt.adapters.loras():
+                m.A.copy_(torch.ones_like(m.A))
+                m.B.copy_(torch.ones_like(m.B))
+        deltas[alpha] = (ttt.adapters.delta(0, "q", x), ttt.adapters.head_delta(x))
+        assert ttt.optimizer.eps == 1e-6
+    plain_q = torch.bmm(torch.bmm(x, torch.ones(2, 32, 2)), torch.ones(2, 2, 32))
+    torch.testing.assert_close(deltas[2.0][0], plain_q * 2.0 / 2)
+    torch.testing.assert_close(deltas[6.0][0], plain_q * 6.0 / 2)
+    torch.testing.assert_close(deltas[6.0][1], deltas[2.0][1] * 3.0)  # the head: alpha / its own rank
