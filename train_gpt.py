@@ -13,6 +13,7 @@ import difflib
 import glob
 import hashlib
 import importlib.util
+import inspect
 import io
 import json
 import lzma
@@ -33,6 +34,7 @@ import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -56,6 +58,9 @@ class Setting:
     rule: str = ""  # what `check` demands, for the error message
 
 
+ATTENTION_BACKENDS = ("fa3", "varlen", "fa2", "sdpa")  # ATTN_BACKEND=auto takes the first that runs here
+
+
 def _positive(v):
     return v > 0
 
@@ -66,6 +71,14 @@ def _non_negative(v):
 
 def _fraction(v):
     return 0.0 <= v <= 1.0
+
+
+def _seconds(v: str) -> float | None:
+    try:
+        seconds = float(v)
+    except ValueError:
+        return None
+    return seconds if 0 <= seconds < math.inf else None
 
 
 def _items(v: str) -> set[str]:
@@ -126,7 +139,7 @@ SETTINGS = (
     Setting("BIGRAM_DIM", 128, "width of the BigramHash table before its projection", _positive, "> 0"),
     Setting("UNET_SKIPS", True, "skip connections from the first half of the (virtual) layers to the second"),
     Setting("SKIP_GATES", True, "U-Net skips enter through a learned sigmoid gate (lerp) instead of a plain sum"),
-    Setting("ATTN_BACKEND", "auto", "auto = FlashAttention-3, else FlashAttention-2, else SDPA", ("auto", "fa3", "fa2", "sdpa")),
+    Setting("ATTN_BACKEND", "auto", "auto = FlashAttention-3 (Hopper), else torch's varlen FlashAttention (torch >= 2.10), else FlashAttention-2, else SDPA", ("auto", *ATTENTION_BACKENDS)),
     Setting("COMPILE", True, "torch.compile the model for training and evaluation on CUDA (never on CPU)"),
     # optimizer
     Setting("EMBED_LR", 0.6, "Adam LR of the untied input embedding", _non_negative, ">= 0"),
@@ -176,8 +189,8 @@ SETTINGS = (
     Setting("GPTQ_ENABLED", True, "full-Hessian GPTQ (else round-to-nearest)"),
     Setting("GPTQ_EMBED", True, "GPTQ the tied embedding too, with the Hessian of the LM head's input (else round-to-nearest)"),
     Setting("GPTQ_CALIBRATION", "train", "train = batches read inside the training budget, self = model-generated text", ("train", "self")),
-    Setting("GPTQ_RESERVE_SECONDS", 10.0, "training stops this much early to read calibration batches inside the cap", _non_negative, ">= 0"),
-    Setting("GPTQ_CALIB_SEQS", 64, "calibration sequences, all ranks together", _positive, "> 0"),
+    Setting("GPTQ_RESERVE_SECONDS", "auto", "training stops this much early so that calibration fits inside the cap; auto = 1.25 x the calibration time measured before training + 1 s", lambda v: v == "auto" or _seconds(v) is not None, "auto or seconds >= 0"),
+    Setting("GPTQ_CALIB_SEQS", 768, "calibration sequences of TRAIN_SEQ_LEN, all ranks together (the record's 16 x 48)", _positive, "> 0"),
     Setting("GPTQ_CALIB_TEMPERATURE", 0.8, "sampling temperature of self-generated calibration text", _positive, "> 0"),
     Setting("GPTQ_BLOCK_SIZE", 128, "GPTQ column block size", _positive, "> 0"),
     Setting("GPTQ_DAMP", 0.01, "GPTQ damping as a fraction of mean diag(H)", _positive, "> 0"),
@@ -215,7 +228,8 @@ SETTINGS = (
     Setting("TTT_LR_HORIZON", 0, "cosine decay of the adapter LR over the first N chunks of a document, then 0 (0 = constant); never the document's length", _non_negative, ">= 0"),
     Setting("TTT_MAX_ADAPT_TOKENS", 0, "a document's adapters stop training once this many of its tokens were read (0 = never stop)", _non_negative, ">= 0"),
     Setting("TTT_BATCH_SIZE", 64, "documents adapted together per rank", _positive, "> 0"),
-    Setting("TTT_PHASE_DOCS", "833,1666,2500", "phased: a global SGD phase runs once this many documents (in stream order) are scored"),
+    Setting("TTT_PHASE_TOKENS", "4292608,7176192,9469952", "phased: a global SGD phase runs once the documents scored (in stream order) hold this many tokens: the record's phases trained on 131, 219 and 289 steps of 32768"),
+    Setting("TTT_PHASE_DOCS", "", "phased: cut the phases after this many documents instead (set, it overrides TTT_PHASE_TOKENS)"),
     Setting("TTT_PHASE_LR", 0.001, "phased: SGD LR, cosine over the phase's steps", _non_negative, ">= 0"),
     Setting("TTT_PHASE_MOMENTUM", 0.9, "phased: SGD momentum", _fraction, "in [0, 1]"),
     Setting("TTT_PHASE_CLIP", 1.0, "phased: gradient-norm clip of each SGD step (0 = off)", _non_negative, ">= 0"),
@@ -306,12 +320,13 @@ class Hyperparameters:
             raise SettingsError(f"ROPE_DIMS={self.rope_dims} must be even and at most the head size {self.model_dim // self.num_heads}")
         if self.ttt_context_len < self.ttt_chunk_size:
             raise SettingsError(f"TTT_CONTEXT_LEN={self.ttt_context_len} must be >= TTT_CHUNK_SIZE={self.ttt_chunk_size}")
-        try:
-            phases = self.ttt_phase_list
-        except ValueError:
-            phases = None
-        if phases is None or phases != sorted(set(phases)) or any(d <= 0 for d in phases):
-            raise SettingsError(f"TTT_PHASE_DOCS={self.ttt_phase_docs!r}: use increasing document counts, e.g. 833,1666,2500 (or empty)")
+        for name, example in (("ttt_phase_tokens", "4292608,7176192,9469952"), ("ttt_phase_docs", "833,1666,2500")):
+            try:
+                counts = [int(d) for d in getattr(self, name).split(",") if d.strip()]
+            except ValueError:
+                counts = None
+            if counts is None or counts != sorted(set(counts)) or any(d <= 0 for d in counts):
+                raise SettingsError(f"{name.upper()}={getattr(self, name)!r}: use increasing counts, e.g. {example} (or empty)")
         bad = set(self.ttt_target_list) - {"q", "k", "v", "o", "mlp"}
         if bad or not self.ttt_target_list:
             raise SettingsError(f"TTT_TARGETS={self.ttt_targets!r}: use a comma list of q, k, v, o, mlp")
@@ -323,8 +338,10 @@ class Hyperparameters:
             raise SettingsError("EVAL_ONLY and QUANTIZE_ONLY are both set; set one: EVAL_ONLY scores an artifact, QUANTIZE_ONLY makes one from saved weights")
 
     @property
-    def ttt_phase_list(self) -> list[int]:
-        return [int(d) for d in self.ttt_phase_docs.split(",") if d.strip()]
+    def ttt_phase_cuts(self) -> tuple[str, list[int]]:
+        """("docs" or "tokens", the counts after which phased TTT runs global SGD): TTT_PHASE_DOCS when set."""
+        unit = "docs" if self.ttt_phase_docs.strip() else "tokens"
+        return unit, [int(d) for d in getattr(self, f"ttt_phase_{unit}").split(",") if d.strip()]
 
     @property
     def ttt_target_list(self) -> list[str]:
@@ -427,6 +444,23 @@ def sync_time(rt: Runtime) -> float:
     if rt.device.type == "cuda":
         torch.cuda.synchronize()
     return time.perf_counter()
+
+
+PROCESS_START = time.perf_counter()
+
+
+class Stage:
+    """`stage:NAME start` when made and `stage:NAME done seconds:S` at done() (t: since the process
+    started): a run cut short still says which stage it was in, and each stage's wall time is logged."""
+
+    def __init__(self, name: str, log, rt: Runtime):
+        self.name, self.log, self.rt, self.t0 = name, log, rt, sync_time(rt)
+        log(f"stage:{name} start t:{self.t0 - PROCESS_START:.1f}s")
+
+    def done(self) -> float:
+        seconds = sync_time(self.rt) - self.t0
+        self.log(f"stage:{self.name} done seconds:{seconds:.2f} t:{self.t0 + seconds - PROCESS_START:.1f}s")
+        return seconds
 
 
 def write_atomic(path: str | Path, data: bytes):
@@ -594,43 +628,64 @@ def tokenizer_mismatch(data_path: str, tokenizer_path: str) -> str | None:
     )
 
 
-class TokenStream:
-    """Reads the train shards in order, forever, yielding contiguous spans."""
-
-    def __init__(self, pattern_files: list[str]):
-        self.files, self.file_idx, self.pos = pattern_files, 0, 0
-        self.tokens = load_data_shard(self.files[0])
-
-    def take(self, n: int) -> np.ndarray:
-        parts = []
-        while n > 0:
-            if self.pos >= self.tokens.size:
-                self.file_idx = (self.file_idx + 1) % len(self.files)
-                self.tokens, self.pos = load_data_shard(self.files[self.file_idx]), 0
-            k = min(n, self.tokens.size - self.pos)
-            parts.append(self.tokens[self.pos : self.pos + k])
-            self.pos, n = self.pos + k, n - k
-        return np.concatenate(parts)
-
-
 class DistributedTokenLoader:
-    """Each call takes the next world_size*(local+1) tokens of the global stream; rank r keeps the r-th span.
+    """Training batches: each micro-step takes the next world_size * (local + 1) tokens of the training
+    stream and rank r keeps the r-th span of local + 1 (inputs and the targets one token on), so 1
+    process with 8 micro-steps reads exactly what 8 processes with 1 micro-step read. A span never
+    crosses a shard: the stream starts at a shard's first BOS and a shard's tail too short for a span
+    is skipped (the record's loader reads the same tokens). With a FlashAttention backend a rank's
+    micro-batch is one row of `local` tokens whose documents are cut at each BOS and every `seq_len`
+    tokens, so a document across a row edge keeps its context; SDPA gets rows of `seq_len` and a mask.
+    The next batches, their attention layout included, are prepared in a thread in pinned memory."""
 
-    Consecutive calls read consecutive spans, so 1 process with 8 micro-steps sees exactly the
-    tokens that 8 processes with 1 micro-step see.
-    """
+    def __init__(self, data_path: str, rt: Runtime, seq_len: int, backend: str = "sdpa", isolate: bool = True):
+        self.files, self.rt, self.seq_len = shard_files(data_path, "train"), rt, seq_len
+        self.backend, self.isolate = backend, isolate
+        self.file_idx, self.tokens, self.cursor = -1, None, 0
+        self.pool, self.pending = ThreadPoolExecutor(1), []
 
-    def __init__(self, data_path: str, rt: Runtime):
-        self.files, self.rt = shard_files(data_path, "train"), rt
-        self.stream = TokenStream(self.files)
+    @classmethod
+    def for_model(cls, args: Hyperparameters, rt: Runtime, model: "GPT") -> "DistributedTokenLoader":
+        """The loader of `model`'s training: its attention backend's layout, its document isolation."""
+        return cls(args.data_path, rt, args.train_seq_len, model.attn_backend, model.cfg.doc_isolation)
 
-    def next_batch(self, global_tokens: int, seq_len: int, grad_accum_steps: int) -> tuple[Tensor, Tensor]:
+    def _open_next_shard(self):
+        self.file_idx = (self.file_idx + 1) % len(self.files)
+        count = shard_token_count(self.files[self.file_idx])
+        self.tokens = np.memmap(self.files[self.file_idx], dtype="<u2", mode="r", offset=SHARD_HEADER_INTS * 4, shape=(count,))
+        first_bos = np.flatnonzero(self.tokens[: 1 << 16] == BOS_ID)
+        self.cursor = int(first_bos[0]) if first_bos.size else 0
+
+    def _prepare(self, local: int):
+        span = (local + 1) * self.rt.world_size
+        for _ in range(len(self.files) + 1):
+            if self.tokens is not None and self.cursor + span <= self.tokens.size:
+                break
+            self._open_next_shard()
+        else:
+            raise DataError(f"no training shard holds {span} tokens, the span of one micro-step; use fewer TRAIN_BATCH_TOKENS or larger shards")
+        start = self.cursor + self.rt.rank * (local + 1)
+        chunk = torch.from_numpy(self.tokens[start : start + local + 1].astype(np.int64))
+        self.cursor += span
+        row = local if self.backend != "sdpa" else self.seq_len
+        if local % row:
+            raise SettingsError(f"TRAIN_BATCH_TOKENS gives {local} tokens per micro-step, not a multiple of TRAIN_SEQ_LEN={self.seq_len}")
+        x, y = chunk[:-1].view(-1, row), chunk[1:].view(-1, row)
+        layout = layout_from_starts(segment_starts(x.numpy(), row, self.isolate, self.seq_len), tuple(x.shape), self.backend, self.seq_len)
+        if self.rt.device.type == "cuda":
+            x, y = x.pin_memory(), y.pin_memory()
+            layout = layout._replace(**{k: getattr(layout, k).pin_memory() for k in ("cu_seqlens", "mask") if getattr(layout, k) is not None})
+        return x, y, layout
+
+    def next_batch(self, global_tokens: int, grad_accum_steps: int) -> tuple[Tensor, Tensor, AttentionLayout]:
+        """This rank's next micro-batch: inputs, targets and their attention layout, on the device."""
         local = global_tokens // (self.rt.world_size * grad_accum_steps)
-        span = self.stream.take((local + 1) * self.rt.world_size)
-        start = self.rt.rank * (local + 1)
-        chunk = torch.from_numpy(span[start : start + local + 1].astype(np.int64))
-        x, y = chunk[:-1].reshape(-1, seq_len), chunk[1:].reshape(-1, seq_len)
-        return x.to(self.rt.device, non_blocking=True), y.to(self.rt.device, non_blocking=True)
+        self.pending = [f for f in self.pending if f[0] == local] or []  # batches prepared for another size are not used
+        while len(self.pending) < 3:
+            self.pending.append((local, self.pool.submit(self._prepare, local)))
+        x, y, layout = self.pending.pop(0)[1].result()
+        device = self.rt.device
+        return x.to(device, non_blocking=True), y.to(device, non_blocking=True), move_layout(layout, device)
 
 
 def document_spans(tokens: Tensor) -> list[tuple[int, int]]:
@@ -663,6 +718,8 @@ class ByteTables:
     sidecar_bytes: Tensor | None = None  # int32 [N]
 
     def to(self, device) -> "ByteTables":
+        if self.base_bytes.device == torch.device(device):
+            return self
         return ByteTables(*(t if t is None else t.to(device) for t in (self.base_bytes, self.has_leading_space, self.is_boundary, self.sidecar_tokens, self.sidecar_bytes)))
 
 
@@ -720,7 +777,9 @@ def load_tokenizer_tables(tokenizer_path: str, vocab_size: int) -> ByteTables:
 
 
 def target_bytes(prev: Tensor, tgt: Tensor, tables: ByteTables) -> Tensor:
-    """Bytes charged for predicting `tgt` after `prev`: base bytes plus a space unless prev is a boundary."""
+    """Bytes charged for predicting `tgt` after `prev`: base bytes plus a space unless prev is a boundary.
+    The tables follow the tokens to their device (they are small; the tokens may be the whole stream)."""
+    tables = tables.to(tgt.device)
     extra = tables.has_leading_space[tgt] & ~tables.is_boundary[prev]
     return tables.base_bytes[tgt].to(torch.int32) + extra.to(torch.int32)
 
@@ -731,7 +790,7 @@ def stream_target_bytes(tokens: Tensor, tables: ByteTables) -> Tensor:
     When `tokens` is the validation stream of the byte sidecar (or its start, as the audit's probe),
     target position p is charged sidecar[p]; any other stream (compile warm-up, the audit's perturbed
     copy) and every run without a sidecar get the official count."""
-    n = tokens.numel()
+    n, tables = tokens.numel(), tables.to(tokens.device)
     sidecar = tables.sidecar_tokens
     if sidecar is not None and n <= sidecar.numel() and torch.equal(tokens, sidecar[:n]):
         return tables.sidecar_bytes[1:n]
@@ -804,27 +863,49 @@ class ModelConfig:
 def _flash_attention_module(backend: str):
     if backend == "fa3":
         import flash_attn_interface as module
-    else:
+    elif backend == "fa2":
         import flash_attn as module
+    else:
+        import torch.nn.attention.varlen as module  # PyTorch's own FlashAttention, torch >= 2.10
     return module
 
 
+def _torch_varlen_options() -> dict | None:
+    """Keyword arguments of torch's varlen_attn for a causal GQA call, by the installed signature (None
+    below torch 2.10): 2.10 takes is_causal, later versions a window_size, 2.12 adds enable_gqa."""
+    try:
+        params = inspect.signature(_flash_attention_module("varlen").varlen_attn).parameters
+    except (ImportError, AttributeError):
+        return None
+    options = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
+    return options | ({"enable_gqa": True} if "enable_gqa" in params else {})
+
+
+TORCH_VARLEN_OPTIONS = _torch_varlen_options()
+
+
 def select_attention_backend(choice: str, device: torch.device) -> str:
-    """FlashAttention-3, else FlashAttention-2, else SDPA; a forced choice that cannot load is an error."""
+    """The first of FlashAttention-3 (Hopper), torch's varlen FlashAttention, FlashAttention-2 (both
+    Ampere or newer) and SDPA that runs here; a forced choice that cannot is a one-line error."""
     if device.type != "cuda":
-        if choice in ("fa3", "fa2"):
+        if choice not in ("auto", "sdpa"):
             raise SettingsError(f"ATTN_BACKEND={choice} needs a CUDA GPU; use auto or sdpa")
         return "sdpa"
-    hopper = torch.cuda.get_device_capability(device)[0] >= 9  # FlashAttention-3 runs on Hopper only
-    for backend in (("fa3", "fa2") if hopper else ("fa2",)) if choice == "auto" else (choice,):
-        if backend == "sdpa":
+    major = torch.cuda.get_device_capability(device)[0]
+    needs = {"fa3": 9, "varlen": 8, "fa2": 8, "sdpa": 0}
+    for backend in ATTENTION_BACKENDS if choice == "auto" else (choice,):
+        problem = f"compute capability {major}.x is below {needs[backend]}" if major < needs[backend] else None
+        if problem is None and backend == "varlen" and TORCH_VARLEN_OPTIONS is None:
+            problem = f"torch {torch.__version__} has no torch.nn.attention.varlen (torch >= 2.10)"
+        elif problem is None and backend in ("fa3", "fa2"):
+            try:
+                _flash_attention_module(backend)
+            except ImportError as e:
+                problem = f"it cannot be imported ({e})"
+        if problem is None:
             return backend
-        try:
-            _flash_attention_module(backend)
-            return backend
-        except ImportError as e:
-            if choice != "auto":
-                raise SettingsError(f"ATTN_BACKEND={choice} but it cannot be imported ({e}); use auto or sdpa") from None
+        if choice != "auto":
+            raise SettingsError(f"ATTN_BACKEND={choice} cannot run: {problem}; use auto or sdpa")
     return "sdpa"
 
 
@@ -835,51 +916,90 @@ def document_start_mask(idx: Tensor) -> Tensor:
     return start
 
 
-@dataclass
-class AttentionLayout:
-    """Which keys a query may see beyond causality: only those of its own document (DOC_ISOLATION).
-    SDPA takes a boolean mask; FlashAttention takes the documents' cumulative start offsets."""
+class AttentionLayout(NamedTuple):
+    """Where attention may look besides causality: within each segment of the (B, T) tokens. The
+    FlashAttention backends take `cu_seqlens`, the int32 start of every segment of the flattened
+    tokens, then B*T, padded with B*T; SDPA takes `mask` (B, 1, T, T). Neither: each row is one
+    segment (plain causal attention)."""
 
-    mask: Tensor | None = None  # (B, 1, T, T), True = may attend
-    cu_seqlens: Tensor | None = None  # int32 starts of the flattened (B*T) documents, padded with B*T
-
-
-@torch.compiler.disable
-def document_cu_seqlens(idx: Tensor) -> Tensor:
-    """Start offset of every document piece in the flattened batch (each row starts one), then B*T.
-    Padded to a power of two (>= 64) so the compiled graphs see only a few shapes."""
-    starts = torch.nonzero(document_start_mask(idx).flatten()).flatten()
-    size = max(64, 1 << math.ceil(math.log2(starts.numel() + 1)))
-    return F.pad(starts, (0, size - starts.numel()), value=idx.numel()).to(torch.int32)
+    cu_seqlens: Tensor | None = None
+    max_len: int = 0  # the longest a segment can be
+    mask: Tensor | None = None
 
 
-def attention_layout(idx: Tensor, backend: str, isolate: bool) -> AttentionLayout | None:
-    if not isolate:
-        return None
-    if backend in ("fa3", "fa2"):
-        return AttentionLayout(cu_seqlens=document_cu_seqlens(idx))
-    doc = torch.cumsum((idx == BOS_ID).to(torch.int32), dim=1)
-    T = idx.size(1)
-    causal = torch.ones(T, T, dtype=torch.bool, device=idx.device).tril()
-    return AttentionLayout(mask=((doc[:, :, None] == doc[:, None, :]) & causal).unsqueeze(1))
+ONE_SEGMENT_PER_ROW = AttentionLayout()
+CU_SEQLENS_MULTIPLE = 64  # cu_seqlens is padded to a multiple of this, so it takes few lengths
 
 
-def causal_attention(q: Tensor, k: Tensor, v: Tensor, backend: str, layout: AttentionLayout | None = None) -> Tensor:
-    """q: (B, T, H, D); k, v: (B, T, Hkv, D) -> (B, T, H, D); causal, grouped-query, optionally per document."""
+def segment_starts(tokens: np.ndarray, row_len: int, at_bos: bool, max_len: int = 0) -> np.ndarray:
+    """Start offsets into the flattened tokens of the attention segments: every row start, every BOS
+    when documents are isolated, and every `max_len` tokens into a segment (0 = no cut); then the
+    end, repeated up to a multiple of CU_SEQLENS_MULTIPLE entries. The one definition of a segment:
+    the training loader and every evaluation path take theirs from here."""
+    flat = tokens.reshape(-1)
+    n = flat.size
+    start = np.zeros(n, dtype=bool)
+    start[::row_len] = True
+    if at_bos:
+        start |= flat == BOS_ID
+    starts = np.flatnonzero(start)
+    if max_len:
+        pieces = -(-np.diff(np.append(starts, n)) // max_len)
+        first = np.repeat(np.cumsum(pieces) - pieces, pieces)
+        starts = np.repeat(starts, pieces) + max_len * (np.arange(int(pieces.sum())) - first)
+    size = -(-(starts.size + 1) // CU_SEQLENS_MULTIPLE) * CU_SEQLENS_MULTIPLE
+    return np.concatenate([starts, np.full(size - starts.size, n)]).astype(np.int32)
+
+
+def layout_from_starts(starts: np.ndarray, shape: tuple[int, int], backend: str, max_len: int = 0) -> AttentionLayout:
+    """The layout of `segment_starts` for `backend`, on the CPU (the caller moves it)."""
+    B, T = shape
+    max_len = min(max_len or T, T)
+    if backend != "sdpa":
+        return AttentionLayout(torch.from_numpy(starts), max_len)
+    first = np.zeros(B * T, dtype=np.int32)
+    first[starts[starts < B * T]] = 1
+    segment = torch.from_numpy(np.cumsum(first)).view(B, T)
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    return AttentionLayout(None, max_len, ((segment[:, :, None] == segment[:, None, :]) & causal).unsqueeze(1))
+
+
+def move_layout(layout: AttentionLayout, device: torch.device) -> AttentionLayout:
+    return layout._replace(**{k: getattr(layout, k).to(device, non_blocking=True) for k in ("cu_seqlens", "mask") if getattr(layout, k) is not None})
+
+
+@torch.compiler.disable  # reads the tokens on the host: evaluation only; training gets its layout from the loader
+def document_layout(idx: Tensor, backend: str) -> AttentionLayout:
+    """Document isolation for tokens that come without a layout: segments start at each row and BOS."""
+    return move_layout(layout_from_starts(segment_starts(idx.cpu().numpy(), idx.size(1), True), tuple(idx.shape), backend), idx.device)
+
+
+def _varlen_attention(backend: str, q: Tensor, k: Tensor, v: Tensor, cu: Tensor, max_len: int) -> Tensor:
+    """q: (N, H, D); k, v: (N, Hkv, D), segments at `cu`: FlashAttention's varlen call of `backend`."""
+    module = _flash_attention_module(backend)
+    if backend != "varlen":
+        out = module.flash_attn_varlen_func(q, k, v, cu, cu, max_len, max_len, causal=True)
+        return out[0] if isinstance(out, tuple) else out
+    if "enable_gqa" not in TORCH_VARLEN_OPTIONS:  # before torch 2.12 K and V need every query head
+        k, v = (t.repeat_interleave(q.size(1) // t.size(1), dim=1) for t in (k, v))
+    return module.varlen_attn(q, k, v, cu, cu, max_len, max_len, **TORCH_VARLEN_OPTIONS)
+
+
+def causal_attention(q: Tensor, k: Tensor, v: Tensor, backend: str, layout: AttentionLayout = ONE_SEGMENT_PER_ROW) -> Tensor:
+    """q: (B, T, H, D); k, v: (B, T, Hkv, D) -> (B, T, H, D); causal, grouped-query, within the layout's segments."""
     B, T, H, D = q.shape
-    if backend in ("fa3", "fa2"):
-        fa = _flash_attention_module(backend)
+    if backend != "sdpa":
         q, k = q.to(v.dtype), k.to(v.dtype)  # autocast may keep the QK-norm's output in fp32; FlashAttention wants one dtype
-        if layout is None:
-            out = fa.flash_attn_func(q, k, v, causal=True)
-        else:
-            cu = layout.cu_seqlens
-            flat = lambda t: t.reshape(B * T, t.size(2), D)  # noqa: E731
-            out = fa.flash_attn_varlen_func(flat(q), flat(k), flat(v), cu, cu, T, T, causal=True)
-        out = out[0] if isinstance(out, tuple) else out
-        return out.reshape(B, T, H, D)
+        if layout.cu_seqlens is None and backend != "varlen":
+            out = _flash_attention_module(backend).flash_attn_func(q, k, v, causal=True)
+            return (out[0] if isinstance(out, tuple) else out).reshape(B, T, H, D)
+        cu, max_len = layout.cu_seqlens, layout.max_len
+        if cu is None:  # one segment per row
+            cu, max_len = torch.arange(0, B * T + 1, T, dtype=torch.int32, device=q.device), T
+        flat = lambda t: t.reshape(B * T, t.size(2), D)  # noqa: E731
+        return _varlen_attention(backend, flat(q), flat(k), flat(v), cu, max_len).reshape(B, T, H, D)
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-    if layout is None:
+    if layout.mask is None:
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
     else:  # repeat the KV heads: the masked kernels do not all take enable_gqa
         k, v = (t.repeat_interleave(H // t.size(1), dim=1) for t in (k, v))
@@ -940,7 +1060,8 @@ class Rotary(nn.Module):
 
 
 class BatchedLoRA(nn.Module):
-    """One low-rank delta per document of a batch: x (B, T, in) -> scale * x @ A[b] @ B[b]; B starts at zero."""
+    """One low-rank delta per document of a batch: x (B, T, in) -> scale * x @ A[b] @ B[b]; B starts at
+    zero, A uniform in +-1/sqrt(in) (the record's init)."""
 
     def __init__(self, batch: int, in_features: int, out_features: int, rank: int, scale: float = 1.0):
         super().__init__()
@@ -951,7 +1072,8 @@ class BatchedLoRA(nn.Module):
 
     @torch.no_grad()
     def reset(self, generator: torch.Generator | None = None):
-        self.A.normal_(0.0, 1.0 / math.sqrt(self.A.size(1)), generator=generator)
+        bound = 1.0 / math.sqrt(self.A.size(1))
+        self.A.uniform_(-bound, bound, generator=generator)
         self.B.zero_()
 
     def forward(self, x: Tensor, rows: Tensor | None = None) -> Tensor:
@@ -995,7 +1117,7 @@ class DocumentAdapters(nn.Module):
             sizes = [m.A[0].numel() for m in loras]
             flat = torch.empty(len(seeds), sum(sizes), device=device)
             for i, seed in enumerate(seeds):
-                flat[i].normal_(generator=torch.Generator(device=device).manual_seed(seed))
+                flat[i].uniform_(-1.0, 1.0, generator=torch.Generator(device=device).manual_seed(seed))
             for m, part in zip(loras, flat.split(sizes, dim=1)):
                 m.A[: len(seeds)].copy_(part.view(len(seeds), *m.A.shape[1:]) / math.sqrt(m.A.size(1)))
                 m.B.zero_()
@@ -1042,7 +1164,7 @@ class CausalSelfAttention(nn.Module):
         # Sparse output gate: per head, sigmoid(scale * W x[:window]); W = 0 opens every head halfway.
         self.out_gate = nn.Parameter(torch.zeros(cfg.num_heads, self.gate_window)) if cfg.attn_gate else None
 
-    def forward(self, x: Tensor, layout: AttentionLayout | None, adapters: DocumentAdapters | None, layer: int) -> Tensor:
+    def forward(self, x: Tensor, layout: AttentionLayout, adapters: DocumentAdapters | None, layer: int) -> Tensor:
         B, T, _ = x.shape
         q, k, v = self.c_q(x), self.c_k(x), self.c_v(x)
         if adapters is not None:
@@ -1058,9 +1180,8 @@ class CausalSelfAttention(nn.Module):
         if self.out_gate is not None:
             gate = torch.sigmoid(self.gate_scale * F.linear(x[..., : self.gate_window], self.out_gate.to(x.dtype)))
             y = y * gate.unsqueeze(-1)
-        y = y.reshape(B, T, -1)
-        out = self.proj(y)
-        return out if adapters is None else out + adapters.delta(layer, "o", y)
+        out = self.proj(y.reshape(B, T, -1))
+        return out if adapters is None else out + adapters.delta(layer, "o", x)  # the O adapter reads the block's normed input, as the record's
 
 
 class MLP(nn.Module):
@@ -1102,7 +1223,7 @@ class Block(nn.Module):
     def feed_forward(self, x: Tensor, adapters, layer: int) -> Tensor:
         return self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x) * self.norm_scale, adapters, layer)
 
-    def forward(self, x: Tensor, x0: Tensor, layout: AttentionLayout | None, adapters: DocumentAdapters | None, layer: int) -> Tensor:
+    def forward(self, x: Tensor, x0: Tensor, layout: AttentionLayout, adapters: DocumentAdapters | None, layer: int) -> Tensor:
         x = self.mix_in(x, x0)
         x = x + self.attend(x, layout, adapters, layer)
         x = x + self.feed_forward(x, adapters, layer)
@@ -1160,6 +1281,36 @@ class BigramHash(nn.Module):
         return self.scale.to(self.proj.weight.dtype) * self.proj(self.table(self.bucket_ids(idx)))
 
 
+def softcapped_logits(z: Tensor, cap: float) -> Tensor:
+    """The LM head's output z as fp32 logits cap * tanh(z / cap) (cap 0: z)."""
+    z = z.float()
+    return cap * torch.tanh(z / cap) if cap else z
+
+
+class SoftcappedCrossEntropy(torch.autograd.Function):
+    """Per-token cross-entropy of softcapped_logits(z), z (N, V) in any float dtype. It keeps z and one
+    log-normalizer per token for the backward, which recomputes the fp32 logits: a compiled step fuses
+    each pass into one read of z, so the (N, V) fp32 logits are never stored."""
+
+    @staticmethod
+    def forward(ctx, z: Tensor, targets: Tensor, cap: float) -> Tensor:
+        logits = softcapped_logits(z, cap)
+        lse = torch.logsumexp(logits, dim=-1)
+        ctx.save_for_backward(z, targets, lse)
+        ctx.cap = cap
+        return lse - logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        z, targets, lse = ctx.saved_tensors
+        logits = softcapped_logits(z, ctx.cap)
+        dlogits = torch.exp(logits - lse.unsqueeze(-1))
+        dlogits.scatter_add_(-1, targets.unsqueeze(-1), torch.full_like(lse, -1.0).unsqueeze(-1))
+        if ctx.cap:
+            dlogits = dlogits * (1 - (logits / ctx.cap).square())
+        return (dlogits * grad.unsqueeze(-1)).to(z.dtype), None, None
+
+
 class GPT(nn.Module):
     """The one forward pass of training, every evaluation path and TTT (adapters = None or per-document LoRA).
 
@@ -1207,10 +1358,14 @@ class GPT(nn.Module):
             return x + scaled
         return torch.lerp(scaled, x, torch.sigmoid(self.skip_gates[j]).to(x.dtype))
 
-    def forward(self, idx: Tensor, targets: Tensor | None = None, adapters: DocumentAdapters | None = None) -> Tensor:
-        """Logits (B, T, V) in fp32, or the mean cross-entropy when targets are given."""
+    def forward(self, idx: Tensor, targets: Tensor | None = None, adapters: DocumentAdapters | None = None,
+                layout: AttentionLayout | None = None, reduction: str = "mean") -> Tensor:
+        """Logits (B, T, V) in fp32; with targets, their cross-entropy (the mean, or (B, T) with
+        reduction="none"). `layout`: where attention may look; None derives it from the BOS in idx
+        (document isolation) or, with DOC_ISOLATION=0, attends over each whole row."""
+        if layout is None:
+            layout = document_layout(idx, self.attn_backend) if self.cfg.doc_isolation else ONE_SEGMENT_PER_ROW
         x = self.embed(idx)
-        layout = attention_layout(idx, self.attn_backend, self.cfg.doc_isolation)
         order = self.cfg.layer_order(self.looping)
         num_encoder = len(order) // 2
         x0, skips, lanes = x, [], None
@@ -1232,15 +1387,13 @@ class GPT(nn.Module):
                 skips.append(x if lanes is None else 0.5 * (lanes[0] + lanes[1]))
         x = self.head_input(rms_norm(x if lanes is None else 0.5 * (lanes[0] + lanes[1])))
         head = self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
-        logits = F.linear(x, head.to(x.dtype))
+        z = F.linear(x, head.to(x.dtype))
         if adapters is not None:
-            logits = logits + adapters.head_delta(x)
-        logits = logits.float()
-        if self.cfg.logit_softcap:
-            logits = self.cfg.logit_softcap * torch.tanh(logits / self.cfg.logit_softcap)
+            z = z + adapters.head_delta(x)
         if targets is None:
-            return logits
-        return F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1))
+            return softcapped_logits(z, self.cfg.logit_softcap)
+        nll = SoftcappedCrossEntropy.apply(z.reshape(-1, z.size(-1)), targets.reshape(-1), self.cfg.logit_softcap).view_as(targets)
+        return nll if reduction == "none" else nll.mean()
 
     def set_qat(self, enabled: bool):
         for m in self.modules():
@@ -1549,13 +1702,26 @@ def generate_calibration_batches(model: GPT, num_seqs: int, seq_len: int, temper
 
 
 def train_batches_for_calibration(loader: DistributedTokenLoader, args: Hyperparameters, rt: Runtime):
-    """Training tokens after the last step's (never validation data)."""
-    local_seqs = max(1, args.gptq_calib_seqs // rt.world_size)
-    per_call = 8
-    for start in range(0, local_seqs, per_call):
-        n = min(per_call, local_seqs - start)
-        x, _ = loader.next_batch(n * args.train_seq_len * rt.world_size, args.train_seq_len, 1)
+    """Training tokens after the last step's (never validation data), as rows of TRAIN_SEQ_LEN taken
+    from training micro-batches: GPTQ_CALIB_SEQS rows, all ranks together."""
+    left = max(1, args.gptq_calib_seqs // rt.world_size)
+    while left > 0:
+        x = loader.next_batch(args.train_batch_tokens, rt.grad_accum_steps)[0].view(-1, args.train_seq_len)[:left]
+        left -= x.size(0)
         yield x
+
+
+def gptq_reserve_seconds(model: GPT, args: Hyperparameters, rt: Runtime, log, new_loader) -> float:
+    """Seconds the step loop leaves for calibration inside the cap: GPTQ_RESERVE_SECONDS, or with auto
+    what one calibration pass (from the start of the training stream, before training) takes, with margin."""
+    if args.gptq_reserve_seconds != "auto":
+        return float(args.gptq_reserve_seconds)
+    t0 = sync_time(rt)
+    collect_hessians(model, train_batches_for_calibration(new_loader(), args, rt), rt)
+    measured = sync_time(rt) - t0
+    reserve = 1.25 * measured + 1.0
+    log(f"gptq_reserve:{reserve:.1f}s (auto: 1.25 x {measured:.1f}s, one calibration pass measured before training, + 1 s)")
+    return reserve
 
 
 def train_progress_line(step: int, args: Hyperparameters, loss: Tensor, elapsed_ms: float) -> str:
@@ -1577,23 +1743,25 @@ def train_model(model: GPT, args: Hyperparameters, rt: Runtime, log: Logger, eva
     if rt.distributed:  # no DDP wrapper: Muon reduce-scatters the matrices' gradients itself
         for t in model.state_dict().values():
             dist.broadcast(t, src=0)
-    train_forward = torch.compile(model, dynamic=False) if args.compile and rt.device.type == "cuda" else model
+    # One graph per step (two: recurrence off and on); cu_seqlens is the one dynamic size, marked in train_step.
+    train_forward = torch.compile(model, fullgraph=True) if args.compile and rt.device.type == "cuda" else model
     optimizers = build_optimizers(model, args, rt)
     muon = next((o for o in optimizers if isinstance(o, Muon)), None)
     muon_params = {id(p) for p in muon.param_groups[0]["params"]} if muon is not None else set()
     other_params = [p for p in model.parameters() if id(p) not in muon_params]
     loop_switch = model.cfg.num_loops > 0 and args.loop_enable_frac > 0  # recurrence starts off and switches on
-    loader = DistributedTokenLoader(args.data_path, rt)
+    new_loader = lambda: DistributedTokenLoader.for_model(args, rt, model)  # noqa: E731
+    loader = new_loader()
     calibrate_in_budget = args.gptq_enabled and args.gptq_calibration == "train"
-    reserve_s = args.gptq_reserve_seconds if calibrate_in_budget and args.max_wallclock_seconds > 0 else 0.0
-    budget_ms = 1000.0 * max(args.max_wallclock_seconds - reserve_s, 0.0) if args.max_wallclock_seconds > 0 else 0.0
 
     def train_step(step: int, lr_mul: float) -> Tensor:
         total = torch.zeros((), device=rt.device)
         for _ in range(accum):
-            x, y = loader.next_batch(args.train_batch_tokens, args.train_seq_len, accum)
+            x, y, layout = loader.next_batch(args.train_batch_tokens, accum)
+            if layout.cu_seqlens is not None:
+                torch._dynamo.maybe_mark_dynamic(layout.cu_seqlens, 0)
             with autocast_context(rt.device):
-                loss = train_forward(x, y)
+                loss = train_forward(x, y, layout=layout)
             (loss / accum).backward()
             total += loss.detach()
         if muon is not None and args.muon_momentum_warmup_steps:
@@ -1616,6 +1784,7 @@ def train_model(model: GPT, args: Hyperparameters, rt: Runtime, log: Logger, eva
     model.looping = model.cfg.num_loops > 0 and not loop_switch
     if args.warmup_steps:
         # Compile every graph (recurrence off and on, QAT on and off) on real training steps, then put everything back.
+        warmup = Stage("train_compile_warmup", log, rt)
         initial_model = {k: v.detach().clone() for k, v in model.state_dict().items()}
         initial_opts = [copy.deepcopy(o.state_dict()) for o in optimizers]
         for looping in (False, True) if loop_switch else (model.looping,):
@@ -1628,13 +1797,17 @@ def train_model(model: GPT, args: Hyperparameters, rt: Runtime, log: Logger, eva
         model.load_state_dict(initial_model)
         for o, st in zip(optimizers, initial_opts):
             o.load_state_dict(st)
-        loader = DistributedTokenLoader(args.data_path, rt)
+        loader = new_loader()
         graphs = "recurrence off and on" if loop_switch else f"recurrence {'on' if model.looping else 'off'}"
         log(f"warmup_steps:{args.warmup_steps} done for {graphs} (untimed; weights, optimizer state and data position restored)")
+        warmup.done()
 
+    reserve_s = gptq_reserve_seconds(model, args, rt, log, new_loader) if calibrate_in_budget and args.max_wallclock_seconds > 0 else 0.0
+    budget_ms = 1000.0 * max(args.max_wallclock_seconds - reserve_s, 0.0) if args.max_wallclock_seconds > 0 else 0.0
     averager = WeightAverager(model, args.ema_decay, args.swa_enabled, args.swa_every, args.swa_start_frac)
     training_ms, step, stop_after, qat_on = 0.0, 0, None, False
-    t0 = sync_time(rt)
+    timer = Stage("train", log, rt)
+    t0 = timer.t0
     while True:
         last = step == args.iterations or (stop_after is not None and step >= stop_after)
         if args.val_loss_every and (last or step % args.val_loss_every == 0) and step > 0:
@@ -1668,6 +1841,7 @@ def train_model(model: GPT, args: Hyperparameters, rt: Runtime, log: Logger, eva
         if stop_after is None and reached_cap.item() > 0:
             stop_after = step
     training_ms += 1000.0 * (sync_time(rt) - t0)
+    timer.done()
     if step and not (args.train_log_every and step % args.train_log_every == 0):
         log(train_progress_line(step, args, loss, training_ms))
     model.set_qat(False)
@@ -1678,9 +1852,9 @@ def train_model(model: GPT, args: Hyperparameters, rt: Runtime, log: Logger, eva
     model.load_state_dict(weights)
     hessians = None
     if calibrate_in_budget:
-        t1 = sync_time(rt)
+        timer = Stage("calibration", log, rt)
         hessians = collect_hessians(model, train_batches_for_calibration(loader, args, rt), rt)
-        calib_ms = 1000.0 * (sync_time(rt) - t1)
+        calib_ms = 1000.0 * timer.done()
         training_ms += calib_ms
         within = args.max_wallclock_seconds <= 0 or training_ms <= 1000.0 * args.max_wallclock_seconds
         log(f"gptq_calibration source:train seqs:{args.gptq_calib_seqs} time:{calib_ms:.0f}ms train_time_total:{training_ms:.0f}ms within_cap:{'yes' if within else 'no'}")
@@ -2370,11 +2544,19 @@ class ScoreLedger:
     bytes = property(lambda self: self._bytes.clone())
     late = property(lambda self: self._late.clone())
 
-    def score(self, model, x: Tensor, y: Tensor, positions: Tensor, mask: Tensor, adapters: DocumentAdapters | None = None, late: bool = False) -> Tensor:
-        """Score the targets y[mask] (at `positions[mask]`) with the model; returns the nll of every (B, T) entry."""
-        logp = log_probs(model, x, adapters)
-        nll = -logp.gather(-1, y.unsqueeze(-1)).squeeze(-1)
-        self.record(positions[mask], nll[mask], logp[mask] if self.audit else None, late)
+    def score(self, model, x: Tensor, y: Tensor, positions: Tensor, mask: Tensor, adapters: DocumentAdapters | None = None,
+              late: bool = False, layout: AttentionLayout | None = None) -> Tensor:
+        """Score the targets y[mask] (at `positions[mask]`) with the one forward and record them; returns
+        the nll of every (B, T) entry, with its graph when gradients are on (TTT trains on this very
+        forward, after the record). An auditing ledger also gets each distribution, from a second,
+        gradient-free forward of the same inputs, so the scores are computed alike with or without audit."""
+        with autocast_context(x.device):
+            nll = model(x, y, adapters=adapters, layout=layout, reduction="none")
+        logp = None
+        if self.audit:
+            with torch.no_grad(), autocast_context(x.device):
+                logp = torch.log_softmax(model(x, adapters=adapters, layout=layout), dim=-1)[mask]
+        self.record(positions[mask], nll.detach()[mask], logp, late)
         return nll
 
     def record(self, positions: Tensor, nll: Tensor, logp: Tensor | None = None, late: bool = False):
@@ -2440,18 +2622,6 @@ class ScoreLedger:
         write_atomic(path, buf.getvalue())
 
 
-def log_probs(model, x: Tensor, adapters: DocumentAdapters | None = None) -> Tensor:
-    """Log-probabilities over the whole vocabulary from the one forward pass: the scoring rule of every path."""
-    with autocast_context(x.device):
-        logits = model(x, adapters=adapters)
-    return torch.log_softmax(logits.float(), dim=-1)
-
-
-def token_nll(model, x: Tensor, y: Tensor, adapters: DocumentAdapters | None = None) -> Tensor:
-    """Per-token cross-entropy (the TTT training loss uses exactly what scoring uses)."""
-    return -log_probs(model, x, adapters).gather(-1, y.unsqueeze(-1)).squeeze(-1)
-
-
 # ----------------------------------------------------------------------------- evaluation: standard and sliding windows
 
 
@@ -2473,21 +2643,46 @@ def window_plan(num_targets: int, window: int, stride: int) -> list[tuple[int, i
     return plan
 
 
+MIN_ROWS = 2  # batches of one row are padded to two: torch.compile specializes a dimension of size 1 (another graph)
+
+
+def dynamic_rows(*tensors: Tensor, dims: tuple[int, ...] = (0,)):
+    """Let a compiled model take these tensors' sizes along `dims` as variables: one graph for all of them."""
+    for t in tensors:
+        for d in dims:
+            torch._dynamo.maybe_mark_dynamic(t, d)
+
+
+def isolated_layout(model, x: Tensor) -> AttentionLayout:
+    """The layout of rows that hold several documents, computed on the host before a (compiled)
+    forward: each document on its own when the model isolates them."""
+    base = getattr(model, "_orig_mod", model)
+    if not base.cfg.doc_isolation:
+        return ONE_SEGMENT_PER_ROW
+    layout = document_layout(x, base.attn_backend)
+    dynamic_rows(*(t for t in (layout.cu_seqlens, layout.mask) if t is not None))
+    return layout
+
+
 @torch.no_grad()
 def score_windows(model, tokens: Tensor, ledger: ScoreLedger, rt: Runtime, window: int, stride: int, batch_tokens: int):
-    """Standard (stride = window) and sliding-window scoring; windows are dealt round-robin to ranks."""
-    plan = window_plan(tokens.numel() - 1, window, stride)[rt.rank :: rt.world_size]
-    by_length: dict[int, list] = {}
-    for w in plan:
-        by_length.setdefault(w[2] - w[0], []).append(w)
-    batch_seqs = max(1, batch_tokens // (window * rt.world_size))
-    for length, windows in by_length.items():
-        offsets = torch.arange(length, device=tokens.device)
-        for i in range(0, len(windows), batch_seqs):
-            chunk = torch.tensor(windows[i : i + batch_seqs], device=tokens.device)
-            a, s = chunk[:, 0:1], chunk[:, 1:2]
-            idx = a + offsets  # (B, length) token indices of the inputs
-            ledger.score(model, tokens[idx], tokens[idx + 1], idx + 1, idx + 1 > s)
+    """Standard (stride = window) and sliding-window scoring; windows are dealt round-robin to ranks.
+    Every batch has one shape: a short last window, the last batch and its missing rows are padded
+    and their padding masked, so a compiled model runs one graph."""
+    n = tokens.numel()
+    plan = window_plan(n - 1, window, stride)[rt.rank :: rt.world_size]
+    rows = max(MIN_ROWS, min(max(1, batch_tokens // (window * rt.world_size)), len(plan)))
+    offsets = torch.arange(window)
+    for i in range(0, len(plan), rows):
+        batch = plan[i : i + rows]
+        a, s, e = torch.tensor(batch + [(0, 0, 0)] * (rows - len(batch))).T.unsqueeze(-1)  # (0, 0, 0) scores nothing
+        idx = a + offsets  # (rows, window) input positions
+        valid = idx < e
+        take = torch.where(valid, idx, 0).to(tokens.device)
+        x = torch.where(valid.to(tokens.device), tokens[take], 0)
+        y = torch.where(valid.to(tokens.device), tokens[take + 1], 0)
+        dynamic_rows(x, y)
+        ledger.score(model, x, y, (idx + 1).to(tokens.device), (valid & (idx >= s)).to(tokens.device), layout=isolated_layout(model, x))
 
 
 # ----------------------------------------------------------------------------- evaluation: score-first TTT (per-document LoRA, phased global SGD)
@@ -2541,11 +2736,17 @@ def _batched(items: list, size: int) -> list[list]:
     return [items[i : i + size] for i in range(0, len(items), size)]
 
 
-def phase_ranges(num_docs: int, args: Hyperparameters) -> list[tuple[int, int, bool]]:
-    """(first, end, then_sgd) document ranges in stream order: the phased mode cuts the stream after
-    each TTT_PHASE_DOCS count and runs global SGD on everything before the cut."""
-    cuts = [d for d in args.ttt_phase_list if d < num_docs] if args.ttt_mode == "phased" else []
-    bounds = [0] + cuts + [num_docs]
+def phase_ranges(docs: list[tuple[int, int]], args: Hyperparameters) -> list[tuple[int, int, bool]]:
+    """(first, end, then_sgd) document ranges in stream order: the phased mode cuts the stream after the
+    document that brings the scored tokens to each TTT_PHASE_TOKENS count (or after each TTT_PHASE_DOCS
+    count of documents), and runs global SGD on everything before the cut."""
+    unit, counts = args.ttt_phase_cuts
+    ends, cuts = np.array([e for _, e in docs]), []
+    for count in counts if args.ttt_mode == "phased" else []:
+        cut = count if unit == "docs" else int(np.searchsorted(ends, count)) + 1
+        if cut < len(docs) and (not cuts or cut > cuts[-1]):
+            cuts.append(cut)
+    bounds = [0] + cuts + [len(docs)]
     return [(a, b, b in cuts) for a, b in zip(bounds, bounds[1:])]
 
 
@@ -2570,17 +2771,18 @@ class TTTStats:
 class ScoreFirstTTT:
     """Score-first test-time training: per-document LoRA (TTT_MODE=lora), plus global SGD phases (phased).
 
-    The documents (split at BOS) are taken in stream order, phase by phase (TTT_PHASE_DOCS). Inside
+    The documents (split at BOS) are taken in stream order, phase by phase (TTT_PHASE_TOKENS). Inside
     a phase, each rank takes its share of the phase's documents (zigzag over length) and batches them
     by length. Each document starts with B = 0 and the phase's A, and its targets are cut into
-    chunks: chunk c is scored under no-grad and recorded in the ledger; only then do its adapters
-    take TTT_STEPS steps on chunk c (the ledger checks it holds those positions) before chunk c+1 is
-    scored. Finished documents leave the batch; the last chunk is never trained on. Documents of one
-    phase adapt independently, so the batching changes nothing. After a phase, global SGD trains
-    every weight on all documents scored so far (stream order: those before the cut), and the next
-    phase's A is the mean A the phase's documents ended with. So a token's score depends on the
-    artifact, its own document before it, and the documents before its phase: never on later tokens
-    nor on where its document ends. After the deadline the remaining documents get the base model.
+    chunks. One forward per chunk: its scores are recorded in the ledger first, and only then does
+    the loss of that same forward train the document's adapters (the ledger checks it holds those
+    positions) before chunk c+1 is scored. Finished documents leave the batch; the last chunk is
+    never trained on. Documents of one phase adapt independently, so the batching changes nothing.
+    After a phase, global SGD trains every weight on all documents scored so far (stream order:
+    those before the cut), and the next phase's A is the mean A the phase's documents ended with. So
+    a token's score depends on the artifact, its own document before it, and the documents before its
+    phase: never on later tokens nor on where its document ends. After the deadline the remaining
+    documents get the base model (zero adapters, through the same compiled graph).
     """
 
     def __init__(self, cfg: ModelConfig, args: Hyperparameters, rt: Runtime):
@@ -2591,14 +2793,14 @@ class ScoreFirstTTT:
         self.phase_docs = 0  # documents adapted in the current phase (their A is summed for the next phase)
         if args.ttt_warm_a:
             g = torch.Generator(device=rt.device).manual_seed(args.seed * 1_000_003)
-            self.shared_A = [torch.randn(m.A.shape[1:], generator=g, device=rt.device) / math.sqrt(m.A.size(1)) for m in self.adapters.loras()]
+            self.shared_A = [(2 * torch.rand(m.A.shape[1:], generator=g, device=rt.device) - 1) / math.sqrt(m.A.size(1)) for m in self.adapters.loras()]
 
     def __call__(self, model, tokens: Tensor, ledger: ScoreLedger, rt: Runtime, base_ledger: ScoreLedger | None = None, deadline: float | None = None, log=None) -> TTTStats:
         """Score every target of `tokens` once into `ledger` (and, if given, the base model's scores into `base_ledger`)."""
         args, stats = self.args, TTTStats()
         docs = document_spans(tokens)
         t_start, done, total = time.perf_counter(), 0, 0
-        ranges = phase_ranges(len(docs), args)
+        ranges = phase_ranges(docs, args)
         for first, end, then_sgd in ranges:
             phase = docs[first:end]
             order = sorted(range(len(phase)), key=lambda i: (phase[i][1] - phase[i][0], i))
@@ -2627,70 +2829,67 @@ class ScoreFirstTTT:
         return stats
 
     def chunk_windows(self, tokens: Tensor, batch: list[tuple[int, int]], c: int):
-        """Inputs, targets, positions and the mask of chunk c's targets for each document (left-aligned, zero padded)."""
-        C, ctx = self.args.ttt_chunk_size, self.args.ttt_context_len
-        spans = []
-        for s, e in batch:
-            t0 = c * C
-            t1 = min(t0 + C, e - s)
-            w0 = max(0, t0 + C - ctx)  # from the chunk's full end: a chunk's context never depends on where its document ends
-            spans.append((s + w0, s + t1, t0 - w0))
-        width = max(b - a for a, b, _ in spans)
-        width = min(-(-width // C) * C, max(ctx, width))  # few distinct shapes for the compiler
-        x = torch.zeros(len(batch), width, dtype=torch.long, device=tokens.device)
-        y = torch.zeros_like(x)
-        pos = torch.ones_like(x)
-        mask = torch.zeros(len(batch), width, dtype=torch.bool, device=tokens.device)
-        for i, (a, b, first) in enumerate(spans):
-            x[i, : b - a], y[i, : b - a] = tokens[a:b], tokens[a + 1 : b + 1]
-            pos[i, : b - a] = torch.arange(a + 1, b + 1, device=tokens.device)
-            mask[i, first : b - a] = True
-        return x, y, pos, mask
+        """Inputs, targets, positions and the mask of chunk c's targets for each document (left-aligned,
+        zero padded), on the tokens' device. Every window ends where chunk c ends in a document long
+        enough to hold it, so its context never depends on where its document ends, and all have the
+        width min((c + 1) * chunk, context)."""
+        C = self.args.ttt_chunk_size
+        w0 = max(0, (c + 1) * C - self.args.ttt_context_len)
+        spans = torch.tensor(batch)
+        starts, ends = spans[:, :1], spans[:, 1:]
+        idx = starts + w0 + torch.arange((c + 1) * C - w0)  # (B, width) input positions
+        valid = idx < torch.minimum(ends, starts + (c + 1) * C)
+        mask = valid & (idx >= starts + c * C)
+        device = tokens.device
+        take, valid = torch.where(valid, idx, 0).to(device), valid.to(device)
+        return torch.where(valid, tokens[take], 0), torch.where(valid, tokens[take + 1], 0), (idx + 1).to(device), mask.to(device)
 
     def score_batch(self, model, tokens, ledger, batch, adapt: bool, late: bool, base_ledger, stats: TTTStats, A_sum):
-        args = self.args
-        C = args.ttt_chunk_size
+        """One batch of documents, chunk by chunk. Every forward goes through the adapters (reset, B = 0,
+        they add exactly nothing where the base model scores) with gradients on: one compiled graph."""
+        args, adapters = self.args, self.adapters
+        C, limit = args.ttt_chunk_size, args.ttt_max_adapt_tokens
         num_chunks = [-(-(e - s) // C) for s, e in batch]
-        adapters = self.adapters if adapt else None
-        if adapters is not None:
-            adapters.reset([args.seed * 1_000_003 + s for s, _ in batch], self.shared_A)
-            self.optimizer.reset()
+        adapters.reset([args.seed * 1_000_003 + s for s, _ in batch], self.shared_A if adapt else None)
+        self.optimizer.reset()
         for c in range(max(num_chunks)):
             active = [i for i in range(len(batch)) if c < num_chunks[i]]  # finished documents leave the batch
-            x, y, pos, mask = self.chunk_windows(tokens, [batch[i] for i in active], c)
-            if adapters is not None:
-                adapters.rows = torch.tensor(active, device=tokens.device)
-            with torch.no_grad():
-                ledger.score(model, x, y, pos, mask, adapters, late=late)
-                if base_ledger is not None:
-                    base_ledger.score(model, x, y, pos, mask)
-            stats.tokens_computed += x.numel() * (2 if base_ledger is not None else 1)
+            rows = active + active[:1] * (MIN_ROWS - len(active))  # a lone document gets a masked twin
+            x, y, pos, mask = self.chunk_windows(tokens, [batch[i] for i in rows], c)
+            mask[len(active) :] = False
+            trains = [k < len(active) and adapt and c < num_chunks[i] - 1 and (not limit or (c + 1) * C <= limit) for k, i in enumerate(rows)]
+            adapters.rows = torch.tensor(rows, device=tokens.device)
+            dynamic_rows(x, y, pos, mask, dims=(0, 1))
+            dynamic_rows(adapters.rows)
+            with torch.enable_grad():
+                nll = ledger.score(model, x, y, pos, mask, adapters, late=late, layout=ONE_SEGMENT_PER_ROW)
+            stats.tokens_computed += x.numel()
             stats.tokens_scored += int(mask.sum())
-            limit = args.ttt_max_adapt_tokens
-            trains = [k for k, i in enumerate(active) if c < num_chunks[i] - 1 and (not limit or (c + 1) * C <= limit)]
-            if adapters is None or not trains:
-                continue
-            rows = torch.tensor(trains, device=tokens.device)
-            x, y, pos, mask = x[rows], y[rows], pos[rows], mask[rows]
-            adapters.rows = torch.tensor([active[k] for k in trains], device=tokens.device)
-            ledger.require_scored(pos[mask])
-            lr = torch.zeros(args.ttt_batch_size, device=tokens.device)
-            lr[adapters.rows] = adapter_lr(c, args)
-            for _ in range(args.ttt_steps):
-                with torch.enable_grad():
-                    nll_t = token_nll(model, x, y, adapters)
-                    per_doc = (nll_t * mask).sum(dim=1) / mask.sum(dim=1).clamp_min(1)
-                    per_doc.sum().backward()
-                self.optimizer.step(lr)
-                for p in self.adapters.parameters():
-                    p.grad = None
+            if base_ledger is not None:  # TTT_REPORT_BASE: the base model on the same windows (its own graph)
+                with torch.no_grad():
+                    base_ledger.score(model, x, y, pos, mask, layout=ONE_SEGMENT_PER_ROW)
                 stats.tokens_computed += x.numel()
-        if adapters is not None:
-            adapters.rows = None
-            if A_sum is not None:
-                for total, m in zip(A_sum, adapters.loras()):
-                    total += m.A[: len(batch)].detach().sum(0)
-                self.phase_docs += len(batch)
+            if not any(trains):
+                continue
+            train_mask = mask & torch.tensor(trains, device=tokens.device).unsqueeze(1)
+            ledger.require_scored(pos[train_mask])
+            lr = torch.zeros(args.ttt_batch_size, device=tokens.device)
+            lr[[i for k, i in enumerate(rows) if trains[k]]] = adapter_lr(c, args)
+            for step in range(args.ttt_steps):
+                if step:
+                    with torch.enable_grad(), autocast_context(x.device):
+                        nll = model(x, y, adapters=adapters, layout=ONE_SEGMENT_PER_ROW, reduction="none")
+                    stats.tokens_computed += x.numel()
+                per_doc = (nll * train_mask).sum(dim=1) / train_mask.sum(dim=1).clamp_min(1)
+                per_doc.sum().backward()
+                self.optimizer.step(lr)
+                for p in adapters.parameters():
+                    p.grad = None
+        adapters.rows = None
+        if adapt and A_sum is not None:
+            for total, m in zip(A_sum, adapters.loras()):
+                total += m.A[: len(batch)].detach().sum(0)
+            self.phase_docs += len(batch)
 
     def mean_A(self, A_sum: list[Tensor], rt: Runtime) -> list[Tensor]:
         """The next phase's A: the mean over every document adapted in this phase, on every rank."""
@@ -2718,10 +2917,16 @@ class ScoreFirstTTT:
             for k, step in enumerate(steps):
                 lr = args.ttt_phase_lr * 0.5 * (1 + math.cos(math.pi * k / len(steps)))
                 mine = step[rt.rank :: rt.world_size]
-                for a in mine:
-                    x, y = tokens[a : a + seq].unsqueeze(0), tokens[a + 1 : a + seq + 1].unsqueeze(0)
-                    (token_nll(model, x, y).sum() / (len(step) * seq)).backward()
-                    stats.tokens_computed += seq
+                if mine:  # this rank's sequences in one forward; a lone one gets a twin of weight 0
+                    rows = torch.tensor(mine + mine[:1] * (MIN_ROWS - len(mine)), device=tokens.device)
+                    weight = (torch.arange(rows.numel(), device=tokens.device) < len(mine)).float()
+                    idx = rows.unsqueeze(1) + torch.arange(seq, device=tokens.device)
+                    x, y = tokens[idx], tokens[idx + 1]
+                    dynamic_rows(x, y)
+                    with autocast_context(x.device):
+                        nll = model(x, y, layout=isolated_layout(model, x), reduction="none")
+                    ((nll.sum(dim=1) * weight).sum() / (len(step) * seq)).backward()
+                    stats.tokens_computed += x.numel()
                 grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
                 if rt.distributed:
                     flat = torch.cat([g.reshape(-1) for g in grads])
@@ -2907,7 +3112,9 @@ def ttt_deadline(t_start: float, deadline_seconds: float, world_size: int) -> fl
 
 
 def compile_for_eval(model: GPT, args: Hyperparameters, rt: Runtime):
-    """Shape-generic after the first recompile; TTT calls the model in four ways (up to 8 graphs), above dynamo's default limit of 8."""
+    """Batch sizes and TTT widths are marked dynamic where the paths call it, so each way of calling
+    the model (windows, TTT, the phases' SGD, the audit's distributions) compiles once; the limit is
+    raised above dynamo's 8 for the few ways and their rare specializations."""
     if not (args.compile and rt.device.type == "cuda"):
         return model
     name = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"  # renamed in torch 2.7
@@ -2915,9 +3122,20 @@ def compile_for_eval(model: GPT, args: Hyperparameters, rt: Runtime):
     return torch.compile(model)
 
 
+def forward_graphs() -> int:
+    """How many compiled versions of GPT.forward dynamo holds (its cache entries; 0 when nothing is compiled)."""
+    try:
+        from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+        return len(_debug_get_cache_entry_list(GPT.forward.__code__))
+    except (ImportError, AttributeError):
+        return 0
+
+
 def warm_up_paths(forward, weights, names: list[str], args: Hyperparameters, rt: Runtime, tables: ByteTables, vocab_size: int):
-    """Run every path on random tokens (never validation data) so each graph compiles before the clock runs;
-    two documents per phase, so the phased SGD step compiles too."""
+    """Run every path on random tokens (never validation data) so each graph compiles before the clock
+    runs: documents longer than the TTT context (every chunk width), and one phase cut, so the phased
+    SGD step compiles too."""
     doc_len = max(args.ttt_context_len + 2 * args.ttt_chunk_size, args.ttt_phase_seq_len + 1)
     length = max(2 * args.eval_seq_len, args.train_seq_len, args.ttt_batch_size * doc_len, 4 * doc_len) + 1
     dummy = dummy_token_stream(length, vocab_size, doc_len, rt.device)
@@ -2944,31 +3162,32 @@ def evaluate_artifact(path: Path, args: Hyperparameters, rt: Runtime, log: Logge
     """Everything after training. Timed, as the evaluation: load the artifact and score each path
     (every path from the artifact's weights). Untimed and logged apart: the compile warm-up on
     dummy tokens, and afterwards the audit of the final path."""
-    t_start = sync_time(rt)
+    t_start, reload = sync_time(rt), Stage("reload", log, rt)
     model = load_model_from_artifact(path, rt.device, backend)
     model.requires_grad_(False)
     weights = {k: v.clone() for k, v in model.state_dict().items()}
-    log(f"artifact_load decompress_and_rebuild:{1000.0 * (sync_time(rt) - t_start):.0f}ms")
+    log(f"artifact_load decompress_and_rebuild:{1000.0 * reload.done():.0f}ms")
     forward = compile_for_eval(model, args, rt)
     names = evaluation_paths(args)
-    warmup_s = 0.0
+    warmup_s, graphs = 0.0, forward_graphs()
     if forward is not model:
-        t0 = sync_time(rt)
+        warmup = Stage("eval_compile_warmup", log, rt)
         warm_up_paths(forward, weights, names, args, rt, tables, model.cfg.vocab_size)
-        warmup_s = sync_time(rt) - t0
-        log(f"eval_compile_warmup:{1000.0 * warmup_s:.0f}ms (dummy tokens, not counted in eval_time_total)")
+        warmup_s = warmup.done()
+        log(f"eval_compile_warmup:{1000.0 * warmup_s:.0f}ms graphs:{forward_graphs() - graphs} (dummy tokens, not counted in eval_time_total)")
+    graphs = forward_graphs()
     deadline = ttt_deadline(t_start + warmup_s, args.ttt_deadline_seconds, rt.world_size)
     results, ledgers = {}, {}
     for name in names:
         ledger = ScoreLedger(val_tokens, tables)
         base_ledger = ScoreLedger(val_tokens, tables) if name == "ttt" and args.ttt_report_base else None
-        t0 = sync_time(rt)
+        timer = Stage(f"eval_{path_label(name, args)}", log, rt)
         options = dict(base_ledger=base_ledger, deadline=deadline, log=log) if name == "ttt" else {}
         stats = score_path(name, forward, weights, val_tokens, ledger, args, rt, **options)
         ledger.merge(rt)
         result = ledger.result()
         label = f"final_{scheme}_{path_label(name, args)}"
-        log(f"{label} val_loss:{result.val_loss:.4f} val_bpb:{result.val_bpb:.4f} eval_time:{1000.0 * (sync_time(rt) - t0):.0f}ms")
+        log(f"{label} val_loss:{result.val_loss:.4f} val_bpb:{result.val_bpb:.4f} eval_time:{1000.0 * timer.done():.0f}ms")
         log(f"{label}_exact val_loss:{result.val_loss:.8f} val_bpb:{result.val_bpb:.8f}")
         results[name], ledgers[name] = result, ledger
         if name == "ttt":
@@ -2989,12 +3208,13 @@ def evaluate_artifact(path: Path, args: Hyperparameters, rt: Runtime, log: Logge
     total_s = sync_time(rt) - t_start - warmup_s
     projected = total_s * rt.world_size / 8
     log(f"eval_time_total:{1000.0 * total_s:.0f}ms projected_8gpu_s:{projected:.1f} fits_600s:{'yes' if projected <= 600 else 'no'}")
+    log(f"eval_compiles_during_timed_eval graphs:{forward_graphs() - graphs} (0: every graph compiled in the warm-up)")
     audits = []
     if args.eval_audit:
-        t0 = sync_time(rt)
+        timer = Stage("audit", log, rt)
         report = audit_final_path(names[-1], path, args, rt, tables, val_tokens, ledgers[names[-1]], backend)
         log(report.line())
-        log(f"eval_audit_time:{1000.0 * (sync_time(rt) - t0):.0f}ms (after the timed evaluation)")
+        log(f"eval_audit_time:{1000.0 * timer.done():.0f}ms (after the timed evaluation)")
         audits.append(report)
     return results, audits
 
@@ -3018,10 +3238,12 @@ def quantize_and_write(model: GPT, hessians, args: Hyperparameters, rt: Runtime,
     report, written = None, [False]
     try:
         if rt.is_master:
-            t0 = sync_time(rt)
+            timer = Stage("quantize", log, rt)
             qstate = quantize_state_dict(model.state_dict(), args, hessians, log)
-            quant_ms = 1000.0 * (sync_time(rt) - t0)
+            quant_ms = 1000.0 * timer.done()
+            timer = Stage("compress", log, rt)
             report, streams, timings = write_artifact(qstate, model.cfg, args, path, code_bytes, log)
+            timer.done()
             t1 = time.perf_counter()
             read_artifact(path)
             decode_ms = 1000.0 * (time.perf_counter() - t1)
@@ -3055,7 +3277,7 @@ def calibrate_after_training(model: GPT, hessians: dict | None, args: Hyperparam
     if args.gptq_calibration == "self":
         batches = generate_calibration_batches(model, args.gptq_calib_seqs, args.train_seq_len, args.gptq_calib_temperature, rt, args.seed)
     else:
-        batches = train_batches_for_calibration(DistributedTokenLoader(args.data_path, rt), args, rt)
+        batches = train_batches_for_calibration(DistributedTokenLoader.for_model(args, rt, model), args, rt)
     hessians = collect_hessians(model, batches, rt)
     log(f"gptq_calibration source:{args.gptq_calibration} seqs:{args.gptq_calib_seqs} time:{1000.0 * (sync_time(rt) - t0):.0f}ms")
     return hessians
@@ -3182,7 +3404,9 @@ def run(args: Hyperparameters, rt: Runtime, run_id: str, log: Logger) -> bool:
     log(args.describe().replace(f"RUN_ID={args.run_id}", f"RUN_ID={run_id}"))
     log(f"code_sha256:{hashlib.sha256(source).hexdigest()} code_bytes:{len(source)}")
     artifact_path = Path(args.eval_only or args.artifact_path or log_dir / f"{run_id}.pgz")
+    timer = Stage("preflight", log, rt)
     preflight(args, rt, artifact_path, log)
+    timer.done()
     code_bytes = 0
     if rt.is_master:
         shipped = log_dir / f"{run_id}.train_gpt.py"

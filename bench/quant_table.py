@@ -169,7 +169,7 @@ def main():
         if opts.checkpoint:
             tg.torch.save(model.state_dict(), opts.checkpoint)
     model.requires_grad_(False)
-    hessians = tg.collect_hessians(model, tg.train_batches_for_calibration(tg.DistributedTokenLoader(args.data_path, rt), args, rt), rt)
+    hessians = tg.collect_hessians(model, tg.train_batches_for_calibration(tg.DistributedTokenLoader.for_model(args, rt, model), args, rt), rt)
     pre = tg.evaluate_standard(model, val_tokens, tables, args, rt)
     source = tg.running_source()
     code_bytes = {"raw": len(source), "shipped": len(tg.shipped_code(source, args.code_minify))}

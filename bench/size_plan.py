@@ -55,7 +55,7 @@ def main():
     model.requires_grad_(False)
     hessians = None
     if args.gptq_enabled:
-        hessians = tg.collect_hessians(model, tg.train_batches_for_calibration(tg.DistributedTokenLoader(args.data_path, rt), short, rt), rt)
+        hessians = tg.collect_hessians(model, tg.train_batches_for_calibration(tg.DistributedTokenLoader.for_model(short, rt, model), short, rt), rt)
     t1 = time.perf_counter()
     qstate = tg.quantize_state_dict(model.state_dict(), args, hessians)
     t2 = time.perf_counter()

@@ -85,7 +85,7 @@ def test_missing_shards_message_names_download_and_smoke_commands(tmp_path):
     with pytest.raises(train_gpt.DataError, match="cached_challenge_fineweb.py"):
         train_gpt.load_validation_tokens(str(tmp_path), 1024)
     with pytest.raises(train_gpt.DataError, match="data/smoke.py"):
-        train_gpt.DistributedTokenLoader(str(tmp_path), train_gpt.Runtime())
+        train_gpt.DistributedTokenLoader(str(tmp_path), train_gpt.Runtime(), 16)
 
 
 def test_shards_are_read_in_name_order(tmp_path):
@@ -115,51 +115,77 @@ def test_validation_needs_two_tokens(tmp_path):
 
 
 def _write_train(tmp_path, sizes):
-    """Train shards holding 0, 1, 2, ... (mod 60000) so every token names its global position."""
+    """Train shards holding 2, 3, 4, ... (mod 60000, never BOS) so every token names its global position."""
     start = 0
     for i, n in enumerate(sizes):
-        train_gpt.write_data_shard(tmp_path / f"fineweb_train_{i:06d}.bin", (np.arange(start, start + n) % 60000).astype(np.uint16))
+        train_gpt.write_data_shard(tmp_path / f"fineweb_train_{i:06d}.bin", (2 + np.arange(start, start + n) % 60000).astype(np.uint16))
         start += n
     return start
 
 
-def test_token_stream_crosses_shards_and_wraps(tmp_path):
-    total = _write_train(tmp_path, [10, 7])
-    stream = train_gpt.TokenStream(train_gpt.shard_files(str(tmp_path), "train"))
-    got = np.concatenate([stream.take(6) for _ in range(5)])
-    expected = np.arange(30) % total
-    assert np.array_equal(got, expected)
+def test_loader_spans_stay_inside_a_shard_skip_its_tail_and_wrap(tmp_path):
+    """Each micro-step reads local + 1 tokens from one shard; a tail too short for a span is skipped, as the record's loader does."""
+    _write_train(tmp_path, [50, 37])
+    loader = train_gpt.DistributedTokenLoader(str(tmp_path), train_gpt.Runtime(), 8)
+    firsts = [int(loader.next_batch(8 * 16, 8)[0][0, 0]) - 2 for _ in range(7)]  # 16 inputs + 1 per micro-step
+    assert firsts == [0, 17, 50, 67, 0, 17, 50]
 
 
-def test_loader_x_y_are_shifted_by_one(tmp_path):
+def test_loader_starts_at_a_shards_first_bos(tmp_path):
+    tokens = np.arange(2, 202, dtype=np.uint16)
+    tokens[5] = tokens[40] = train_gpt.BOS_ID
+    train_gpt.write_data_shard(tmp_path / "fineweb_train_000000.bin", tokens)
+    x, y, _ = train_gpt.DistributedTokenLoader(str(tmp_path), train_gpt.Runtime(), 8).next_batch(8 * 16, 8)
+    assert x.flatten().tolist() == tokens[5:21].tolist() and y.flatten().tolist() == tokens[6:22].tolist()
+
+
+@pytest.mark.parametrize("backend, shape", [("sdpa", (4, 16)), ("fa2", (1, 64))])
+def test_loader_x_y_are_shifted_by_one(tmp_path, backend, shape):
+    """SDPA gets rows of TRAIN_SEQ_LEN; a FlashAttention backend one row per micro-step."""
     _write_train(tmp_path, [5000])
-    loader = train_gpt.DistributedTokenLoader(str(tmp_path), train_gpt.Runtime())
-    x, y = loader.next_batch(8 * 16, 16, 2)
-    assert x.shape == y.shape == (4, 16) and x.dtype == torch.int64
+    loader = train_gpt.DistributedTokenLoader(str(tmp_path), train_gpt.Runtime(), 16, backend)
+    x, y, layout = loader.next_batch(8 * 64, 8)
+    assert x.shape == y.shape == shape and x.dtype == torch.int64
     assert torch.equal(y.flatten(), x.flatten() + 1)
+    assert (layout.mask is None) == (backend != "sdpa") and (layout.cu_seqlens is None) == (backend == "sdpa")
+
+
+def test_loader_layout_cuts_documents_at_bos_and_every_seq_len(tmp_path):
+    """The packed row's segments start at every BOS and every TRAIN_SEQ_LEN tokens into a document (not
+    at the SDPA layout's row edges, so a document across one keeps its context)."""
+    tokens = np.full(400, 7, dtype=np.uint16)
+    tokens[[0, 10, 50]] = train_gpt.BOS_ID
+    train_gpt.write_data_shard(tmp_path / "fineweb_train_000000.bin", tokens)
+    _, _, layout = train_gpt.DistributedTokenLoader(str(tmp_path), train_gpt.Runtime(), 16, "fa2").next_batch(8 * 64, 8)
+    cu = layout.cu_seqlens.tolist()
+    assert cu[:5] == [0, 10, 26, 42, 50] and set(cu[5:]) == {64} and len(cu) % 64 == 0  # the document from 10 runs past 16 tokens
+    assert layout.max_len == 16
+    _, _, plain = train_gpt.DistributedTokenLoader(str(tmp_path), train_gpt.Runtime(), 16, "fa2", isolate=False).next_batch(8 * 64, 8)
+    assert plain.cu_seqlens.tolist()[:5] == [0, 16, 32, 48, 64]
 
 
 @pytest.mark.parametrize("world_size", [2, 4, 8])
-def test_ranks_together_read_what_one_rank_reads_for_the_same_global_batch(tmp_path, world_size):
+@pytest.mark.parametrize("backend", ["sdpa", "fa2"])
+def test_ranks_together_read_what_one_rank_reads_for_the_same_global_batch(tmp_path, world_size, backend):
     """Runtime.grad_accum_steps = 8 // world_size keeps the global batch: the ranks' slices of each of
     their micro-steps must together be exactly the micro-batches of one process with 8 micro-steps,
-    so 1, 2, 4 or 8 processes train on the same tokens."""
+    so 1, 2, 4 or 8 processes train on the same tokens with the same attention segments."""
     _write_train(tmp_path, [3000, 2500])  # several steps, crossing a shard boundary
     global_tokens, seq_len, steps = 8 * 2 * 16, 16, 3
     single_rt = train_gpt.Runtime()
-    single = train_gpt.DistributedTokenLoader(str(tmp_path), single_rt)
-    single_batches = [single.next_batch(global_tokens, seq_len, single_rt.grad_accum_steps) for _ in range(steps * 8)]
+    single = train_gpt.DistributedTokenLoader(str(tmp_path), single_rt, seq_len, backend)
+    single_batches = [single.next_batch(global_tokens, single_rt.grad_accum_steps) for _ in range(steps * 8)]
     rts = [train_gpt.Runtime(rank=r, world_size=world_size) for r in range(world_size)]
-    loaders = [train_gpt.DistributedTokenLoader(str(tmp_path), rt) for rt in rts]
+    loaders = [train_gpt.DistributedTokenLoader(str(tmp_path), rt, seq_len, backend) for rt in rts]
     accum = rts[0].grad_accum_steps
     assert accum * world_size == 8
     multi = []
     for _ in range(steps * accum):
-        per_rank = [ld.next_batch(global_tokens, seq_len, accum) for ld in loaders]
-        multi.extend(per_rank)
+        multi.extend(ld.next_batch(global_tokens, accum) for ld in loaders)
     assert len(multi) == len(single_batches)
-    for (xs, ys), (xm, ym) in zip(single_batches, multi):
+    for (xs, ys, ls), (xm, ym, lm) in zip(single_batches, multi):
         assert torch.equal(xs, xm) and torch.equal(ys, ym)
+        assert all(torch.equal(a, b) if a is not None else b is None for a, b in zip(ls, lm) if not isinstance(a, int))
 
 
 def test_two_ranks_split_one_call_without_overlap(tmp_path):
@@ -167,8 +193,8 @@ def test_two_ranks_split_one_call_without_overlap(tmp_path):
     global_tokens, seq_len = 2 * 4 * 16, 16
     xs = []
     for r in range(2):
-        loader = train_gpt.DistributedTokenLoader(str(tmp_path), train_gpt.Runtime(rank=r, world_size=2))
-        x, y = loader.next_batch(global_tokens, seq_len, 1)
+        loader = train_gpt.DistributedTokenLoader(str(tmp_path), train_gpt.Runtime(rank=r, world_size=2), seq_len)
+        x, y, _ = loader.next_batch(global_tokens, 1)
         assert x.shape == (4, 16)
         assert torch.equal(y.flatten(), x.flatten() + 1)
         xs.append(x)

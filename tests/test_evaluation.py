@@ -427,7 +427,7 @@ class LeakyTTT(T.ScoreFirstTTT):
                     self.train(model, x, y, pos, mask, ledger, lr)
                 with torch.no_grad():
                     if h["report"] != "each":
-                        nll = T.token_nll(model, x, y, self.adapters)
+                        nll = token_nll(model, x, y, self.adapters)
                         for p, v in zip(pos[mask].tolist(), nll[mask].tolist()):
                             best[p] = min(v, best.get(p, math.inf))
                     elif h["target_bonus"]:
@@ -436,7 +436,7 @@ class LeakyTTT(T.ScoreFirstTTT):
                         logp = logits.log_softmax(-1)
                         ledger.record(pos[mask], -logp.gather(-1, y[..., None])[..., 0][mask], logp[mask])
                     else:
-                        ledger.score(model, x, y, pos, mask, self.adapters)
+                        ledger.score(model, x, y, pos, mask, self.adapters, layout=T.ONE_SEGMENT_PER_ROW)
                 if not first:
                     self.train(model, x, y, pos, mask, ledger, lr)
         self.adapters.rows = None
@@ -450,11 +450,15 @@ class LeakyTTT(T.ScoreFirstTTT):
             ledger.require_scored(pos[mask])
         for _ in range(self.args.ttt_steps):
             with torch.enable_grad():
-                nll = T.token_nll(model, x, y, self.adapters)
+                nll = token_nll(model, x, y, self.adapters)
                 ((nll * mask).sum(1) / mask.sum(1).clamp_min(1)).sum().backward()
             self.optimizer.step(lr)
             for p in self.adapters.parameters():
                 p.grad = None
+
+
+def token_nll(model, x, y, adapters=None):
+    return model(x, y, adapters=adapters, layout=T.ONE_SEGMENT_PER_ROW, reduction="none")
 
 
 def leaky(model, batch_size=4, **habits):
@@ -519,15 +523,30 @@ def test_audit_fails_routing_by_document_length(model, tables):
     assert_fails(report, "causal")
 
 
-class PriorModel(nn.Module):
+class LogitsCheat(nn.Module):
+    """A wrapper that changes the model's logits, keeping GPT.forward's contract: logits, or with
+    targets their cross-entropy (what the scorers record)."""
+
+    cfg = property(lambda self: self.model.cfg)
+    attn_backend = property(lambda self: self.model.attn_backend)
+
+    def forward(self, idx, targets=None, adapters=None, layout=None, reduction="mean"):
+        logits = self.logits(idx, adapters, layout)
+        if targets is None:
+            return logits
+        nll = torch.logsumexp(logits, -1) - logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        return nll if reduction == "none" else nll.mean()
+
+
+class PriorModel(LogitsCheat):
     """The model's logits plus a fixed log-prior over the vocabulary (a constant fitted somewhere)."""
 
     def __init__(self, model, log_prior):
         super().__init__()
         self.model, self.log_prior = model, log_prior
 
-    def forward(self, idx, targets=None, adapters=None):
-        return self.model(idx, adapters=adapters) + self.log_prior
+    def logits(self, idx, adapters, layout):
+        return self.model(idx, adapters=adapters, layout=layout) + self.log_prior
 
 
 def fitted_prior(tokens) -> torch.Tensor:
@@ -567,7 +586,7 @@ def test_audit_fails_a_model_changed_in_memory_before_scoring(model, tables):
     assert_fails(report, "prefix")
 
 
-def uncausal_attention(q, k, v, backend, layout=None):
+def uncausal_attention(q, k, v, backend, layout=T.ONE_SEGMENT_PER_ROW):
     y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=False, enable_gqa=True)
     return y.transpose(1, 2)
 
@@ -581,15 +600,15 @@ def test_audit_fails_attention_without_a_causal_mask(model, tables, monkeypatch,
     assert report.checks["normalized"][0] and report.checks["exactly_once"][0]
 
 
-class PeekAhead(nn.Module):
+class PeekAhead(LogitsCheat):
     """A model wrapper whose logits at each input also see the token `offset` places later."""
 
     def __init__(self, model, offset):
         super().__init__()
         self.model, self.offset = model, offset
 
-    def forward(self, idx, targets=None, adapters=None):
-        logits = self.model(idx, adapters=adapters)
+    def logits(self, idx, adapters, layout):
+        logits = self.model(idx, adapters=adapters, layout=layout)
         ahead = F.pad(idx[:, self.offset :], (0, self.offset))
         return logits + 4.0 * F.one_hot(ahead, logits.size(-1)).float()
 
@@ -749,7 +768,7 @@ def test_finished_documents_leave_the_batch(model, tables, monkeypatch):
     chunk_windows = T.ScoreFirstTTT.chunk_windows
     monkeypatch.setattr(T.ScoreFirstTTT, "chunk_windows", lambda self, toks, batch, c: (rows.append(len(batch)), chunk_windows(self, toks, batch, c))[1])
     ledger, _, stats = ttt_run(model, tokens, tables, TTT_LR=0.05, TTT_BATCH_SIZE=4)
-    assert rows[:2] == [4, 4] and rows[-1] == 1, rows  # the 80-token document runs on alone
+    assert rows[:2] == [4, 4] and rows[-1] == 2, rows  # the 80-token document runs on alone (with its masked twin)
     assert stats.tokens_scored == tokens.numel() - 1
     assert stats.tokens_computed < 5 * stats.tokens_scored
     ledger.result()
@@ -814,11 +833,15 @@ def test_zigzag_ranks_balance_length_sorted_documents(world):
 
 def test_phases_cut_the_stream_in_order():
     args = tiny_args(TTT_PHASE_DOCS="3,5,9")
-    assert T.phase_ranges(12, args) == [(0, 3, True), (3, 5, True), (5, 9, True), (9, 12, False)]
-    assert T.phase_ranges(6, args) == [(0, 3, True), (3, 5, True), (5, 6, False)]
-    assert T.phase_ranges(12, tiny_args(TTT_MODE="lora")) == [(0, 12, False)]
-    with pytest.raises(T.SettingsError, match="TTT_PHASE_DOCS"):
-        tiny_args(TTT_PHASE_DOCS="5,3")
+    docs = lambda n: [(10 * i, 10 * i + 10) for i in range(n)]  # noqa: E731
+    assert T.phase_ranges(docs(12), args) == [(0, 3, True), (3, 5, True), (5, 9, True), (9, 12, False)]
+    assert T.phase_ranges(docs(6), args) == [(0, 3, True), (3, 5, True), (5, 6, False)]
+    assert T.phase_ranges(docs(12), tiny_args(TTT_MODE="lora")) == [(0, 12, False)]
+    # by tokens: the cut follows the document that brings the scored tokens to each count
+    assert T.phase_ranges(docs(12), tiny_args(TTT_PHASE_TOKENS="25,30,31,200")) == [(0, 3, True), (3, 4, True), (4, 12, False)]
+    for name in ("TTT_PHASE_DOCS", "TTT_PHASE_TOKENS"):
+        with pytest.raises(T.SettingsError, match=name):
+            tiny_args(**{name: "5,3"})
 
 
 def test_global_sgd_trains_only_on_documents_already_scored(model, tables, monkeypatch):

@@ -213,12 +213,12 @@ def test_document_isolation_matches_scoring_each_document_alone():
 
 def test_document_layout_for_flash_attention_is_padded_and_complete():
     idx = documents_batch()
-    cu = train_gpt.document_cu_seqlens(idx)
-    starts = [0, 11, 23, T, T + 11, T + 23]
-    assert cu.dtype == torch.int32 and cu.numel() == 64
+    layout = train_gpt.document_layout(idx, "fa2")
+    cu, starts = layout.cu_seqlens, [0, 11, 23, T, T + 11, T + 23]
+    assert cu.dtype == torch.int32 and cu.numel() == 64 and layout.max_len == T and layout.mask is None
     assert cu[:6].tolist() == starts and (cu[6:] == 2 * T).all()
     many = torch.full((4, 64), train_gpt.BOS_ID)
-    assert train_gpt.document_cu_seqlens(many).numel() == 512  # 256 documents + the end, rounded up to a power of two
+    assert train_gpt.document_layout(many, "fa2").cu_seqlens.numel() == 320  # 256 documents + the end, up to a multiple of 64
 
 
 def test_attention_alone_is_causal():
@@ -227,11 +227,11 @@ def test_attention_alone_is_causal():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, T, 32, generator=g)
     with torch.no_grad():
-        base = attn(x, None, None, 0)
+        base = attn(x, train_gpt.ONE_SEGMENT_PER_ROW, None, 0)
         for t in (0, 3, 15, T - 2):
             changed = x.clone()
             changed[:, t + 1 :] = torch.randn(2, T - t - 1, 32, generator=g)
-            out = attn(changed, None, None, 0)
+            out = attn(changed, train_gpt.ONE_SEGMENT_PER_ROW, None, 0)
             assert torch.equal(out[:, : t + 1], base[:, : t + 1])
             assert not torch.allclose(out[:, t + 1], base[:, t + 1])
 
@@ -267,7 +267,7 @@ def test_select_attention_backend_on_cpu():
     cpu = torch.device("cpu")
     assert train_gpt.select_attention_backend("auto", cpu) == "sdpa"
     assert train_gpt.select_attention_backend("sdpa", cpu) == "sdpa"
-    for forced in ("fa3", "fa2"):
+    for forced in ("fa3", "varlen", "fa2"):
         with pytest.raises(train_gpt.SettingsError, match=f"ATTN_BACKEND={forced}"):
             train_gpt.select_attention_backend(forced, cpu)
 
@@ -344,9 +344,9 @@ def test_attention_gate_is_per_head_and_reads_the_first_dims():
     W = torch.randn(4, 4, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         attn.out_gate.zero_()
-        attn(x, None, None, 0)
+        attn(x, train_gpt.ONE_SEGMENT_PER_ROW, None, 0)
         attn.out_gate.copy_(W)
-        attn(x, None, None, 0)
+        attn(x, train_gpt.ONE_SEGMENT_PER_ROW, None, 0)
     half, gated = seen
     gate = torch.sigmoid(0.5 * x[..., :4] @ W.T)  # (B, T, heads)
     assert torch.allclose(gated, 2 * half * gate.unsqueeze(-1), atol=1e-5)
