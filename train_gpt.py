@@ -790,10 +790,9 @@ def stream_target_bytes(tokens: Tensor, tables: ByteTables) -> Tensor:
     When `tokens` is the validation stream of the byte sidecar (or its start, as the audit's probe),
     target position p is charged sidecar[p]; any other stream (compile warm-up, the audit's perturbed
     copy) and every run without a sidecar get the official count."""
-    n, tables = tokens.numel(), tables.to(tokens.device)
-    sidecar = tables.sidecar_tokens
-    if sidecar is not None and n <= sidecar.numel() and torch.equal(tokens, sidecar[:n]):
-        return tables.sidecar_bytes[1:n]
+    n, sidecar = tokens.numel(), tables.sidecar_tokens
+    if sidecar is not None and n <= sidecar.numel() and torch.equal(tokens, sidecar[:n].to(tokens.device)):
+        return tables.sidecar_bytes[1:n].to(tokens.device)
     return target_bytes(tokens[:-1], tokens[1:], tables)
 
 
@@ -1596,6 +1595,11 @@ def lr_multiplier(step: int, elapsed_ms: float, args: Hyperparameters, budget_ms
 # ----------------------------------------------------------------------------- training: warm-up, step loop, averaging, calibration
 
 
+def compiled(model: nn.Module, args: Hyperparameters, rt: Runtime, **options) -> nn.Module:
+    """torch.compile (inductor) of the model on CUDA with COMPILE=1; elsewhere the model itself."""
+    return torch.compile(model, **options) if args.compile and rt.device.type == "cuda" else model
+
+
 def autocast_context(device: torch.device):
     """bf16 autocast on CUDA; exact fp32 on CPU (the causality audit compares bit for bit there)."""
     if device.type == "cuda":
@@ -1744,7 +1748,7 @@ def train_model(model: GPT, args: Hyperparameters, rt: Runtime, log: Logger, eva
         for t in model.state_dict().values():
             dist.broadcast(t, src=0)
     # One graph per step (two: recurrence off and on); cu_seqlens is the one dynamic size, marked in train_step.
-    train_forward = torch.compile(model, fullgraph=True) if args.compile and rt.device.type == "cuda" else model
+    train_forward = compiled(model, args, rt, fullgraph=True)
     optimizers = build_optimizers(model, args, rt)
     muon = next((o for o in optimizers if isinstance(o, Muon)), None)
     muon_params = {id(p) for p in muon.param_groups[0]["params"]} if muon is not None else set()
@@ -2873,8 +2877,9 @@ class ScoreFirstTTT:
                 continue
             train_mask = mask & torch.tensor(trains, device=tokens.device).unsqueeze(1)
             ledger.require_scored(pos[train_mask])
-            lr = torch.zeros(args.ttt_batch_size, device=tokens.device)
+            lr = torch.zeros(args.ttt_batch_size)
             lr[[i for k, i in enumerate(rows) if trains[k]]] = adapter_lr(c, args)
+            lr = lr.to(tokens.device)
             for step in range(args.ttt_steps):
                 if step:
                     with torch.enable_grad(), autocast_context(x.device):
@@ -3115,11 +3120,9 @@ def compile_for_eval(model: GPT, args: Hyperparameters, rt: Runtime):
     """Batch sizes and TTT widths are marked dynamic where the paths call it, so each way of calling
     the model (windows, TTT, the phases' SGD, the audit's distributions) compiles once; the limit is
     raised above dynamo's 8 for the few ways and their rare specializations."""
-    if not (args.compile and rt.device.type == "cuda"):
-        return model
     name = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"  # renamed in torch 2.7
     setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 32))
-    return torch.compile(model)
+    return compiled(model, args, rt)
 
 
 def forward_graphs() -> int:

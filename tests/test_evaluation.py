@@ -1192,3 +1192,21 @@ def test_lora_alpha_scales_every_delta_and_eps_reaches_the_optimizer(model):
     torch.testing.assert_close(deltas[2.0][0], plain_q * 2.0 / 2)
     torch.testing.assert_close(deltas[6.0][0], plain_q * 6.0 / 2)
     torch.testing.assert_close(deltas[6.0][1], deltas[2.0][1] * 3.0)  # the head: alpha / its own rank
+
+
+def test_one_forward_per_chunk_scores_what_two_forwards_scored(model, tables, monkeypatch):
+    """The TTT scores a chunk and trains on the loss of that same forward: it records what scoring with a
+    gradient-free forward and then training on a second forward records (the legal two-pass harness),
+    makes the same updates, and runs one forward per chunk instead of two."""
+    tokens = audit_stream()
+    args = tiny_args(TTT_LR=0.05, TTT_MODE="lora")
+    calls = []
+    forward = T.GPT.forward
+    monkeypatch.setattr(T.GPT, "forward", lambda self, *a, **kw: (calls.append(1), forward(self, *a, **kw))[1])
+    one, two = T.ScoreLedger(tokens, tables), T.ScoreLedger(tokens, tables)
+    T.ScoreFirstTTT(model.cfg, args, T.Runtime())(model, tokens, one, T.Runtime())
+    one_pass = len(calls)
+    LeakyTTT(model.cfg, args, T.Runtime())(model, tokens, two, T.Runtime())
+    assert torch.allclose(one.nll, two.nll, atol=1e-5, rtol=0) and (one.count == 1).all()
+    assert one.updates == two.updates > 10
+    assert one_pass + one.updates == len(calls) - one_pass, "the two-pass harness runs one more forward per update"
