@@ -207,8 +207,7 @@ def report(runs: list[Run], args: argparse.Namespace, log_dir: Path):
 
     out = args.plot or log_dir / f"{args.name}.png"
     try:
-        plot.write_plot(logs, out, [run.run_id for run, _ in done], title=f"sweep {args.name}")
-        print(f"wrote {out}")
+        print(f"wrote {plot.write_plot(logs, out, [run.run_id for run, _ in done], title=f'sweep {args.name}')}")
     except plot.PlotError as e:
         print(f"plot not written: {e}", file=sys.stderr)
 
