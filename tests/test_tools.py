@@ -665,3 +665,32 @@ def test_readme_log_arguments_match_only_the_runs_meant(tmp_path, readme):
     for arg in arguments:
         expanded = subprocess.run(["bash", "-c", f"shopt -s nullglob; printf '%s\\n' {arg}"], cwd=tmp_path, capture_output=True, text=True, check=True)
         assert sorted(expanded.stdout.split()) == meant, (readme, arg, expanded.stdout)
+
+
+def test_stats_averages_only_finished_valid_runs_of_one_configuration_and_says_which(tmp_path, capsys):
+    def log(name: str, text: str) -> str:
+        (tmp_path / name).write_text(text)
+        return str(tmp_path / name)
+
+    good = [log("a.txt", our_log(1, bpb=1.1000)), log("b.txt", our_log(2, bpb=1.1010))]
+    died = log("died.txt", our_log(3, bpb=1.0).split("final_int6_zstd_ttt_lora ")[0])  # killed during TTT: the sliding window's score
+    invalid = log("invalid.txt", our_log(4, bpb=1.0, valid=False))
+    unfinished = log("unfinished.txt", our_log(5, final=False))
+    assert stats.main([*good, died, invalid, unfinished, "--prev-bpb", "1.2", "1.21", "1.19"]) == 0
+    captured = capsys.readouterr()
+    assert captured.err.splitlines() == [
+        f"excluded {died}: no submission_valid line: the run stopped during its evaluation, so its last score (sliding_window) is not the run's",
+        f"excluded {invalid}: submission_valid:no (audit_failed)",
+        f"excluded {unfinished}: no final score: the run stopped before its evaluation",
+    ]
+    assert f"new runs: 2 (seeds 1, 2), averaged: {good[0]}, {good[1]}" in captured.out
+    assert "val_bpb   1.10050000" in captured.out  # the mean of the two valid runs only
+    other = log("other.txt", our_log(6, bpb=1.0, settings={**DEFAULT_SETTINGS, "NUM_LAYERS": "9", "QK_GAIN_INIT": "4.0"}))
+    moved = log("moved.txt", our_log(7, bpb=1.1005, settings={**DEFAULT_SETTINGS, "LOG_DIR": "elsewhere"}))
+    assert stats.main([*good, moved, "--prev-bpb", "1.2"]) == 0, "where a run writes its files is not its configuration"
+    capsys.readouterr()
+    assert stats.main([*good, other, "--prev-bpb", "1.2"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {other} and {good[0]} are different configurations: NUM_LAYERS (12 vs 9), QK_GAIN_INIT (5.0 vs 4.0); ") and err.count("\n") == 1
+    assert stats.main([died, invalid, "--prev-bpb", "1.2"]) == 1
+    assert capsys.readouterr().err.splitlines()[-1] == "error: none of the 2 log(s) is a finished valid run (see the lines above); nothing to average"
