@@ -101,7 +101,22 @@ def iter_jsonl_texts(path: Path) -> Iterator[str]:
                 raise BuildError(f"{path}:{line_no}: not valid JSON ({e.msg})") from None
             if not isinstance(record, dict) or not isinstance(record.get("text"), str):
                 raise BuildError(f'{path}:{line_no}: no "text" field with a string')
-            yield record["text"]
+            text = record["text"]
+            if not text.isascii():  # isascii is O(1); only other texts can hold an escaped lone surrogate
+                check_unicode(text, f"{path}:{line_no}")
+            yield text
+
+
+def check_unicode(text: str, where: str):
+    """Refuse a text with a lone surrogate (a JSON escape such as \\ud800 without its pair): it is not Unicode,
+    has no UTF-8 bytes to count, and the tokenizer cannot take it. Refused rather than skipped: a skipped
+    document would quietly shift the first --val-docs documents that make the validation set."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise BuildError(f"{where}: the text holds a lone surrogate ({text[e.start]!r} at character {e.start}, a JSON \\u escape without its pair), "
+                         "which is not Unicode text; repair or remove that document (a surrogate pair split when the text was cut?), "
+                         "then run this command again") from None
 
 
 def iter_txt_documents(path: Path, separator: str | None) -> Iterator[str]:
@@ -153,28 +168,42 @@ def train_tokenizer(documents: Iterable[str], vocab_size: int, model_path: Path,
     never merged with its neighbours."""
     check_vocab_size(vocab_size)
     model_path.parent.mkdir(parents=True, exist_ok=True)
-    spm.SentencePieceTrainer.train(
-        user_defined_symbols=list(caseops.OPERATORS) if caseops_operators else [],
-        sentence_iterator=training_lines(documents),
-        model_prefix=str(model_path.with_suffix("")),
-        model_type="bpe",
-        vocab_size=vocab_size,
-        character_coverage=0.999,
-        split_digits=True,
-        normalization_rule_name="nmt_nfkc",
-        add_dummy_prefix=False,
-        byte_fallback=byte_fallback,
-        pad_id=0,
-        bos_id=train_gpt.BOS_ID,
-        eos_id=2,
-        unk_id=3,
-        hard_vocab_limit=False,  # as the official models: a small corpus may give a few pieces less
-        input_sentence_size=TOKENIZER_MAX_SENTENCES,
-        shuffle_input_sentence=True,
-        max_sentence_length=TOKENIZER_MAX_LINE_BYTES,
-        num_threads=threads,
-        minloglevel=2,
-    )
+    failures = []
+
+    def lines():  # SentencePiece turns an error raised while it reads into a RuntimeError; keep the original
+        try:
+            yield from training_lines(documents)
+        except BaseException as e:
+            failures.append(e)
+            raise
+
+    try:
+        spm.SentencePieceTrainer.train(
+            user_defined_symbols=list(caseops.OPERATORS) if caseops_operators else [],
+            sentence_iterator=lines(),
+            model_prefix=str(model_path.with_suffix("")),
+            model_type="bpe",
+            vocab_size=vocab_size,
+            character_coverage=0.999,
+            split_digits=True,
+            normalization_rule_name="nmt_nfkc",
+            add_dummy_prefix=False,
+            byte_fallback=byte_fallback,
+            pad_id=0,
+            bos_id=train_gpt.BOS_ID,
+            eos_id=2,
+            unk_id=3,
+            hard_vocab_limit=False,  # as the official models: a small corpus may give a few pieces less
+            input_sentence_size=TOKENIZER_MAX_SENTENCES,
+            shuffle_input_sentence=True,
+            max_sentence_length=TOKENIZER_MAX_LINE_BYTES,
+            num_threads=threads,
+            minloglevel=2,
+        )
+    except RuntimeError:
+        if failures:
+            raise failures[0] from None
+        raise
     return model_path
 
 

@@ -192,6 +192,26 @@ def test_bad_jsonl_is_a_one_line_error(tmp_path, capsys, lines, message):
     assert message in err and err.count("\n") == 1 and "Traceback" not in err
 
 
+@pytest.mark.parametrize("bad_line", [3, 20])  # in the validation split (--val-docs 5), in the training split
+@pytest.mark.parametrize("tokenizer_option", ["train", "given"])
+def test_a_lone_surrogate_is_refused_with_its_file_and_line(built, corpus, tmp_path, capsys, bad_line, tokenizer_option):
+    """A JSON escape of half a surrogate pair ("\\ud800") is not Unicode: SentencePiece raised a bare traceback,
+    while training the tokenizer or while encoding. Refused, naming the line, and no half dataset is left."""
+    rng = random.Random(1)
+    lines = [json.dumps({"text": make_text(rng)}) for _ in range(30)]
+    lines[bad_line - 1] = '{"text": "a river \\ud800 in winter"}'
+    path = tmp_path / "in.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    given = ["--tokenizer", str(built / "tokenizers" / f"fineweb_{VOCAB}_bpe.model")]
+    option = ["--train-tokenizer", "--vocab-size", "60"] if tokenizer_option == "train" else given
+    argv = [str(path), *option, "--val-docs", "5", "--output-dir", str(tmp_path / "out"), "--workers", "2"]
+    assert build_shards.main(argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # after any progress line
+    assert err.startswith(f"build_shards: error: {path}:{bad_line}: the text holds a lone surrogate ('\\ud800' at character 8"), err
+    assert "repair or remove that document" in err
+    assert not list((tmp_path / "out").glob("datasets/*/*"))
+
+
 def test_non_utf8_input_says_how_to_convert_it(tmp_path, capsys):
     path = tmp_path / "latin1.txt"
     path.write_bytes("caf\u00e9 au lait".encode("latin-1"))
