@@ -11,6 +11,10 @@ train_gpt.py only needs DATA_PATH and TOKENIZER_PATH pointed at it:
 Each document is written as [BOS=1] + token ids with no EOS, documents concatenated, 10**8 tokens
 per shard, exactly as the official export.
 
+Files it did not write are never replaced unless --overwrite: shards whose folder has no
+tokenizer_fingerprint.json of this script (the official download, say) and a tokenizer file that no
+such fingerprint records. It refuses before writing anything; a failed build removes what it wrote.
+
 --caseops lowercases the text and spells capitals as operator pieces (data/caseops.py) before the
 tokenizer sees it; the names get a _caseops suffix (fineweb_{V}_bpe_caseops.model,
 fineweb10B_sp{V}_caseops/), and beside each validation shard goes a byte sidecar in the same format,
@@ -437,7 +441,7 @@ def write_dataset(val_docs: Iterable[str], train_docs: Iterable[str], model_path
     CaseOps text gets byte sidecars for the validation split only: train_gpt.py counts bytes only to evaluate."""
     try:
         dataset_dir.mkdir(parents=True, exist_ok=True)
-        fingerprint = {"tokenizer": model_path.name, "tokenizer_sha256": train_gpt.file_sha256(model_path)}
+        fingerprint = {"tokenizer": model_path.name, "tokenizer_sha256": train_gpt.file_sha256(model_path), "written_by": WRITER}
         (dataset_dir / train_gpt.TOKENIZER_FINGERPRINT).write_text(json.dumps(fingerprint) + "\n")
         with ParallelEncoder(model_path, workers, caseops_text) as encoder:
             val = write_split(encoder, val_docs, dataset_dir, "val", shard_tokens, with_sidecar=caseops_text)
@@ -450,6 +454,43 @@ def write_dataset(val_docs: Iterable[str], train_docs: Iterable[str], model_path
             written.unlink(missing_ok=True)
         raise
     return {"val": val, "train": train}
+
+
+# ----------------------------------------------------------------------------- what a build may replace
+
+WRITER = "data/build_shards.py"  # the fingerprint's written_by (data/cached_challenge_fineweb.py writes its own)
+
+
+def written_here(dataset_dir: Path) -> dict | None:
+    """The fingerprint of shards this script wrote (None when there is none, or another tool wrote it)."""
+    try:
+        record = json.loads((dataset_dir / train_gpt.TOKENIZER_FINGERPRINT).read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) and record.get("written_by", WRITER) == WRITER else None
+
+
+def foreign_outputs(output_dir: Path, dataset_dir: Path, model_path: Path | None) -> list[Path]:
+    """What this build would replace that no build of this script wrote: shards in dataset_dir without our
+    fingerprint (the official download has none, or the downloader's), and a tokenizer at model_path (to be
+    trained) whose sha256 none of our fingerprints under output_dir/datasets records."""
+    foreign = []
+    if any(dataset_dir.glob("fineweb_*.bin")) and written_here(dataset_dir) is None:
+        foreign.append(dataset_dir)
+    if model_path is not None and model_path.is_file():
+        ours = {record.get("tokenizer_sha256") for d in output_dir.glob("datasets/*") if (record := written_here(d))}
+        if train_gpt.file_sha256(model_path) not in ours:
+            foreign.append(model_path)
+    return foreign
+
+
+def check_outputs(args, dataset_dir: Path, model_path: Path | None):
+    """Refuse, before writing anything, to replace files this script did not write (unless --overwrite)."""
+    foreign = [] if args.overwrite else foreign_outputs(args.output_dir, dataset_dir, model_path)
+    if foreign:
+        them = "it" if len(foreign) == 1 else "them"
+        raise BuildError(f"{' and '.join(map(str, foreign))} {'was' if len(foreign) == 1 else 'were'} not written by build_shards.py "
+                         f"(the official download, say) and this build would replace {them}; give another --output-dir, or add --overwrite to replace {them}")
 
 
 # ----------------------------------------------------------------------------- command line
@@ -477,6 +518,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--caseops", action="store_true", help="lowercase the text, capitals as operator pieces (data/caseops.py); "
                    "writes a byte sidecar beside each validation shard")
     p.add_argument("--output-dir", type=Path, required=True, help="root of the tokenizers/ and datasets/ folders")
+    p.add_argument("--overwrite", action="store_true", help="replace shards and a tokenizer in --output-dir that this script did not write "
+                   "(by default it refuses, e.g. in the folder of the official download)")
     val = p.add_mutually_exclusive_group(required=True)
     val.add_argument("--val-docs", type=int, help="the first N documents of the inputs are the validation set")
     val.add_argument("--val-file", action="append", help="a separate validation corpus (repeatable; files or globs)")
@@ -521,8 +564,10 @@ def run(args) -> dict:
     require_documents(val_stream, "validation")
     require_documents(train_stream, "training")
     suffix = "_caseops" if args.caseops else ""
+    datasets = args.output_dir / "datasets"
     if args.train_tokenizer:
         model_path = args.output_dir / "tokenizers" / f"fineweb_{args.vocab_size}_bpe{suffix}.model"
+        check_outputs(args, datasets / f"fineweb10B_sp{args.vocab_size}{suffix}", model_path)
         print(f"training a {args.vocab_size}-piece BPE tokenizer -> {model_path}", file=sys.stderr, flush=True)
         start = time.time()
         docs = itertools.islice(train_stream(), args.tokenizer_train_docs)
@@ -532,14 +577,21 @@ def run(args) -> dict:
         print(f"tokenizer trained in {time.time() - start:.1f}s", file=sys.stderr, flush=True)
     else:
         model_path = args.tokenizer
-    sp = load_tokenizer(model_path)
-    check_caseops_match(model_path, args.caseops)
-    vocab_size = sp.vocab_size()
-    if args.train_tokenizer and vocab_size != args.vocab_size:
-        print(f"note: the corpus gave {vocab_size} pieces, not {args.vocab_size}; use VOCAB_SIZE={vocab_size}", file=sys.stderr)
-    dataset_dir = args.output_dir / "datasets" / f"fineweb10B_sp{vocab_size}{suffix}"
-    stats = write_dataset(val_stream(), train_stream(), model_path, dataset_dir, shard_tokens=args.shard_tokens, workers=args.workers,
-                          caseops_text=args.caseops)
+    try:
+        sp = load_tokenizer(model_path)
+        check_caseops_match(model_path, args.caseops)
+        vocab_size = sp.vocab_size()
+        if args.train_tokenizer and vocab_size != args.vocab_size:
+            print(f"note: the corpus gave {vocab_size} pieces, not {args.vocab_size}; use VOCAB_SIZE={vocab_size}", file=sys.stderr)
+        dataset_dir = datasets / f"fineweb10B_sp{vocab_size}{suffix}"
+        check_outputs(args, dataset_dir, None)
+        stats = write_dataset(val_stream(), train_stream(), model_path, dataset_dir, shard_tokens=args.shard_tokens, workers=args.workers,
+                              caseops_text=args.caseops)
+    except BaseException:
+        if args.train_tokenizer:  # trained by this run and recorded by no fingerprint now: a later run would take it for a foreign one
+            for written in (model_path, model_path.with_suffix(".vocab")):
+                written.unlink(missing_ok=True)
+        raise
     return {**stats, "vocab_size": vocab_size, "tokenizer": str(model_path), "dataset_dir": str(dataset_dir), "caseops": args.caseops}
 
 

@@ -115,7 +115,7 @@ def test_shard_header_and_size(built):
 def test_the_shards_record_the_tokenizer_that_made_them(built):
     record = json.loads((dataset_dir(built) / train_gpt.TOKENIZER_FINGERPRINT).read_text())
     model = built / "tokenizers" / f"fineweb_{VOCAB}_bpe.model"
-    assert record == {"tokenizer": model.name, "tokenizer_sha256": train_gpt.file_sha256(model)}
+    assert record == {"tokenizer": model.name, "tokenizer_sha256": train_gpt.file_sha256(model), "written_by": "data/build_shards.py"}
     assert train_gpt.tokenizer_mismatch(str(dataset_dir(built)), str(model)) is None
 
 
@@ -203,13 +203,14 @@ def test_a_lone_surrogate_is_refused_with_its_file_and_line(built, corpus, tmp_p
     path = tmp_path / "in.jsonl"
     path.write_text("\n".join(lines) + "\n")
     given = ["--tokenizer", str(built / "tokenizers" / f"fineweb_{VOCAB}_bpe.model")]
-    option = ["--train-tokenizer", "--vocab-size", "60"] if tokenizer_option == "train" else given
+    # --tokenizer-train-docs 5: line 20 is read after the tokenizer is trained (line 3 while skipping the validation documents)
+    option = ["--train-tokenizer", "--vocab-size", "60", "--tokenizer-train-docs", "5"] if tokenizer_option == "train" else given
     argv = [str(path), *option, "--val-docs", "5", "--output-dir", str(tmp_path / "out"), "--workers", "2"]
     assert build_shards.main(argv) == 1
     err = capsys.readouterr().err.strip().splitlines()[-1]  # after any progress line
     assert err.startswith(f"build_shards: error: {path}:{bad_line}: the text holds a lone surrogate ('\\ud800' at character 8"), err
     assert "repair or remove that document" in err
-    assert not list((tmp_path / "out").glob("datasets/*/*"))
+    assert not list((tmp_path / "out").glob("datasets/*/*")) and not list((tmp_path / "out").glob("tokenizers/*"))
 
 
 def test_non_utf8_input_says_how_to_convert_it(tmp_path, capsys):
@@ -233,6 +234,58 @@ def test_a_truncated_xz_leaves_no_half_dataset(built, corpus, tmp_path, capsys):
     last = capsys.readouterr().err.strip().splitlines()[-1]  # after the validation split's progress line
     assert last.startswith(f"build_shards: error: {truncated}: the compressed file is truncated or corrupt") and "download or compress it again" in last
     assert list(dataset_dir(tmp_path).iterdir()) == []
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def official_layout(built: Path, out: Path, fingerprint: dict | None = None) -> dict[str, bytes]:
+    """out/ as the official download leaves it (shards with no fingerprint of ours, the tokenizer); returns its files."""
+    shards = out / "datasets" / f"fineweb10B_sp{VOCAB}"
+    shards.mkdir(parents=True)
+    for f in dataset_dir(built).glob("fineweb_*.bin"):
+        (shards / f.name).write_bytes(f.read_bytes())
+    if fingerprint is not None:
+        (shards / train_gpt.TOKENIZER_FINGERPRINT).write_text(json.dumps(fingerprint))
+    (out / "tokenizers").mkdir()
+    (out / "tokenizers" / f"fineweb_{VOCAB}_bpe.model").write_bytes(b"the official tokenizer")
+    (out / "manifest.json").write_text("{}")
+    return snapshot(out)
+
+
+@pytest.mark.parametrize("fingerprint", [None, {"tokenizer": "fineweb_300_bpe.model", "tokenizer_sha256": "ab" * 32,
+                                                "written_by": "data/cached_challenge_fineweb.py"}])
+def test_a_build_never_replaces_files_it_did_not_write(built, corpus, tmp_path, capsys, fingerprint):
+    """--output-dir holding the official download: the shards used to be deleted and the tokenizer overwritten, exit 0."""
+    inputs, _ = corpus
+    out = tmp_path / "data"
+    before = official_layout(built, out, fingerprint)
+    model = built / "tokenizers" / f"fineweb_{VOCAB}_bpe.model"
+    common = [*inputs, "--val-docs", "7", "--output-dir", str(out), "--workers", "1", "--txt-doc-separator", r"\n@@\n"]
+    theirs = out / "tokenizers" / f"fineweb_{VOCAB}_bpe.model"
+    for option, foreign in ((["--train-tokenizer", "--vocab-size", str(VOCAB)], f"{dataset_dir(out)} and {theirs} were"),
+                            (["--tokenizer", str(model)], f"{dataset_dir(out)} was")):
+        assert build_shards.main([*common, *option]) == 1
+        err = capsys.readouterr().err
+        assert err == (f"build_shards: error: {foreign} not written by build_shards.py (the official download, say) and this build would "
+                       f"replace {'them' if ' and ' in foreign else 'it'}; give another --output-dir, or add --overwrite to replace "
+                       f"{'them' if ' and ' in foreign else 'it'}\n")
+        assert snapshot(out) == before, "nothing touched"
+    assert build_shards.main([*common, "--train-tokenizer", "--vocab-size", str(VOCAB), "--overwrite"]) == 0
+    assert np.array_equal(split_tokens(out, "train"), split_tokens(built, "train"))
+    assert build_shards.main([*common, "--train-tokenizer", "--vocab-size", str(VOCAB)]) == 0, "its own earlier build it replaces"
+
+
+def test_a_foreign_tokenizer_alone_is_refused_too(corpus, tmp_path, capsys):
+    inputs, _ = corpus
+    model = tmp_path / "tokenizers" / f"fineweb_{VOCAB}_bpe.model"
+    model.parent.mkdir()
+    model.write_bytes(b"someone else's tokenizer")
+    assert build_shards.main([*inputs[:3], "--train-tokenizer", "--vocab-size", str(VOCAB), "--val-docs", "7", "--output-dir", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert f"{model} was not written by build_shards.py" in err and err.count("\n") == 1
+    assert model.read_bytes() == b"someone else's tokenizer" and not (tmp_path / "datasets").exists()
 
 
 def test_vocab_too_large_for_uint16_is_an_error(corpus, tmp_path, capsys):
