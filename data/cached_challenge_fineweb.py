@@ -47,12 +47,17 @@ above). Every path in it is relative to the folder that holds it. Fields this sc
 A "files" entry may also be a plain path, and "files" may be a {path: bytes} object; "size" is
 read like "bytes". Without a size, a download is checked against the server's Content-Length and
 a shard against its header (magic 20240520, version 1, 1024 + 2 * n bytes).
+
+Once every file is there, `tokenizer_fingerprint.json` beside the shards records the sha256 of the
+tokenizer that made them, as data/build_shards.py does: train_gpt.py refuses another tokenizer with
+one hash, and build_shards.py refuses to write over these shards.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import http.client
 import json
 import os
@@ -72,6 +77,7 @@ VARIANT = re.compile(r"sp\d+|byte260")
 VARIANT_REPOS = {"sp4096": "kevclark/parameter-golf", "sp8192": "kevclark/parameter-golf"}  # others: DEFAULT_REPO
 MANIFEST = "manifest.json"
 DOCS = "docs_selected.jsonl"  # beside the manifest on the hub, data/docs_selected.jsonl here
+FINGERPRINT = "tokenizer_fingerprint.json"  # = train_gpt.TOKENIZER_FINGERPRINT (a test keeps the two equal)
 SHARD_MAGIC, SHARD_VERSION, SHARD_HEADER_BYTES = 20240520, 1, 1024
 CHUNK_BYTES = 1 << 20
 TIMEOUT_S = 60
@@ -363,6 +369,19 @@ def all_present(manifest: dict, variant: str, train_shards: int, with_docs: bool
         return False
 
 
+def write_fingerprints(items: list[RemoteFile], output_dir: Path):
+    """Beside the downloaded shards, the name and sha256 of the tokenizer the manifest pairs with them."""
+    models = [output_dir / f.rel for f in items if f.rel.endswith(".model")]
+    if len(models) != 1:
+        return
+    record = {"tokenizer": models[0].name, "tokenizer_sha256": hashlib.sha256(models[0].read_bytes()).hexdigest(),
+              "written_by": "data/cached_challenge_fineweb.py"}
+    for folder in sorted({(output_dir / f.rel).parent for f in items if f.rel.endswith(".bin")}):
+        part = folder / (FINGERPRINT + ".part")
+        part.write_text(json.dumps(record) + "\n")
+        os.replace(part, folder / FINGERPRINT)
+
+
 def run(variant: str, train_shards: int, output_dir: Path, *, skip_manifest: bool = False, with_docs: bool = False) -> None:
     hub = hub_for(variant)
     cached = cached_manifest(output_dir)
@@ -379,6 +398,7 @@ def run(variant: str, train_shards: int, output_dir: Path, *, skip_manifest: boo
     for i, item in enumerate(items, 1):
         what = download(hub, item, output_dir / item.rel)
         print(f"[{i}/{len(items)}] {what:7s} {item.rel}", flush=True)
+    write_fingerprints(items, output_dir)
 
 
 def build_parser() -> argparse.ArgumentParser:

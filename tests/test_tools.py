@@ -765,3 +765,23 @@ def test_the_saved_weights_pattern_reads_what_train_gpt_prints(tmp_path):
     args = tiny_args(LOG_DIR=tmp_path / "my logs", RUN_ID="run_seed42")
     message = train_gpt.keep_trained_weights(tiny_model(), args, train_gpt.Runtime(), "run_seed42", tmp_path / "a.pgz", OSError("disk full"))
     assert make_submission.SAVED_WEIGHTS.search(f"error: {message}").group(1) == str(tmp_path / "my logs" / "run_seed42.weights.pt")
+
+
+def test_download_records_the_tokenizer_beside_the_shards(tmp_path, hub_env):
+    """The shards' fingerprint: train_gpt.py refuses another tokenizer by its sha256, build_shards.py will not write over them."""
+    import train_gpt
+
+    hub, files = make_hub(tmp_path)
+    hub_env(hub)
+    out = tmp_path / "data"
+    assert run_downloader(out, "--train-shards", "1") == 0
+    assert downloader.FINGERPRINT == train_gpt.TOKENIZER_FINGERPRINT
+    record = json.loads((out / "datasets" / DATASET / downloader.FINGERPRINT).read_text())
+    assert record == {"tokenizer": "fineweb_1024_bpe.model", "tokenizer_sha256": hashlib.sha256(files["tokenizers/fineweb_1024_bpe.model"]).hexdigest(),
+                      "written_by": "data/cached_challenge_fineweb.py"}
+    other = tmp_path / "other.model"
+    other.write_bytes(b"another tokenizer")
+    problem = train_gpt.tokenizer_mismatch(str(out / "datasets" / DATASET), str(other))
+    assert f"were made with the tokenizer fineweb_1024_bpe.model (sha256 {record['tokenizer_sha256'][:12]}), not TOKENIZER_PATH={other}" in problem
+    assert problem.endswith("use the TOKENIZER_PATH and VOCAB_SIZE that made them")  # the one it names here is no real model
+    assert not list(out.rglob("*.part"))
