@@ -567,31 +567,79 @@ def shard_problems(files: list[str], vocab_size: int) -> list[str]:
     return problems
 
 
-TOKENIZER_FINGERPRINT = "tokenizer_fingerprint.json"  # beside shards made by data/build_shards.py; the official ones have none
+TOKENIZER_FINGERPRINT = "tokenizer_fingerprint.json"  # beside shards made by data/build_shards.py or fetched by data/cached_challenge_fineweb.py
 
 
 def file_sha256(path: str | Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
+REENCODED_MIN = 0.9  # the tokenizer that made the shards gives back all (measured: every Wikipedia article), another one of 1024+ pieces ~0
+
+
+def reencoded_share(data_path: str, tokenizer_path: str, max_tokens: int = 1 << 17) -> float | None:
+    """Share of the first validation tokens that decoding with the tokenizer and encoding again gives back
+    (None: nothing to check). A document counts up to its first <unk> (it decodes to " ⁇ "), or the sample's
+    end, cut back to a word start, which no merge crosses. A tokenizer of few merges (a tiny test vocabulary)
+    may give back another's ids too."""
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=tokenizer_path)
+    first = shard_files(data_path, "val")[0]
+    total = shard_token_count(first)
+    tokens = np.fromfile(first, dtype="<u2", count=min(total, max_tokens), offset=SHARD_HEADER_INTS * 4)
+    if not tokens.size or int(tokens.max()) >= sp.vocab_size():
+        return None  # shard_problems reports ids outside the vocabulary
+    docs = np.split(tokens, np.flatnonzero(tokens == BOS_ID))
+    same = checked = 0
+    for n, doc in enumerate(docs):
+        ids = doc[doc != BOS_ID].tolist()
+        end = ids.index(sp.unk_id()) if sp.unk_id() in ids else len(ids)
+        if end < len(ids) or (n == len(docs) - 1 and tokens.size < total):
+            end = next((k for k in range(end - 1, -1, -1) if sp.id_to_piece(ids[k]).startswith("\u2581")), 0)
+        same += end * (sp.encode(sp.decode(ids[:end])) == ids[:end])
+        checked += end
+    return same / checked if checked else None
+
+
 def tokenizer_mismatch(data_path: str, tokenizer_path: str) -> str | None:
-    """Why TOKENIZER_PATH is not the tokenizer the shards record (None if it is, or if they record none):
-    with another tokenizer of the same size every other check passes and the bpb is silently wrong."""
+    """Why TOKENIZER_PATH is not the tokenizer that made the shards (None if it is): with another tokenizer
+    of the same or a larger vocabulary every other check passes and the bpb is silently wrong. The shards'
+    fingerprint names it; without one (an older download) the tokenizer must give back the first validation
+    documents. A fingerprint with tokenizer_sha256 null marks token ids no tokenizer made (tests)."""
     record = Path(data_path) / TOKENIZER_FINGERPRINT
-    if not record.is_file():
-        return None
-    try:
-        made_with = json.loads(record.read_text())
-        recorded = made_with["tokenizer_sha256"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return f"{record} cannot be read; re-create the shards with data/build_shards.py"
-    actual = file_sha256(tokenizer_path)
-    if recorded == actual:
-        return None
-    return (
-        f"the shards in DATA_PATH={data_path} were made with the tokenizer {made_with.get('tokenizer', '?')} (sha256 {recorded[:12]}), "
-        f"not TOKENIZER_PATH={tokenizer_path} (sha256 {actual[:12]}); point TOKENIZER_PATH at the tokenizer that made them"
-    )
+    if record.is_file():
+        try:
+            made_with = json.loads(record.read_text())
+            recorded = made_with["tokenizer_sha256"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return f"{record} cannot be read; re-create the shards with data/build_shards.py"
+        if recorded in (None, file_sha256(tokenizer_path)):
+            return None
+        made_by = f"the tokenizer {made_with.get('tokenizer', '?')} (sha256 {recorded[:12]})"
+        fits = lambda path: file_sha256(path) == recorded  # noqa: E731
+    else:
+        share = reencoded_share(data_path, tokenizer_path)
+        if share is None or share >= REENCODED_MIN:
+            return None
+        made_by = f"another tokenizer (decoded with this one and encoded again, {share:.0%} of the first validation tokens come back)"
+        fits = lambda path: (reencoded_share(data_path, str(path)) or 0) >= REENCODED_MIN  # noqa: E731
+    return f"the shards in DATA_PATH={data_path} were made with {made_by}, not TOKENIZER_PATH={tokenizer_path}; use {fitting_tokenizer(data_path, tokenizer_path, fits)}"
+
+
+def fitting_tokenizer(data_path: str, tokenizer_path: str, fits) -> str:
+    """The settings of a tokenizer that fits the shards, among those beside them in the official layout
+    (data/datasets/<name>/ and data/tokenizers/) and beside TOKENIZER_PATH."""
+    import sentencepiece as spm
+
+    beside = {*Path(data_path).resolve().parent.parent.glob("tokenizers/*.model"), *Path(tokenizer_path).resolve().parent.glob("*.model")}
+    for path in sorted(beside - {Path(tokenizer_path).resolve()}):
+        try:
+            if fits(path):
+                return f"TOKENIZER_PATH={path} VOCAB_SIZE={spm.SentencePieceProcessor(model_file=str(path)).vocab_size()}"
+        except (RuntimeError, OSError):  # not a SentencePiece model
+            continue
+    return "the TOKENIZER_PATH and VOCAB_SIZE that made them"
 
 
 class TokenStream:

@@ -11,7 +11,7 @@ from pathlib import Path
 import matplotlib.image
 import pytest
 
-from conftest import REPO, TINY, synthetic_stream, train_gpt
+from conftest import REPO, TINY, mark_synthetic, synthetic_stream, train_gpt
 
 sys.path.insert(0, str(REPO / "records"))
 sys.path.insert(0, str(REPO / "data"))
@@ -34,6 +34,7 @@ def tiny_setup(tmp_path_factory):
     data = root / "data"
     train_gpt.write_data_shard(data / "fineweb_train_000000.bin", synthetic_stream(400, vocab=vocab, seed=1))
     train_gpt.write_data_shard(data / "fineweb_val_000000.bin", synthetic_stream(30, vocab=vocab, seed=2))
+    mark_synthetic(data)
     env = {k: str(v) for k, v in TINY.items()}
     env.update(DATA_PATH=str(data), TOKENIZER_PATH=str(model), VOCAB_SIZE=str(vocab), ITERATIONS="3", TRAIN_LOG_EVERY="1",
                VAL_LOSS_EVERY="2", VAL_MAX_TOKENS="600", LOG_DIR=str(root / "logs"), OMP_NUM_THREADS="1")
