@@ -750,8 +750,13 @@ def attach_byte_sidecar(tables: ByteTables, val_tokens: Tensor, data_path: str, 
     if sidecar is None:
         return tables
     sidecar = sidecar[: val_tokens.numel()].to(val_tokens.device)  # VAL_MAX_TOKENS cuts both alike
+    rebuild = "so they do not describe these shards; rebuild the data with `python3 data/build_shards.py ... --caseops`"
     if bool((sidecar[val_tokens == BOS_ID] != 0).any()):
-        raise DataError(f"the byte sidecars in DATA_PATH={data_path} charge bytes to a BOS token, so they do not describe these shards; rebuild the data with `python3 data/build_shards.py ... --caseops`")
+        raise DataError(f"the byte sidecars in DATA_PATH={data_path} charge bytes to a BOS token, {rebuild}")
+    # Against the pieces' own bytes (CaseOps: its operators' 3 each, lowercase for uppercase): near, never half.
+    charged, spelled = int(sidecar.sum()), int(target_bytes(val_tokens[:-1], val_tokens[1:], tables.to(val_tokens.device)).sum())
+    if charged == 0 or 2 * charged < spelled:
+        raise DataError(f"the byte sidecars in DATA_PATH={data_path} charge {charged} bytes to validation tokens whose pieces spell {spelled}, {rebuild}")
     return ByteTables(tables.base_bytes, tables.has_leading_space, tables.is_boundary, val_tokens, sidecar)
 
 

@@ -209,25 +209,74 @@ def test_the_refusal_is_the_logs_last_line_before_anything_is_built(tmp_path, wi
     assert not any(line.startswith(("model_params", "step:", "bpb_bytes")) for line in log)
 
 
-def test_caseops_shards_without_a_fingerprint_take_only_their_tokenizer(tmp_path):
-    """The operators are pieces of their own and the sidecars beside the shards change nothing: the CaseOps tokenizer
-    gives the text back; a plain tokenizer of the same size does not."""
+@pytest.fixture(scope="module")
+def caseops_build(tmp_path_factory) -> Path:
+    """out/caseops: CaseOps shards with byte sidecars and their tokenizer; out/plain: a plain tokenizer of the same size."""
     import random
 
+    out = tmp_path_factory.mktemp("caseops")
     rng = random.Random(0)
     words = "the river City north Station NASA market Engine of and to in".split()
-    corpus = tmp_path / "corpus.jsonl"
+    corpus = out / "corpus.jsonl"
     corpus.write_text("".join('{"text": "%s"}\n' % " ".join(rng.choice(words) for _ in range(40)) for _ in range(200)))
-    for flags, out in ((["--caseops"], "caseops"), ([], "plain")):
+    for flags, name in ((["--caseops"], "caseops"), ([], "plain")):
         assert build_shards.main([str(corpus), *flags, "--train-tokenizer", "--vocab-size", "120", "--val-docs", "20",
-                                  "--output-dir", str(tmp_path / out), "--workers", "1"]) == 0
+                                  "--output-dir", str(out / name), "--workers", "1"]) == 0
+    return out
+
+
+def caseops_copy(caseops_build: Path, tmp_path: Path) -> Path:
+    data = tmp_path / "data"
+    data.mkdir()
+    for f in (caseops_build / "caseops" / "datasets" / "fineweb10B_sp120_caseops").iterdir():
+        (data / f.name).write_bytes(f.read_bytes())
+    return data
+
+
+CASEOPS_TOKENIZER = Path("caseops") / "tokenizers" / "fineweb_120_bpe_caseops.model"
+
+
+def test_caseops_shards_without_a_fingerprint_take_only_their_tokenizer(tmp_path, caseops_build):
+    """The operators are pieces of their own and the sidecars beside the shards change nothing: the CaseOps tokenizer
+    gives the text back; a plain tokenizer of the same size does not."""
+    import shutil
+
+    shutil.copytree(caseops_build / "caseops", tmp_path / "caseops")  # the official layout: datasets/ beside tokenizers/
     data = tmp_path / "caseops" / "datasets" / "fineweb10B_sp120_caseops"
     (data / train_gpt.TOKENIZER_FINGERPRINT).unlink()
-    caseops = tmp_path / "caseops" / "tokenizers" / "fineweb_120_bpe_caseops.model"
+    caseops = tmp_path / CASEOPS_TOKENIZER
     assert train_gpt.reencoded_share(str(data), str(caseops)) == 1.0
     assert train_gpt.tokenizer_mismatch(str(data), str(caseops)) is None
-    problem = train_gpt.tokenizer_mismatch(str(data), str(tmp_path / "plain" / "tokenizers" / "fineweb_120_bpe.model"))
+    problem = train_gpt.tokenizer_mismatch(str(data), str(caseops_build / "plain" / "tokenizers" / "fineweb_120_bpe.model"))
     assert problem is not None and problem.endswith(f"use TOKENIZER_PATH={caseops.resolve()} VOCAB_SIZE=120")
+
+
+@pytest.mark.parametrize("zeroed", ["all", "most"])
+def test_sidecars_that_charge_no_bytes_stop_the_run_before_training(tmp_path, caseops_build, zeroed):
+    """All-zero sidecars passed every check and the run died after training dividing by zero bytes; sidecars that
+    charge far fewer bytes than the pieces spell (most tokens 0) do not describe these shards either."""
+    data = caseops_copy(caseops_build, tmp_path)
+    tokenizer = str(caseops_build / CASEOPS_TOKENIZER)
+    tables = train_gpt.load_tokenizer_tables(tokenizer, 120)
+    val = train_gpt.load_validation_tokens(str(data), 120)
+    assert train_gpt.attach_byte_sidecar(tables, val, str(data), tokenizer).sidecar_bytes is not None  # the real ones pass
+    sidecar = data / "fineweb_val_bytes_000000.bin"
+    counts = train_gpt.load_data_shard(sidecar).copy()
+    if zeroed == "all":
+        counts[:] = 0
+    else:
+        counts[np.flatnonzero(counts)[: int(0.7 * np.count_nonzero(counts))]] = 0
+    train_gpt.write_data_shard(sidecar, counts)
+    with pytest.raises(train_gpt.DataError) as info:
+        train_gpt.attach_byte_sidecar(tables, val, str(data), tokenizer)
+    message = str(info.value)
+    assert message.startswith(f"the byte sidecars in DATA_PATH={data} charge {int(counts.sum())} bytes to validation tokens whose pieces spell ")
+    assert message.endswith("rebuild the data with `python3 data/build_shards.py ... --caseops`") and "\n" not in message
+    log = Recorder()
+    args = run_args(tmp_path, data, tokenizer, VOCAB_SIZE=120, VAL_MAX_TOKENS=0)
+    with pytest.raises(train_gpt.DataError, match="charge"):
+        train_gpt.run(args, train_gpt.Runtime(), "zero", log)
+    assert not any(line.startswith(("model_params", "step:")) for line in log.lines)
 
 
 def test_synthetic_token_ids_say_so_in_their_fingerprint(tmp_path, sp1024):
