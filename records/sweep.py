@@ -178,7 +178,7 @@ def launch(run: Run, command: list[str], quiet: bool) -> tuple[int, bool, list[s
             raise SweepError(f"cannot start {command[0]!r}: not found; check --launch") from None
         stderr.seek(0)
         captured = stderr.read()
-    if run.log.is_file() and run.log.stat().st_mtime >= start:
+    if run.log.is_file() and run.log.stat().st_mtime >= start - 2:  # 2 s: file systems with a coarse clock
         return code, True, error_lines(run.log.read_text(encoding="utf-8", errors="replace"))
     return code, False, error_lines(captured) if quiet else ["(its output is above)"]
 
