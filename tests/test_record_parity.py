@@ -255,3 +255,27 @@ def test_gradient_clipping_is_the_records():
         for p, g in zip(params, muon.local_grads[(0, shape)]):
             torch.testing.assert_close(g * clip, theirs[names[id(p)]].reshape(p.shape), **tol)
     assert sum(float(g.square().sum()) for g in theirs.values()) == pytest.approx(h.grad_clip_norm**2, rel=1e-4)
+
+
+def test_the_record_clips_each_ranks_gradient_and_so_do_we_by_default():
+    """The record has no DDP wrapper: its step clips (clip_grad_norm_) the gradients its rank just
+    computed, and only then calls Optimizers.step, which reduce-scatters and all-reduces them. Our
+    default scope is that one; GRAD_CLIP_SCOPE=global clips the average instead (the same on one GPU,
+    see test_optimizer for 2 processes)."""
+    import inspect
+
+    step = inspect.getsource(ro.record_module().train_model)
+    step = step[step.index("def step_fn"):step.index("return train_loss")]
+    assert "clip_grad_norm_" in step and step.index("clip_grad_norm_") < step.index("optimizers.step(")
+    assert "all_reduce" in inspect.getsource(ro.record_module().Optimizers.step)
+    assert "DistributedDataParallel" not in inspect.getsource(ro.record_module())
+    assert train_gpt.Hyperparameters({}).grad_clip_scope == "rank"
+
+
+def test_our_defaults_are_the_records_logged_settings():
+    """Every setting of the model, optimizer and schedule the two scripts share: our default is the
+    value the record's seed-42 log prints."""
+    ours, logged = train_gpt.Hyperparameters({}), ro.logged_settings()
+    differ = {theirs: (logged[theirs], getattr(ours, name.lower())) for theirs, name in ro.RECORD_TO_OURS.items()
+              if logged[theirs] != getattr(ours, name.lower())}
+    assert differ == {}
