@@ -3,6 +3,8 @@ a CPU by record_oracle): its GPT built from its logged settings at a tiny width,
 ours, then the same logits, loss and gradients in fp32; the same optimizer groups; and, from the same
 gradients, the same clipped AdamW and Muon steps. Skipped when ../shared is not beside the repository."""
 
+import inspect
+
 import pytest
 import torch
 
@@ -262,8 +264,6 @@ def test_the_record_clips_each_ranks_gradient_and_so_do_we_by_default():
     computed, and only then calls Optimizers.step, which reduce-scatters and all-reduces them. Our
     default scope is that one; GRAD_CLIP_SCOPE=global clips the average instead (the same on one GPU,
     see test_optimizer for 2 processes)."""
-    import inspect
-
     step = inspect.getsource(ro.record_module().train_model)
     step = step[step.index("def step_fn"):step.index("return train_loss")]
     assert "clip_grad_norm_" in step and step.index("clip_grad_norm_") < step.index("optimizers.step(")
