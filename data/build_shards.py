@@ -214,7 +214,7 @@ def check_caseops_match(model_path: Path, caseops_text: bool):
     has_operators = train_gpt.is_caseops_tokenizer(str(model_path))
     if caseops_text and not has_operators:
         raise BuildError(f"{model_path} has no CaseOps operator pieces (U+E001-U+E004); --caseops needs the record's CaseOps tokenizer "
-                         "(data/cached_challenge_fineweb.py --variant sp8192_lossless_caps_caseops_v1_reserved --tokenizer-and-docs) or one trained with --train-tokenizer --caseops")
+                         "(data/cached_challenge_fineweb.py --variant sp8192_lossless_caps_caseops_v1_reserved --tokenizer-only) or one trained with --train-tokenizer --caseops")
     if has_operators and not caseops_text:
         raise BuildError(f"{model_path} is a CaseOps tokenizer; add --caseops so that the text is transformed as it expects")
 
@@ -277,7 +277,7 @@ def encode_batch(texts: list[str], with_sidecar: bool = False) -> tuple[int, int
     if with_sidecar:
         sidecar = np.concatenate([np.append(0, token_source_bytes(text, begin, end)) for text, (_, begin, end) in zip(inputs, spans)])
         if sidecar.max() > MAX_TOKEN_ID:
-            raise BuildError(f"a token stands for {sidecar.max()} bytes of text (a run of whitespace or control characters the tokenizer drops), "
+            raise BuildError(f"a token stands for {sidecar.max()} bytes of text (a run of whitespace or control characters the tokenizer folds into one piece), "
                              "more than a uint16 sidecar entry holds; shorten that run in the input")
     return len(texts), sum(len(t.encode("utf-8")) for t in texts), tokens, sidecar
 

@@ -419,18 +419,20 @@ def record_prepare(docs: Path, out: Path, val_docs: int, monkeypatch, shard_toke
     return out / "datasets" / RECORD_FOLDER
 
 
-@pytest.fixture
-def tricky_docs(tmp_path) -> Path:
-    path = tmp_path / "docs.jsonl"
-    path.write_text("".join(json.dumps({"text": d}) + "\n" for d in TRICKY_DOCS))
+def write_docs(path: Path, docs: list[str]) -> Path:
+    path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
     return path
 
 
-def test_the_records_data_byte_for_byte(tricky_docs, tmp_path, monkeypatch, capsys):
-    """build_shards.py --caseops with the record's tokenizer writes the record's validation tokens, byte sidecar
-    and training tokens (the same files), in the record's folder."""
-    record = record_prepare(tricky_docs, tmp_path / "record", 16, monkeypatch)
-    argv = [str(tricky_docs), "--caseops", "--tokenizer", str(RECORD_TOKENIZER), "--val-docs", "16", "--output-dir", str(tmp_path / "ours"), "--workers", "2"]
+@pytest.fixture
+def tricky_docs(tmp_path) -> Path:
+    return write_docs(tmp_path / "docs.jsonl", TRICKY_DOCS)
+
+
+def build_like_the_record(docs: Path, tmp_path: Path, monkeypatch, val_docs: int) -> Path:
+    """The record's build and ours of `docs`: the same files, in the record's folder; returns ours."""
+    record = record_prepare(docs, tmp_path / "record", val_docs, monkeypatch)
+    argv = [str(docs), "--caseops", "--tokenizer", str(RECORD_TOKENIZER), "--val-docs", str(val_docs), "--output-dir", str(tmp_path / "ours"), "--workers", "2"]
     assert build_shards.main(argv) == 0
     ours = tmp_path / "ours" / "datasets" / RECORD_FOLDER
     names = sorted(p.name for p in record.glob("*.bin"))
@@ -438,12 +440,26 @@ def test_the_records_data_byte_for_byte(tricky_docs, tmp_path, monkeypatch, caps
     assert sorted(p.name for p in ours.glob("*.bin")) == names
     for name in names:
         assert (ours / name).read_bytes() == (record / name).read_bytes(), name
+    return ours
+
+
+def test_the_records_data_byte_for_byte(tricky_docs, tmp_path, monkeypatch, capsys):
+    """build_shards.py --caseops with the record's tokenizer writes the record's validation tokens, byte sidecar
+    and training tokens (the same files), in the record's folder."""
+    ours = build_like_the_record(tricky_docs, tmp_path, monkeypatch, 16)
     assert f"DATA_PATH={ours} " in capsys.readouterr().out
     sidecar = T.load_data_shard(ours / "fineweb_val_bytes_000000.bin")
     tokens = T.load_data_shard(ours / "fineweb_val_000000.bin")
     sums = [int(sidecar[s].sum()) for s in document_slices(tokens)]
     plain_ends = [i for i, d in enumerate(TRICKY_DOCS[:16]) if not re.search("[\x00-\x08\x7f]", d)]  # control characters at an end are dropped too
     assert [sums[i] for i in plain_ends] == [kept_bytes(TRICKY_DOCS[i]) for i in plain_ends] and len(plain_ends) == 15
+
+
+def test_the_records_data_on_real_text(tmp_path, monkeypatch):
+    path = SHARED_DATA / "wiki_small" / "val.jsonl.xz"
+    if not path.is_file():
+        pytest.skip("../shared/data is not beside the repository")
+    build_like_the_record(write_docs(tmp_path / "wiki.jsonl", read_jsonl_xz(path)[:24]), tmp_path, monkeypatch, 8)
 
 
 def test_train_gpt_reads_the_records_own_folder(tricky_docs, tmp_path, monkeypatch):
