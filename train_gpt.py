@@ -74,8 +74,8 @@ def _items(v: str) -> set[str]:
 
 SETTINGS = (
     # data, run and logging
-    Setting("DATA_PATH", "./data/datasets/fineweb10B_sp8192", "folder of fineweb_{train,val}_*.bin shards"),
-    Setting("TOKENIZER_PATH", "./data/tokenizers/fineweb_8192_bpe.model", "SentencePiece model used for bpb byte counts"),
+    Setting("DATA_PATH", "./data/datasets/fineweb10B_sp8192_lossless_caps_caseops_v1_reserved", "folder of fineweb_{train,val}_*.bin shards (default: the record's CaseOps data)"),
+    Setting("TOKENIZER_PATH", "", "SentencePiece model used for bpb byte counts (empty: <root>/tokenizers/fineweb_<V>_bpe<suffix>.model for DATA_PATH=<root>/datasets/fineweb10B_sp<V><suffix>)"),
     Setting("RUN_ID", "", "name of the run; logs/{RUN_ID}.txt (default: a fresh id)"),
     Setting("SEED", 1337, "random seed for init, data order of TTT adapters and sampling"),
     Setting("LOG_DIR", "logs", "folder for the log file and, by default, the artifact"),
@@ -278,6 +278,15 @@ def _parse_setting(setting: Setting, raw: str):
     return value
 
 
+def tokenizer_beside(data_path: str) -> str:
+    """The tokenizer the official layout keeps beside DATA_PATH (see TOKENIZER_PATH), or "" for another folder name."""
+    datasets, name = os.path.split(os.path.normpath(data_path))
+    vocab, _, suffix = name.removeprefix("fineweb10B_sp").partition("_")
+    if os.path.basename(datasets) != "datasets" or not name.startswith("fineweb10B_sp") or not vocab.isdigit():
+        return ""
+    return os.path.join(os.path.dirname(datasets), "tokenizers", f"fineweb_{vocab}_bpe{'_' * bool(suffix)}{suffix}.model")
+
+
 class Hyperparameters:
     """All settings, read once from the environment and validated; attribute = lower-case name."""
 
@@ -296,6 +305,7 @@ class Hyperparameters:
             if key.upper() not in known:
                 raise SettingsError(f"unknown setting {key.upper()}")
             setattr(self, key.lower(), _parse_setting(next(s for s in SETTINGS if s.name == key.upper()), str(value)))
+        self.tokenizer_path = self.tokenizer_path or tokenizer_beside(self.data_path)
         self._check_consistency()
 
     def _check_consistency(self):
@@ -458,8 +468,9 @@ class DataError(RuntimeError):
 
 
 DOWNLOAD_HINT = (
-    "download the official data with `python data/cached_challenge_fineweb.py --variant sp8192 --train-shards 10`, "
-    "or run the offline smoke run with `python3 data/smoke.py`"
+    "make the record's CaseOps data with the README's first command (data/cached_challenge_fineweb.py, then data/build_shards.py), "
+    "or download plain sp8192 with `python3 data/cached_challenge_fineweb.py --variant sp8192 --train-shards 80` and set "
+    "DATA_PATH=./data/datasets/fineweb10B_sp8192, or run the offline smoke run with `python3 data/smoke.py`"
 )
 
 
@@ -698,7 +709,7 @@ def document_spans(tokens: Tensor) -> list[tuple[int, int]]:
 
 # ----------------------------------------------------------------------------- bytes: the official bpb accounting, or the byte sidecar
 
-CASEOPS_OPERATORS = "\ue000\ue001\ue002\ue003"  # = data/caseops.py OPERATORS (a test keeps the two equal)
+CASEOPS_OPERATORS = "\ue001\ue002\ue003\ue004"  # TITLE ALLCAPS CAPNEXT ESCAPE, the record's; = data/caseops.py OPERATORS (a test keeps the two equal)
 
 
 @dataclass
@@ -764,6 +775,8 @@ def attach_byte_sidecar(tables: ByteTables, val_tokens: Tensor, data_path: str, 
 def load_tokenizer_tables(tokenizer_path: str, vocab_size: int) -> ByteTables:
     import sentencepiece as spm
 
+    if not tokenizer_path:
+        raise DataError("TOKENIZER_PATH is empty and DATA_PATH is not named <root>/datasets/fineweb10B_sp<V><suffix>, so no tokenizer is beside it; set TOKENIZER_PATH to the .model the shards were made with")
     if not os.path.isfile(tokenizer_path):
         raise DataError(f"tokenizer not found at TOKENIZER_PATH={tokenizer_path}; {DOWNLOAD_HINT}")
     try:

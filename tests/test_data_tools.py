@@ -1,6 +1,7 @@
 """Tests of data/build_shards.py and data/smoke.py (CPU, no network, no ../shared data)."""
 
 import gzip
+import hashlib
 import json
 import lzma
 import random
@@ -343,3 +344,112 @@ def test_smoke_env_precedence(monkeypatch):
 def test_smoke_env_names_are_train_gpt_settings():
     known = {s.name for s in train_gpt.SETTINGS}
     assert set(smoke.SMOKE_ENV) <= known, set(smoke.SMOKE_ENV) - known
+
+
+# ----------------------------------------------------------------------------- the official documents and the record's CaseOps data
+
+
+def test_the_official_validation_documents_are_never_trained_on(tmp_path, capsys):
+    """docs_selected.jsonl's first 50,000 documents are the validation set: a smaller --val-docs (the record's
+    prepare_caseops_data.py defaults to 10,000) or another validation file would train on them."""
+    path = tmp_path / "docs_selected.jsonl"
+    write_jsonl(path, ["one document", "another document", "a third"])
+    for extra in (["--val-docs", "10000"], ["--val-file", str(path)]):
+        argv = [str(path), "--train-tokenizer", "--vocab-size", "300", "--output-dir", str(tmp_path / "out"), *extra]
+        assert build_shards.main(argv) == 1
+        err = capsys.readouterr().err
+        assert "first 50,000 documents are the official validation set" in err and "--val-docs 50000" in err and err.count("\n") == 1
+        assert not (tmp_path / "out").exists()
+    args = build_shards.build_parser().parse_args([str(path), "--train-tokenizer", "--vocab-size", "300", "--output-dir", "x", "--val-docs", "50000"])
+    build_shards.check_official_validation(args)  # accepted
+    args.inputs, args.val_docs = [str(tmp_path / "other.jsonl")], 1
+    build_shards.check_official_validation(args)  # any other corpus: any split
+
+
+@pytest.mark.parametrize("tokenizer, caseops, folder, beside", [
+    ("fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model", True, "fineweb10B_sp8192_lossless_caps_caseops_v1_reserved", True),  # the record's
+    ("fineweb_1024_bpe_caseops.model", True, "fineweb10B_sp1024_caseops", True),  # trained here with --caseops
+    ("my_caseops.model", True, "fineweb10B_sp1024_caseops", False),
+    ("fineweb_1024_bpe.model", False, "fineweb10B_sp1024", True),
+    ("fineweb_1024_bpe_custom.model", False, "fineweb10B_sp1024", False),
+])
+def test_dataset_folder_follows_the_tokenizer(tokenizer, caseops, folder, beside):
+    vocab = int(folder.removeprefix("fineweb10B_sp").split("_")[0])
+    assert build_shards.dataset_name(Path(tokenizer), vocab, caseops) == folder
+    found = train_gpt.tokenizer_beside(str(Path("root") / "datasets" / folder))  # what train_gpt.py takes from DATA_PATH alone
+    assert (found == str(Path("root") / "tokenizers" / tokenizer)) == beside
+
+
+def test_plain_sp8192_is_one_setting_away():
+    plain = train_gpt.Hyperparameters({"DATA_PATH": "./data/datasets/fineweb10B_sp8192"})
+    assert plain.tokenizer_path == "data/tokenizers/fineweb_8192_bpe.model"
+    assert train_gpt.Hyperparameters({"DATA_PATH": "/d/mine", "TOKENIZER_PATH": "/t/x.model"}).tokenizer_path == "/t/x.model"
+    with pytest.raises(train_gpt.DataError, match="TOKENIZER_PATH is empty"):
+        train_gpt.load_tokenizer_tables(train_gpt.Hyperparameters({"DATA_PATH": "/d/mine"}).tokenizer_path, 8192)
+
+
+import cached_challenge_fineweb as downloader  # noqa: E402
+
+CASEOPS_REPO = "romeerp/parameter-golf-caseops-v1"
+CASEOPS_TOKENIZER = "tokenizers/fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model"
+RECORD_TOKENIZER = REPO.parent / "shared" / "fixtures" / "record_1855" / "tokenizers" / "fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model"
+
+
+def shard(n: int) -> bytes:
+    header = np.zeros(256, dtype="<i4")
+    header[:3] = (20240520, 1, n)
+    return header.tobytes() + np.arange(n, dtype="<u2").tobytes()
+
+
+def caseops_hub(root: Path, tokenizer: bytes, docs: bytes) -> Path:
+    """A folder laid out like the hub: the CaseOps dataset (a manifest with counts only) and the official documents."""
+    name = "fineweb10B_" + downloader.CASEOPS_VARIANT
+    caseops = {f"datasets/{name}/fineweb_val_000000.bin": shard(30), f"datasets/{name}/fineweb_val_bytes_000000.bin": shard(30),
+               f"datasets/{name}/fineweb_train_000000.bin": shard(40), CASEOPS_TOKENIZER: tokenizer,
+               "manifest.json": json.dumps({"datasets": [{"name": name, "tokenizer_name": "caseops", "stats": {"files_train": 1, "files_val": 1}}],
+                                            "tokenizers": [{"name": "caseops", "model_path": CASEOPS_TOKENIZER}]}).encode()}
+    for repo, files in ((CASEOPS_REPO, caseops), (downloader.DEFAULT_REPO, {"docs_selected.jsonl": docs})):
+        for rel, data in files.items():
+            path = root / "datasets" / repo / "resolve" / "main" / "datasets" / rel
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(data)
+    return root
+
+
+@pytest.fixture
+def fake_hub(tmp_path, monkeypatch):
+    for name in ("MATCHED_FINEWEB_REPO_ID", "MATCHED_FINEWEB_REMOTE_ROOT_PREFIX", "HF_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    tokenizer, docs = b"the record's tokenizer", b'{"text": "a document"}\n'
+    monkeypatch.setattr(downloader, "PINNED_SHA256", {CASEOPS_TOKENIZER: hashlib.sha256(tokenizer).hexdigest()})
+    monkeypatch.setenv("HF_ENDPOINT", str(caseops_hub(tmp_path / "hub", tokenizer, docs)))
+    return tmp_path / "hub", tokenizer, docs
+
+
+def test_download_the_records_tokenizer_and_the_official_documents(fake_hub, tmp_path):
+    hub, tokenizer, docs = fake_hub
+    out = tmp_path / "data"
+    args = ["--variant", downloader.CASEOPS_VARIANT, "--output-dir", str(out)]
+    assert downloader.main([*args, "--tokenizer-only", "--with-docs"]) == 0
+    assert (out / CASEOPS_TOKENIZER).read_bytes() == tokenizer and (out / "docs_selected.jsonl").read_bytes() == docs
+    assert not (out / "datasets").exists()  # no shards: build_shards.py makes them
+    assert downloader.main([*args, "--train-shards", "1"]) == 0  # or the record's published shards, sidecar included
+    folder = out / "datasets" / ("fineweb10B_" + downloader.CASEOPS_VARIANT)
+    assert sorted(p.name for p in folder.iterdir()) == ["fineweb_train_000000.bin", "fineweb_val_000000.bin", "fineweb_val_bytes_000000.bin", "tokenizer_fingerprint.json"]
+
+
+def test_a_tokenizer_that_is_not_the_records_is_refused(fake_hub, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(downloader, "PINNED_SHA256", {CASEOPS_TOKENIZER: "0" * 64})
+    out = tmp_path / "data"
+    assert downloader.main(["--variant", downloader.CASEOPS_VARIANT, "--output-dir", str(out), "--tokenizer-only"]) == 1
+    err = capsys.readouterr().err
+    assert "not " + "0" * 64 + " (the record's)" in err and err.count("\n") == 1
+    assert not (out / CASEOPS_TOKENIZER).exists() and not list(out.rglob("*.part"))
+
+
+def test_the_pinned_sha256_is_the_records_tokenizer():
+    if not RECORD_TOKENIZER.is_file():
+        pytest.skip("../shared/fixtures/record_1855 is not beside the repository")
+    assert downloader.PINNED_SHA256[CASEOPS_TOKENIZER] == hashlib.sha256(RECORD_TOKENIZER.read_bytes()).hexdigest()
+    assert build_shards.dataset_name(RECORD_TOKENIZER, 8192, True) == "fineweb10B_" + downloader.CASEOPS_VARIANT
+    assert train_gpt.Hyperparameters({}).data_path.endswith("fineweb10B_" + downloader.CASEOPS_VARIANT)

@@ -225,10 +225,16 @@ def caseops_build(tmp_path_factory) -> Path:
     return out
 
 
+def caseops_dataset(root: Path) -> tuple[Path, int]:
+    """The CaseOps shard folder under `root` and its vocabulary (the trainer may give fewer pieces than asked)."""
+    folder = next((root / "datasets").glob("fineweb10B_sp*_caseops"))
+    return folder, int(folder.name.removeprefix("fineweb10B_sp").removesuffix("_caseops"))
+
+
 def caseops_copy(caseops_build: Path, tmp_path: Path) -> Path:
     data = tmp_path / "data"
     data.mkdir()
-    for f in (caseops_build / "caseops" / "datasets" / "fineweb10B_sp120_caseops").iterdir():
+    for f in caseops_dataset(caseops_build / "caseops")[0].iterdir():
         (data / f.name).write_bytes(f.read_bytes())
     return data
 
@@ -242,23 +248,23 @@ def test_caseops_shards_without_a_fingerprint_take_only_their_tokenizer(tmp_path
     import shutil
 
     shutil.copytree(caseops_build / "caseops", tmp_path / "caseops")  # the official layout: datasets/ beside tokenizers/
-    data = tmp_path / "caseops" / "datasets" / "fineweb10B_sp120_caseops"
+    data, vocab = caseops_dataset(tmp_path / "caseops")
     (data / train_gpt.TOKENIZER_FINGERPRINT).unlink()
     caseops = tmp_path / CASEOPS_TOKENIZER
     assert train_gpt.reencoded_share(str(data), str(caseops)) == 1.0
     assert train_gpt.tokenizer_mismatch(str(data), str(caseops)) is None
     problem = train_gpt.tokenizer_mismatch(str(data), str(caseops_build / "plain" / "tokenizers" / "fineweb_120_bpe.model"))
-    assert problem is not None and problem.endswith(f"use TOKENIZER_PATH={caseops.resolve()} VOCAB_SIZE=120")
+    assert problem is not None and problem.endswith(f"use TOKENIZER_PATH={caseops.resolve()} VOCAB_SIZE={vocab}")
 
 
 @pytest.mark.parametrize("zeroed", ["all", "most"])
 def test_sidecars_that_charge_no_bytes_stop_the_run_before_training(tmp_path, caseops_build, zeroed):
     """All-zero sidecars passed every check and the run died after training dividing by zero bytes; sidecars that
     charge far fewer bytes than the pieces spell (most tokens 0) do not describe these shards either."""
-    data = caseops_copy(caseops_build, tmp_path)
+    data, vocab = caseops_copy(caseops_build, tmp_path), caseops_dataset(caseops_build / "caseops")[1]
     tokenizer = str(caseops_build / CASEOPS_TOKENIZER)
-    tables = train_gpt.load_tokenizer_tables(tokenizer, 120)
-    val = train_gpt.load_validation_tokens(str(data), 120)
+    tables = train_gpt.load_tokenizer_tables(tokenizer, vocab)
+    val = train_gpt.load_validation_tokens(str(data), vocab)
     assert train_gpt.attach_byte_sidecar(tables, val, str(data), tokenizer).sidecar_bytes is not None  # the real ones pass
     sidecar = data / "fineweb_val_bytes_000000.bin"
     counts = train_gpt.load_data_shard(sidecar).copy()
@@ -273,7 +279,7 @@ def test_sidecars_that_charge_no_bytes_stop_the_run_before_training(tmp_path, ca
     assert message.startswith(f"the byte sidecars in DATA_PATH={data} charge {int(counts.sum())} bytes to validation tokens whose pieces spell ")
     assert message.endswith("rebuild the data with `python3 data/build_shards.py ... --caseops`") and "\n" not in message
     log = Recorder()
-    args = run_args(tmp_path, data, tokenizer, VOCAB_SIZE=120, VAL_MAX_TOKENS=0)
+    args = run_args(tmp_path, data, tokenizer, VOCAB_SIZE=vocab, VAL_MAX_TOKENS=0)
     with pytest.raises(train_gpt.DataError, match="charge"):
         train_gpt.run(args, train_gpt.Runtime(), "zero", log)
     assert not any(line.startswith(("model_params", "step:")) for line in log.lines)
