@@ -1880,8 +1880,11 @@ def train_model(model: GPT, args: Hyperparameters, rt: Runtime, log: Logger, eva
         for looping in (False, True) if loop_switch else (model.looping,):
             model.looping = looping
             for s in range(args.warmup_steps):
+                t = sync_time(rt)
                 model.set_qat(args.qat_start > 0 and s == args.warmup_steps - 1)
                 train_step(s, 1.0)
+                if s == 0:  # the first step of a graph is its compile
+                    log(f"train_compile recurrence:{'on' if looping else 'off'} first_step_seconds:{sync_time(rt) - t:.1f}")
         model.set_qat(False)
         model.looping = model.cfg.num_loops > 0 and not loop_switch
         model.load_state_dict(initial_model)
@@ -3221,7 +3224,7 @@ def forward_graphs() -> int:
         return 0
 
 
-def warm_up_paths(forward, weights, names: list[str], args: Hyperparameters, rt: Runtime, tables: ByteTables, vocab_size: int):
+def warm_up_paths(forward, weights, names: list[str], args: Hyperparameters, rt: Runtime, tables: ByteTables, vocab_size: int, log):
     """Run every path on random tokens (never validation data) so each graph compiles before the clock
     runs: documents longer than the TTT context (every chunk width), and one phase cut, so the phased
     SGD step compiles too."""
@@ -3231,7 +3234,9 @@ def warm_up_paths(forward, weights, names: list[str], args: Hyperparameters, rt:
     warm_args = copy.copy(args)
     warm_args.ttt_phase_docs = "2"
     for name in names:
+        t0 = sync_time(rt)
         score_path(name, forward, weights, dummy, ScoreLedger(dummy, tables), warm_args, rt)
+        log(f"eval_compile path:{name} seconds:{sync_time(rt) - t0:.1f}")
 
 
 def audit_final_path(name: str, artifact: Path, args: Hyperparameters, rt: Runtime, tables: ByteTables, tokens: Tensor, full_ledger: ScoreLedger, backend: str) -> AuditReport:
@@ -3261,7 +3266,7 @@ def evaluate_artifact(path: Path, args: Hyperparameters, rt: Runtime, log: Logge
     warmup_s, graphs = 0.0, forward_graphs()
     if forward is not model:
         warmup = Stage("eval_compile_warmup", log, rt)
-        warm_up_paths(forward, weights, names, args, rt, tables, model.cfg.vocab_size)
+        warm_up_paths(forward, weights, names, args, rt, tables, model.cfg.vocab_size, log)
         warmup_s = warmup.done()
         log(f"eval_compile_warmup:{1000.0 * warmup_s:.0f}ms graphs:{forward_graphs() - graphs} (dummy tokens, not counted in eval_time_total)")
     graphs = forward_graphs()

@@ -3,16 +3,26 @@
 competitor needs to know before paying for 8xH100.
 
     python3 bench/gpu_check.py [--data DIR] [--tokenizer MODEL] [--out bench/gpu_check.json]
-    python3 bench/gpu_check.py --cpu     # the same parts with tiny settings on CPU (its own test)
+    python3 bench/gpu_check.py --quick   # the end-to-end part alone, under 5 minutes
+    python3 bench/gpu_check.py --cpu     # every part with tiny settings on CPU (its own test)
 
-Four parts run in order, each with a time budget (--budget PART=SECONDS):
+The parts run in order, most valuable first, each with a time budget (--budget PART=SECONDS); by
+default a GPU runs e2e, speed and correctness (about 10 minutes on one GPU, compiles included):
 
+  e2e          the README's training command itself: torchrun, one process per GPU (2 gloo
+               processes with --cpu), a short clock, a validation slice holding two TTT phases,
+               the audit on, compiled; from its log one row per stage with its wall time, each
+               graph's compile time, ms/step and tokens/s with recurrence off and on, peak memory,
+               the artifact's bytes, each path's bpb and tokens/s projected to the full validation
+               on 8 GPUs, compiles during the timed evaluation (must be 0), the audit, the
+               submission's validity and every rank's exit code; a run cut short names its stage
+  speed        ms/step, tokens/s, peak memory and MFU of the compiled default step (8 micro-steps
+               on one GPU) with recurrence off and on, for each attention backend, then with each
+               expensive feature off (QAT: on)
   correctness  compiled vs eager: training loss and gradients, and each scoring path; every
                attention backend against an fp32 SDPA reference; the causal audit of each path on
                the compiled model (its GPU tolerance included); the compiled TTT path scores every
                target once within a known number of compiles; 2 processes train like 1 (NCCL)
-  speed        ms/step, tokens/s, peak memory of a compiled training step (8 micro-steps on one
-               GPU) for each attention backend, then with each expensive feature off (QAT: on)
   size         a short training run of the configuration, GPTQ, the artifact: bytes per role,
                total against the cap
   eval         evaluate_artifact on a slice of validation tokens: each path's tokens/s projected to
@@ -33,7 +43,9 @@ import contextlib
 import dataclasses
 import gc
 import json
+import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -51,8 +63,10 @@ import torch  # noqa: E402
 import logparse  # noqa: E402
 import train_gpt as tg  # noqa: E402
 
-PARTS = ("correctness", "speed", "size", "eval")
-FULL_VALIDATION_TOKENS = 62_000_000  # the official validation set, for the 8-GPU projection
+PARTS = ("e2e", "speed", "correctness", "size", "eval")  # most valuable first
+DEFAULT_GPU_PARTS = ("e2e", "speed", "correctness")  # about 10 minutes on one GPU; e2e already covers size and evaluation time
+QUICK_E2E_BUDGET_S = 270
+FULL_VALIDATION_TOKENS = 47_851_520  # the official validation set in the record's CaseOps sp8192 tokens, for the 8-GPU projection
 EVAL_BUDGET_S = 600.0
 GPUS = 8
 DEFAULT_DATA = REPO / ".bench" / "wiki_bench" / "datasets" / "fineweb10B_sp8192"  # README, Benchmarks
@@ -100,7 +114,7 @@ class Scale:
 
 
 GPU_SCALE = Scale(
-    budgets={"correctness": 150, "speed": 120, "size": 120, "eval": 90},
+    budgets={"e2e": 330, "speed": 120, "correctness": 120, "size": 120, "eval": 90},
     check_seqs=8, check_tokens=16384, speed_steps=8, warmup_steps=2, size_train_seconds=40.0, size_iterations=20000,
     eval_tokens=262144, compile_backend="inductor",
     # bf16 autocast rounds at 2^-8 relative per operation; compiled kernels round in other places.
@@ -110,7 +124,7 @@ GPU_SCALE = Scale(
 # kernels: results agree to rounding. It traces, guards and recompiles exactly as inductor does,
 # without generating code (minutes on 2 cores for aot_eager or inductor).
 CPU_SCALE = Scale(
-    budgets={"correctness": 240, "speed": 120, "size": 120, "eval": 120},
+    budgets={"e2e": 300, "correctness": 240, "speed": 120, "size": 120, "eval": 120},
     check_seqs=4, check_tokens=1024, speed_steps=2, warmup_steps=1, size_train_seconds=0.0, size_iterations=20,
     eval_tokens=1024, compile_backend="eager",
     tol_loss=1e-5, tol_grad=1e-4, tol_bpb=1e-5, tol_logits=1e-5,
@@ -121,14 +135,13 @@ HARD_LIMIT_FACTOR, HARD_LIMIT_GRACE_S = 1.5, 30.0
 
 # Speed: the configuration with one expensive feature switched off (QAT: on) at a time.
 SPEED_FEATURES = (
-    ("recurrence off", {"NUM_LOOPS": 0}),
     ("parallel residuals off", {"PARALLEL_RESIDUAL_START": -1}),
     ("document isolation off", {"DOC_ISOLATION": 0}),
     # WARMDOWN_ITERS far beyond the run keeps the LR multiplier at MIN_LR (< QAT_START) from step 0,
     # so every timed step runs with fake quantization.
     ("QAT on", {"QAT_START": 0.15, "WARMDOWN_ITERS": 10**9}),
 )
-ATTENTION_BACKENDS = ("fa3", "fa2", "sdpa")
+ATTENTION_BACKENDS = tg.ATTENTION_BACKENDS
 
 
 # ----------------------------------------------------------------------------- the table
@@ -203,8 +216,8 @@ class Context:
         return self.val_tokens[:tokens]
 
     def train_batch(self, args: tg.Hyperparameters, seqs: int) -> tuple[torch.Tensor, torch.Tensor]:
-        loader = tg.DistributedTokenLoader(args.data_path, self.rt)
-        return loader.next_batch(seqs * args.train_seq_len, args.train_seq_len, 1)
+        loader = tg.DistributedTokenLoader(args.data_path, self.rt, args.train_seq_len)  # rows of TRAIN_SEQ_LEN
+        return loader.next_batch(seqs * args.train_seq_len, 1)[:2]
 
     def release_memory(self):
         gc.collect()
@@ -310,6 +323,48 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
+def training_flops_per_token(args: tg.Hyperparameters, looping: bool) -> float:
+    """Model FLOPs of one training token (forward and backward, 3 x the forward): every matmul of each
+    virtual layer and of the head, and causal attention over TRAIN_SEQ_LEN / 2 keys on average (an
+    upper bound: documents shorter than a row attend to fewer)."""
+    cfg = tg.ModelConfig.from_args(args)
+    d, head_dim = cfg.model_dim, cfg.model_dim // cfg.num_heads
+    kv, hidden = cfg.num_kv_heads * head_dim, int(cfg.mlp_mult * cfg.model_dim)
+    layers = len(cfg.layer_order(looping))
+    matmul_params = layers * (2 * d * d + 2 * d * kv + 2 * d * hidden) + d * cfg.vocab_size + (cfg.bigram_dim * d if cfg.bigram_vocab_size else 0)
+    attention = layers * 2 * d * args.train_seq_len  # QK and AV, 2 flops each, over T / 2 keys
+    return 3 * (2 * matmul_params + attention)
+
+
+_PEAK = {}
+
+
+def matmul_peak_flops(device: torch.device) -> float:
+    """The bf16 matmul rate this GPU reaches (8192^3, best of 10): the denominator of MFU."""
+    if device.type != "cuda":
+        return math.nan
+    if device not in _PEAK:
+        a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+        best = math.inf
+        for _ in range(12):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            a @ a
+            torch.cuda.synchronize()
+            best = min(best, time.perf_counter() - t0)
+        _PEAK[device] = 2 * 8192**3 / best
+    return _PEAK[device]
+
+
+def mfu_figures(args: tg.Hyperparameters, tokens_per_s_per_gpu: float, looping: bool, device: torch.device) -> list:
+    flops = training_flops_per_token(args, looping)
+    peak = matmul_peak_flops(device)
+    out = [figure("model FLOPs", flops / 1e6, "MFLOP/token")]
+    if peak == peak:  # measured (CUDA)
+        out += [figure("MFU", 100 * flops * tokens_per_s_per_gpu / peak, f"% of {peak / 1e12:.0f} TFLOP/s measured bf16")]
+    return out
+
+
 def activated_model(args: tg.Hyperparameters, backend: str, ctx: Context) -> tg.GPT:
     """The configuration's model with Gaussian noise on every weight: zero-initialised projections
     and gates then act, so attention, gates and adapters all change the outputs being compared."""
@@ -319,6 +374,155 @@ def activated_model(args: tg.Hyperparameters, backend: str, ctx: Context) -> tg.
         for p in model.parameters():
             p.add_(torch.randn_like(p), alpha=0.02)
     return model
+
+
+# ----------------------------------------------------------------------------- part 0: the README's command, end to end
+
+# The README's training command, shortened: a short clock (recurrence switches on inside it), a
+# validation slice on which two TTT phases happen, every path and the audit, compiled as a real run.
+E2E_SETTINGS = {
+    "gpu": dict(MAX_WALLCLOCK_SECONDS=90, VAL_MAX_TOKENS=393_216, TTT_PHASE_TOKENS="131072,262144", TRAIN_LOG_EVERY=5),
+    "quick": dict(MAX_WALLCLOCK_SECONDS=30, VAL_MAX_TOKENS=131_072, TTT_PHASE_TOKENS="65536", TRAIN_LOG_EVERY=5),
+    "cpu": dict(ITERATIONS=8, MAX_WALLCLOCK_SECONDS=0, WARMUP_STEPS=1, LOOP_ENABLE_FRAC=0.5, VAL_MAX_TOKENS=2500, TTT_PHASE_DOCS="3",
+                TRAIN_LOG_EVERY=1, VAL_BATCH_SIZE=512, EVAL_AUDIT_TOKENS=512, CODE_MINIFY=0, GPTQ_RESERVE_SECONDS=0),
+}
+STAGE = re.compile(r"^stage:(\S+) (start|done)(?: seconds:([\d.]+))?")
+
+
+def write_cpu_e2e_data(folder: Path) -> tuple[Path, Path, int]:
+    """A real tokenizer (256 pieces) and shards of the Python documentation, for the CPU mode's run of
+    train_gpt.py (the other parts use synthetic token ids)."""
+    sys.path.insert(0, str(REPO / "data"))
+    import build_shards
+    import smoke
+
+    docs = smoke.topic_documents()
+    tokenizer = folder / "tokenizers" / "fineweb_256_bpe.model"
+    build_shards.train_tokenizer(docs[12:], 256, tokenizer, threads=1)
+    vocab = build_shards.load_tokenizer(tokenizer).vocab_size()
+    dataset = folder / "datasets" / f"fineweb10B_sp{vocab}"
+    build_shards.write_dataset(docs[:12], docs[12:], tokenizer, dataset, workers=1)
+    return dataset, tokenizer, vocab
+
+
+def e2e_environment(ctx: Context, mode: str, run_id: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not tg.misspelt_setting(k) and k not in {s.name for s in tg.SETTINGS}}
+    env.update(ctx.settings)
+    env.update({k: str(v) for k, v in E2E_SETTINGS[mode].items()})
+    env.update(RUN_ID=run_id, LOG_DIR=str(ctx.workdir / "e2e"), EVAL_AUDIT="1", COMPILE="1", PYTHONUNBUFFERED="1")
+    if ctx.cpu:
+        dataset, tokenizer, vocab = write_cpu_e2e_data(ctx.workdir / "e2e_data")
+        env.update(DATA_PATH=str(dataset), TOKENIZER_PATH=str(tokenizer), VOCAB_SIZE=str(vocab), OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    return env
+
+
+def stage_rows(lines: list[str]) -> tuple[list[Result], str | None]:
+    """One row per stage the log opened (its wall time), and the stage a run cut short was in."""
+    rows, open_stage = [], None
+    for line in lines:
+        m = STAGE.match(line)
+        if not m:
+            continue
+        name, event, seconds = m.groups()
+        if event == "start":
+            open_stage = name
+        else:
+            open_stage = None
+            rows.append(Result("measured", [figure("wall time", float(seconds), "s")], check=f"stage {name}"))
+    return rows, open_stage
+
+
+def speed_rows(run, lines: list[str], args: tg.Hyperparameters, world: int, device: torch.device) -> list[Result]:
+    """ms/step and tokens/s before and after recurrence switched on, from the progress lines."""
+    switch = next((int(m.group(1)) for line in lines if (m := re.match(r"^recurrence:on step:(\d+)", line))), None)
+    points = [p for p in run.train_curve if p.train_time_ms is not None]
+    rows = []
+    for label, part in (("off", [p for p in points if switch is None or p.step <= switch]), ("on", [p for p in points if switch is not None and p.step > switch])):
+        if len(part) < 2:
+            rows.append(Result("skipped", note=f"fewer than 2 progress lines with recurrence {label}", check=f"training speed, recurrence {label}"))
+            continue
+        (s0, t0), (s1, t1) = (part[0].step, part[0].train_time_ms), (part[-1].step, part[-1].train_time_ms)
+        ms = (t1 - t0) / (s1 - s0)
+        per_gpu = args.train_batch_tokens / (ms / 1000) / world
+        rows.append(Result("measured", [figure("step", ms, "ms/step"), figure("throughput", args.train_batch_tokens / (ms / 1000), "tokens/s"),
+                                        figure("per GPU", per_gpu, "tokens/s"), *mfu_figures(args, per_gpu, label == "on", device)],
+                           f"steps {s0}-{s1} on {world} process{'es' * (world > 1)}", check=f"training speed, recurrence {label}"))
+    return rows
+
+
+def compile_rows(lines: list[str]) -> list[Result]:
+    rows = []
+    for line in lines:
+        if m := re.match(r"^train_compile recurrence:(\w+) first_step_seconds:([\d.]+)", line):
+            rows.append(Result("measured", [figure("compile + first step", float(m.group(2)), "s")], check=f"compile: training graph, recurrence {m.group(1)}"))
+        elif m := re.match(r"^eval_compile path:(\w+) seconds:([\d.]+)", line):
+            rows.append(Result("measured", [figure("compile + warm-up", float(m.group(2)), "s")], check=f"compile: evaluation, {m.group(1)}"))
+        elif m := re.match(r"^eval_compiles_during_timed_eval graphs:(\d+)", line):
+            n = int(m.group(1))
+            rows.append(Result("pass" if n == 0 else "FAIL", [figure("graphs compiled", n, "during the timed evaluation")],
+                               "every graph must compile in the untimed warm-up", check="no compile inside the timed evaluation"))
+    return rows
+
+
+def outcome_rows(run, lines: list[str], args: tg.Hyperparameters, world: int, returncode: int | None, console_tail: str) -> list[Result]:
+    rows = []
+    if run.peak_mem_allocated_mib is not None:
+        rows.append(Result("measured", [figure("peak allocated", run.peak_mem_allocated_mib / 1024, "GiB"), figure("peak reserved", run.peak_mem_reserved_mib / 1024, "GiB")], check="peak memory"))
+    if run.total_bytes is not None:
+        rows.append(Result("pass" if run.fits_cap else "FAIL", [figure("artifact", run.artifact_bytes, "bytes"), figure("code", run.code_size_bytes, "bytes"),
+                                                                 figure("total", run.total_bytes, "bytes")], f"cap {run.size_cap_bytes:,}", check="artifact"))
+    targets = next((int(m.group(1)) for line in lines if (m := re.match(r"^val_tokens:\d+ targets:(\d+)", line))), 0)
+    for path, final in run.finals.items():
+        if final.eval_time_ms:
+            rate = targets / (final.eval_time_ms / 1000)
+            projected = FULL_VALIDATION_TOKENS / (rate * GPUS / world)
+            rows.append(Result("measured", [figure("bpb", final.val_bpb, "bits/byte"), figure("rate", rate / world, "tokens/s per GPU"),
+                                            figure("projected", projected, f"s on {GPUS} GPUs, full validation")],
+                               f"{targets:,} targets", check=f"eval {path}"))
+    audit = next((line for line in lines if line.startswith("eval_audit path:")), None)
+    if audit is not None:
+        rows.append(Result("pass" if "verdict:PASS" in audit else "FAIL", note=audit[:300], check="audit"))
+    if run.submission_valid is not None:
+        rows.append(Result("pass" if run.submission_valid else "FAIL", note=f"submission_valid:{'yes' if run.submission_valid else 'no ' + (run.submission_reason or '')}", check="submission_valid"))
+    if returncode is not None:
+        rows.append(Result("pass" if returncode == 0 else "FAIL", [figure("exit code", returncode, "")], console_tail if returncode else "", check="exit code (every rank)"))
+    return rows
+
+
+def run_end_to_end(ctx: Context, part: PartRunner) -> list[Result]:
+    """torchrun of train_gpt.py, one process per GPU (2 gloo processes in CPU mode), then its log read back."""
+    mode = "cpu" if ctx.cpu else "quick" if ctx.opts.quick else "gpu"
+    world = 2 if ctx.cpu else ctx.opts.nproc or max(1, torch.cuda.device_count())
+    run_id = "gpu_check_e2e"
+    env = e2e_environment(ctx, mode, run_id)
+    args = tg.Hyperparameters({k: v for k, v in env.items() if k in {s.name for s in tg.SETTINGS}})
+    log_path = Path(env["LOG_DIR"]) / f"{run_id}.txt"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}", str(REPO / "train_gpt.py")]
+    with open(ctx.workdir / "e2e_console.txt", "w") as console:
+        child = subprocess.Popen(command, cwd=REPO, env=env, stdout=console, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            returncode = child.wait(timeout=max(10.0, part.deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            os.killpg(child.pid, signal.SIGKILL)
+            child.wait()
+            returncode = None
+    lines = logparse._lines(log_path.read_text(errors="replace")) if log_path.is_file() else []
+    run = logparse.parse_text("\n".join(lines))
+    stages, open_stage = stage_rows(lines)
+    console = ctx.workdir / "e2e_console.txt"
+    tail = " | ".join(line.strip() for line in console.read_text(errors="replace").splitlines()[-4:])[-600:]
+    rows = stages + compile_rows(lines) + speed_rows(run, lines, args, world, ctx.rt.device) + outcome_rows(run, lines, args, world, returncode, tail)
+    if returncode is None or open_stage is not None:
+        last = next((line for line in reversed(lines) if line.startswith("error:")), lines[-1] if lines else last_line(ctx.workdir / "e2e_console.txt"))
+        why = "stopped at the part's budget" if returncode is None else f"exited with {returncode}"
+        rows.append(Result("ERROR", note=f"{why} in stage {open_stage or '(before the first)'}: {last[:200]}", check="run"))
+    settings = " ".join(f"{k}={v}" for k, v in E2E_SETTINGS[mode].items())
+    rows.insert(0, Result("measured", [figure("processes", world, "")], f"torchrun --standalone --nproc_per_node={world} train_gpt.py with {settings}", check="command"))
+    return rows
+
+
+def end_to_end(ctx: Context, part: PartRunner):
+    part.check("the README's training command", lambda: run_end_to_end(ctx, part))
 
 
 # ----------------------------------------------------------------------------- part 1: correctness
@@ -379,7 +583,7 @@ def compare_attention_backends(ctx: Context, args: tg.Hyperparameters, state: di
     with full_fp32_matmuls():  # setup_runtime turns TF32 on; the reference is plain fp32
         reference = {iso: outputs(cfg, "sdpa", autocast=False) for iso, cfg in configs.items()}
     results, sdpa_errors = [], {}
-    for backend in ("sdpa", "fa3", "fa2"):
+    for backend in ("sdpa", "fa3", "varlen", "fa2"):
         name = f"attention {backend} vs fp32 SDPA"
         try:
             tg.select_attention_backend(backend, device)
@@ -565,11 +769,14 @@ def measure_training_speed(ctx: Context, overrides: dict) -> Result:
     (s0, t0), (s1, t1) = times[0], times[-1]
     timed = s1 - s0
     ms = (t1 - t0) / timed
-    figures = [figure("step", ms, "ms/step"), figure("throughput", args.train_batch_tokens / (ms / 1000), "tokens/s")]
+    compile_s = [float(m.group(1)) for line in lines if (m := re.match(r"^train_compile recurrence:\w+ first_step_seconds:([\d.]+)", line))]
+    figures = [figure("step", ms, "ms/step"), figure("throughput", args.train_batch_tokens / (ms / 1000), "tokens/s"),
+               *mfu_figures(args, args.train_batch_tokens / (ms / 1000), model.cfg.num_loops > 0, ctx.rt.device),
+               figure("compile + first step", sum(compile_s), "s")]
     if cuda:
         figures += [figure("peak allocated", torch.cuda.max_memory_allocated() / 2**30, "GiB"),
                     figure("peak reserved", torch.cuda.max_memory_reserved() / 2**30, "GiB")]
-    budget_ms = 1000 * (600 - args.gptq_reserve_seconds)
+    budget_ms = 1000 * 600
     figures.append(figure("8-GPU steps in 600 s", int(budget_ms / (ms / GPUS)), "steps (compute only)"))
     compiled = "compiled" if args.compile and cuda else "eager (train_gpt.py compiles on CUDA only)"
     return Result("measured", figures, f"{timed} timed step{'s' * (timed > 1)} of {args.train_batch_tokens:,} tokens in {ctx.rt.grad_accum_steps} micro-steps, {compiled}")
@@ -578,6 +785,7 @@ def measure_training_speed(ctx: Context, overrides: dict) -> Result:
 def speed(ctx: Context, part: PartRunner):
     best = tg.select_attention_backend(ctx.args().attn_backend, ctx.rt.device)
     configs = [(f"default, {b}", {"ATTN_BACKEND": b}) for b in sorted(ATTENTION_BACKENDS, key=lambda b: b != best)]
+    configs.insert(1, (f"recurrence off, {best}", {"ATTN_BACKEND": best, "NUM_LOOPS": 0}))
     configs += [(f"{label}, {best}", {"ATTN_BACKEND": best, **overrides}) for label, overrides in SPEED_FEATURES]
     for label, overrides in configs:
         part.check(label, lambda o=overrides: measure_training_speed(ctx, o), similar=True)
@@ -683,7 +891,7 @@ def evaluation(ctx: Context, part: PartRunner):
     part.check(f"evaluate_artifact on {min(ctx.scale.eval_tokens, ctx.val_tokens.numel()):,} validation tokens", lambda: time_evaluation(ctx, args))
 
 
-PART_FUNCTIONS = {"correctness": correctness, "speed": speed, "size": size, "eval": evaluation}
+PART_FUNCTIONS = {"e2e": end_to_end, "correctness": correctness, "speed": speed, "size": size, "eval": evaluation}
 
 
 def child_main(opts) -> int:
@@ -699,7 +907,7 @@ def child_main(opts) -> int:
     device = torch.cuda.get_device_name() if ctx.rt.device.type == "cuda" else "cpu"
     events("environment", device=device, torch=torch.__version__, python=sys.version.split()[0], cuda=torch.version.cuda)
     for name in opts.parts:
-        budget = opts.budget.get(name, ctx.scale.budgets[name])
+        budget = opts.budget.get(name, QUICK_E2E_BUDGET_S if opts.quick and name == "e2e" else ctx.scale.budgets[name])
         events("part", part=name, budget_s=budget)
         part = PartRunner(ctx, name, budget, events)
         try:
@@ -748,6 +956,8 @@ def run_child(opts, parts: list[str], report: Report, budgets: dict, log_path: P
                "--data", str(opts.data), "--parts", ",".join(parts)]
     command += ["--tokenizer", str(opts.tokenizer)] if opts.tokenizer else []
     command += ["--cpu"] if opts.cpu else []
+    command += ["--quick"] if opts.quick else []
+    command += [f"--nproc={opts.nproc}"] if opts.nproc else []
     command += [f"--budget={name}={seconds}" for name, seconds in opts.budget.items()]
     events_path.touch()
     with open(log_path, "a") as log:
@@ -824,7 +1034,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", type=Path, help=f"folder of fineweb_{{train,val}}_*.bin shards (default: $DATA_PATH, else {DEFAULT_DATA.relative_to(REPO)})")
     p.add_argument("--tokenizer", type=Path, help=f"SentencePiece model of the shards (default: $TOKENIZER_PATH, else {DEFAULT_TOKENIZER.relative_to(REPO)})")
     p.add_argument("--out", type=Path, default=REPO / "bench" / "gpu_check.json", help="the JSON table (the child's output goes to the same path with .log)")
-    p.add_argument("--parts", default=",".join(PARTS), help=f"comma list of parts to run (they run in the order {', '.join(PARTS)})")
+    p.add_argument("--parts", help=f"comma list of parts to run, in the order {', '.join(PARTS)} (default: {', '.join(DEFAULT_GPU_PARTS)} on a GPU, about 10 minutes; all of them with --cpu)")
+    p.add_argument("--quick", action="store_true", help="the end-to-end part alone with a 30 s clock and a smaller validation slice: under 5 minutes on one GPU")
+    p.add_argument("--nproc", type=int, help="processes of the end-to-end run (default: every GPU of the machine)")
     p.add_argument("--budget", type=parse_budget, action="append", default=[], metavar="PART=SECONDS", help="a part's time budget (repeatable)")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)  # the parent starts the parts with these
     p.add_argument("--events", help=argparse.SUPPRESS)
@@ -858,7 +1070,8 @@ def main(argv: list[str] | None = None) -> int:
     if opts.train_worker:
         return train_worker(opts.train_worker)
     opts.budget = dict(opts.budget)
-    names = [p.strip() for p in opts.parts.split(",") if p.strip()]
+    default = PARTS if opts.cpu else ("e2e",) if opts.quick else DEFAULT_GPU_PARTS
+    names = [p.strip() for p in (opts.parts or ",".join(default)).split(",") if p.strip()]
     unknown = [p for p in names if p not in PARTS]
     if unknown or not names:
         sys.exit(f"error: --parts takes a comma list of {', '.join(PARTS)}; got {', '.join(unknown) or 'nothing'}")
@@ -882,7 +1095,7 @@ def supervise(opts) -> int:
     changed = {k: v for k, v in base_settings(opts).items() if k not in ("DATA_PATH", "TOKENIZER_PATH") and defaults[k] != v}
     report = Report(opts, changed)
     scale = CPU_SCALE if opts.cpu else GPU_SCALE
-    budgets = {name: opts.budget.get(name, scale.budgets[name]) for name in opts.parts}
+    budgets = {name: opts.budget.get(name, QUICK_E2E_BUDGET_S if opts.quick and name == "e2e" else scale.budgets[name]) for name in opts.parts}
     report.data["budgets_s"] = budgets
     log_path = Path(opts.out).with_suffix(".log")
     log_path.parent.mkdir(parents=True, exist_ok=True)

@@ -72,6 +72,26 @@ def test_cpu_mode_runs_every_check_of_every_part(tmp_path):
     assert gpu_check.markdown_table(report) in done.stdout
 
 
+def test_e2e_runs_the_readme_command_through_torchrun_and_reads_its_stages(tmp_path):
+    """--cpu --parts e2e: train_gpt.py under torchrun (2 gloo processes) on real text, every stage of
+    training and evaluation a row with its time, the speed before and after recurrence, the audit,
+    submission_valid and every rank's exit code, and no FAIL."""
+    out = tmp_path / "gpu_check.json"
+    done = run_harness("--cpu", "--parts", "e2e", "--out", str(out))
+    report = json.loads(out.read_text())
+    rows = {check: row for (part, check), row in rows_by_check(report).items() if part == "e2e"}
+    assert done.returncode == 0 and not [r for r in report["rows"] if r["status"] in ("FAIL", "ERROR")], done.stdout[-4000:]
+    for stage in ("preflight", "train_compile_warmup", "train", "calibration", "quantize", "compress", "reload", "eval_ttt_phased", "audit"):
+        seconds = {name: value for name, value, _ in rows[f"stage {stage}"]["figures"]}["wall time"]
+        assert rows[f"stage {stage}"]["status"] == "measured" and seconds >= 0, stage
+    for state in ("off", "on"):
+        figures = {name: value for name, value, _ in rows[f"training speed, recurrence {state}"]["figures"]}
+        assert figures["step"] > 0 and figures["per GPU"] == pytest.approx(figures["throughput"] / 2)
+    for check in ("audit", "submission_valid", "exit code (every rank)", "no compile inside the timed evaluation", "artifact"):
+        assert rows[check]["status"] == "pass", check
+    assert "nproc_per_node=2" in rows["command"]["note"]
+
+
 def test_a_part_out_of_budget_skips_its_checks_and_the_next_part_runs(tmp_path):
     out = tmp_path / "gpu_check.json"
     done = run_harness("--cpu", "--parts", "size,eval", "--budget", "size=0", "--out", str(out))
