@@ -1838,7 +1838,8 @@ def train_model(model: GPT, args: Hyperparameters, rt: Runtime, log: Logger, eva
         for t in model.state_dict().values():
             dist.broadcast(t, src=0)
     # One graph per step (two: recurrence off and on); cu_seqlens is the one dynamic size, marked in train_step.
-    train_forward = compiled(model, args, rt, fullgraph=True)
+    # flash-attn 2 before its torch custom ops cannot be traced in one graph: it alone may break it.
+    train_forward = compiled(model, args, rt, fullgraph=model.attn_backend != "fa2")
     optimizers = build_optimizers(model, args, rt)
     muon = next((o for o in optimizers if isinstance(o, Muon)), None)
     muon_params = {id(p) for p in muon.param_groups[0]["params"]} if muon is not None else set()
