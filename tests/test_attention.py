@@ -273,3 +273,36 @@ def test_training_step_is_one_graph_per_recurrence_state(reference_flash, monkey
     torch._dynamo.reset()
     assert len(set(lengths)) > 2, lengths
     assert counter.frame_count == 2, f"{counter.frame_count} graphs for cu_seqlens lengths {sorted(set(lengths))}"
+
+
+# ----------------------------------------------------------------------------- evaluation graphs
+
+
+def test_evaluation_compiles_in_the_warm_up_and_never_during_scoring(monkeypatch):
+    """evaluate_artifact's warm-up on dummy tokens compiles every graph the paths need: scoring the
+    validation stream (documents of every length, the TTT's growing windows, a lone last document,
+    a phase's SGD, a short last window) then compiles nothing more."""
+    from torch._dynamo.testing import CompileCounter
+
+    counter = CompileCounter()
+    monkeypatch.setattr(train_gpt, "compiled", lambda model, args, rt, **options: torch.compile(model, backend=counter, **options))
+    args = tiny_args(TTT_LR=0.05, TTT_PHASE_DOCS="3", EVAL_STRIDE=8, TTT_BATCH_SIZE=4)
+    rt = train_gpt.Runtime()
+    torch._dynamo.reset()
+    model = tiny_model(seed=10)
+    model.requires_grad_(False)
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    forward = train_gpt.compile_for_eval(model, args, rt)
+    tables = __import__("conftest").toy_tables(V)
+    names = train_gpt.evaluation_paths(args)
+    train_gpt.warm_up_paths(forward, weights, names, args, rt, tables, V, lambda line: None)
+    warm = counter.frame_count
+    rng = np.random.default_rng(3)
+    docs = [np.concatenate([[train_gpt.BOS_ID], rng.integers(2, V, n)]) for n in (3, 70, 9, 41, 5, 120, 17, 2, 33, 64, 11)]
+    tokens = torch.from_numpy(np.concatenate(docs).astype(np.int64))
+    for name in names:
+        ledger = train_gpt.ScoreLedger(tokens, tables)
+        train_gpt.score_path(name, forward, weights, tokens, ledger, args, rt)
+        ledger.result()
+    torch._dynamo.reset()
+    assert warm > 0 and counter.frame_count == warm, f"{counter.frame_count - warm} graphs compiled while scoring"
