@@ -292,7 +292,7 @@ def test_a_failed_artifact_write_keeps_the_weights_and_the_printed_command_finis
 
     monkeypatch.setattr(train_gpt, "train_model", train_while_the_disk_fills)
     log = Recorder()
-    with pytest.raises(train_gpt.ArtifactError) as info:
+    with pytest.raises(train_gpt.RunStopped) as info:
         train_gpt.run(args, train_gpt.Runtime(), "full", log)
     message = str(info.value)
     weights = tmp_path / "logs" / "full.weights.pt"
