@@ -3422,9 +3422,13 @@ def stop(e: BaseException, note: str, log: Logger):
     raise RunStopped(note) from e
 
 
-def _raise_interrupted(signum, frame):
-    for sig in (signal.SIGINT, signal.SIGTERM):  # a second signal (torchrun's SIGTERM after a Ctrl-C) must not cut short the saving
+def _ignore_signals():
+    for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, signal.SIG_IGN)
+
+
+def _raise_interrupted(signum, frame):
+    _ignore_signals()  # a second signal (torchrun's SIGTERM after a Ctrl-C) must not cut short the saving of the weights
     raise Interrupted(signum)
 
 
@@ -3440,14 +3444,17 @@ def main():
     run_id = broadcast_run_id(args, rt)
     log = Logger(Path(args.log_dir) / f"{run_id}.txt" if rt.is_master else None)
     code = EXIT_ERROR
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _raise_interrupted)
     try:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, _raise_interrupted)
-        code = 0 if run(args, rt, run_id, log) else EXIT_INVALID_SUBMISSION
-        if rt.distributed:  # one exit code on every rank: rank 0's, which alone knows the artifact's size
-            verdict = [code]
-            dist.broadcast_object_list(verdict, src=0)
-            code = verdict[0]
+        try:
+            code = 0 if run(args, rt, run_id, log) else EXIT_INVALID_SUBMISSION
+            if rt.distributed:  # one exit code on every rank: rank 0's, which alone knows the artifact's size
+                verdict = [code]
+                dist.broadcast_object_list(verdict, src=0)
+                code = verdict[0]
+        finally:  # torchrun stops the other ranks (SIGTERM) once one exits: that must not cut their last lines or change their exit code
+            _ignore_signals()
     except Interrupted as e:
         log(f"interrupted: {signal.Signals(e.args[0]).name}; the run stopped here{'; ' + e.note if e.note else ''}", stream=sys.stderr)
         code = 128 + e.args[0]
