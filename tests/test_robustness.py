@@ -399,16 +399,13 @@ def test_gate_window_wider_than_the_model_is_refused_where_a_gate_reads_it():
     tiny_args(GATE_WINDOW=64, ATTN_GATE=0, SMEAR_GATE_MODE="dim")
 
 
-def test_stale_launcher_variables_are_refused_instead_of_waiting_forever(monkeypatch):
-    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
-    for k, v in {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}.items():
-        monkeypatch.setenv(k, v)
-    with pytest.raises(train_gpt.SettingsError, match="WORLD_SIZE=2 is set, but this process was not started by torchrun"):
-        train_gpt.setup_runtime()
-    monkeypatch.setenv("WORLD_SIZE", "1")
-    monkeypatch.setenv("RANK", "1")
-    with pytest.raises(train_gpt.SettingsError, match="RANK=1 with WORLD_SIZE=1"):
-        train_gpt.setup_runtime()
+def test_stale_launcher_variables_are_refused_instead_of_waiting_forever(tmp_path):
+    """A plain `python3 train_gpt.py` in a shell that kept a torchrun job's WORLD_SIZE used to wait forever for rank 1."""
+    stale = {"WORLD_SIZE": 2, "RANK": 0, "LOCAL_RANK": 0, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": free_port(), "LOG_DIR": tmp_path, "RUN_ID": "stale"}
+    for env, expected in ((stale, "WORLD_SIZE=2 is set, but this process was not started by torchrun"), ({"RANK": 1, "LOG_DIR": tmp_path}, "RANK=1 with WORLD_SIZE=1")):
+        done = subprocess.run([sys.executable, str(REPO / "train_gpt.py")], env=clean_env(**env), cwd=tmp_path, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 1 and done.stderr.startswith(f"error: {expected}"), done.stderr
+    assert (tmp_path / "stale.txt").read_text().startswith("error: WORLD_SIZE=2 is set"), "the reason is in the log too"
 
 
 # ----------------------------------------------------------------------------- 9. the wrong file for QUANTIZE_ONLY
