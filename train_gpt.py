@@ -246,7 +246,7 @@ def _settings_near(upper: str) -> list[str]:
     """Settings an upper-case name may have meant, the closest first."""
     order = [s.name for s in SETTINGS]
     near = difflib.get_close_matches(upper, order, n=1, cutoff=0.85)
-    near += [k for k in order if ("_" in upper or upper in _OUR_PREFIXES) and k.startswith(upper + "_") or "_" in upper and upper.startswith(k + "_")]
+    near += [k for k in order if (("_" in upper or upper in _OUR_PREFIXES) and k.startswith(upper + "_")) or ("_" in upper and upper.startswith(k + "_"))]
     if upper not in _COMMON_VARIABLES and len(upper) > 1:  # a setting's ending (SEQ_LEN), misspelt (SEQLEN) or abbreviated (ITERS)
         endings = [upper] + difflib.get_close_matches(upper, _ENDINGS, n=3, cutoff=0.85)
         stem = upper.rstrip("S") if "_" not in upper and len(upper.rstrip("S")) >= 4 else None
