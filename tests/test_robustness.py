@@ -18,8 +18,8 @@ import pytest
 import torch
 
 import train_gpt
-from conftest import REPO, Recorder, clean_env, tiny_args, tiny_model
-from test_preflight import preflight_problems, run_args, run_script, script_env, write_tiny_artifact
+from conftest import REPO, TINY, Recorder, clean_env, synthetic_stream, tiny_args, tiny_model, toy_tables
+from test_preflight import preflight_problems, run_args, script_env, write_tiny_artifact
 
 DEV_FULL = Path("/dev/full")  # every write to it fails with ENOSPC
 
@@ -242,8 +242,6 @@ def free_port() -> int:
 
 def test_a_nan_on_one_rank_stops_every_rank_at_the_same_step(synthetic_data, tmp_path):
     """The flag rides on the wall-clock cap's all-reduce: rank 0 (finite loss) stops with rank 1."""
-    from conftest import TINY
-
     env = {k: str(v) for k, v in {**TINY, "DATA_PATH": synthetic_data, "ITERATIONS": 20, "TRAIN_LOG_EVERY": 0, "GPTQ_ENABLED": 0}.items()}
     script = tmp_path / "worker.py"
     script.write_text(NAN_WORKER.format(repo=str(REPO)))
@@ -443,8 +441,6 @@ def test_an_eval_dump_folder_is_a_problem_before_training(tmp_path, synthetic_da
 
 
 def test_a_full_disk_at_the_eval_dump_only_costs_the_dump(tmp_path, monkeypatch):
-    from conftest import synthetic_stream, toy_tables
-
     args = tiny_args(EVAL_DUMP=tmp_path / "dump", TTT_ENABLED=0, EVAL_STRIDE=0, EVAL_AUDIT=0)
     artifact = write_tiny_artifact(tmp_path / "model.pgz")
 
