@@ -82,8 +82,8 @@ def _items(v: str) -> set[str]:
 
 SETTINGS = (
     # data, run and logging
-    Setting("DATA_PATH", "./data/datasets/fineweb10B_sp8192", "folder of fineweb_{train,val}_*.bin shards"),
-    Setting("TOKENIZER_PATH", "./data/tokenizers/fineweb_8192_bpe.model", "SentencePiece model used for bpb byte counts"),
+    Setting("DATA_PATH", "./data/datasets/fineweb10B_sp8192_lossless_caps_caseops_v1_reserved", "folder of fineweb_{train,val}_*.bin shards (default: the record's CaseOps data)"),
+    Setting("TOKENIZER_PATH", "", "SentencePiece model used for bpb byte counts (empty: <root>/tokenizers/fineweb_<V>_bpe<suffix>.model for DATA_PATH=<root>/datasets/fineweb10B_sp<V><suffix>)"),
     Setting("RUN_ID", "", "name of the run; logs/{RUN_ID}.txt (default: a fresh id)", _file_name, "a plain file name (no '/', not starting with '.')"),
     Setting("SEED", 1337, "random seed for init, data order of TTT adapters and sampling"),
     Setting("LOG_DIR", "logs", "folder for the log file and, by default, the artifact"),
@@ -155,7 +155,8 @@ SETTINGS = (
     Setting("BETA1", 0.9, "Adam beta1", _fraction, "in [0, 1]"),
     Setting("BETA2", 0.99, "Adam beta2", _fraction, "in [0, 1]"),
     Setting("ADAM_EPS", 1e-8, "Adam epsilon", _positive, "> 0"),
-    Setting("GRAD_CLIP_NORM", 0.3, "global gradient-norm clip (0 = off)", _non_negative, ">= 0"),
+    Setting("GRAD_CLIP_NORM", 0.3, "gradient-norm clip (0 = off)", _non_negative, ">= 0"),
+    Setting("GRAD_CLIP_SCOPE", "rank", "rank = each rank clips its own gradient before the averaging (the record); global = the averaged gradient, independent of the GPU count", ("rank", "global")),
     # averaging and quantization-aware training
     Setting("EMA_DECAY", 0.9965, "EMA of all weights, updated every step (0 = off)", lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
     Setting("SWA_ENABLED", False, "uniform average of snapshots late in training; exported instead of the EMA"),
@@ -302,6 +303,15 @@ def _parse_setting(setting: Setting, raw: str):
     return value
 
 
+def tokenizer_beside(data_path: str) -> str:
+    """The tokenizer the official layout keeps beside DATA_PATH (see TOKENIZER_PATH), or "" for another folder name."""
+    datasets, name = os.path.split(os.path.normpath(data_path))
+    vocab, _, suffix = name.removeprefix("fineweb10B_sp").partition("_")
+    if os.path.basename(datasets) != "datasets" or not name.startswith("fineweb10B_sp") or not vocab.isdigit():
+        return ""
+    return os.path.join(os.path.dirname(datasets), "tokenizers", f"fineweb_{vocab}_bpe{'_' * bool(suffix)}{suffix}.model")
+
+
 class Hyperparameters:
     """All settings, read once from the environment and validated; attribute = lower-case name."""
 
@@ -320,6 +330,7 @@ class Hyperparameters:
             if key.upper() not in known:
                 raise SettingsError(f"unknown setting {key.upper()}")
             setattr(self, key.lower(), _parse_setting(next(s for s in SETTINGS if s.name == key.upper()), str(value)))
+        self.tokenizer_path = self.tokenizer_path or tokenizer_beside(self.data_path)
         self._check_consistency()
 
     def _check_consistency(self):
@@ -526,8 +537,9 @@ class DataError(RuntimeError):
 
 
 DOWNLOAD_HINT = (
-    "download the official data with `python data/cached_challenge_fineweb.py --variant sp8192 --train-shards 10`, "
-    "or run the offline smoke run with `python3 data/smoke.py`"
+    "make the record's CaseOps data with the README's first command (data/cached_challenge_fineweb.py, then data/build_shards.py), "
+    "or download plain sp8192 with `python3 data/cached_challenge_fineweb.py --variant sp8192 --train-shards 80` and set "
+    "DATA_PATH=./data/datasets/fineweb10B_sp8192, or run the offline smoke run with `python3 data/smoke.py`"
 )
 
 
@@ -636,31 +648,79 @@ def shard_problems(files: list[str], vocab_size: int) -> list[str]:
     return problems
 
 
-TOKENIZER_FINGERPRINT = "tokenizer_fingerprint.json"  # beside shards made by data/build_shards.py; the official ones have none
+TOKENIZER_FINGERPRINT = "tokenizer_fingerprint.json"  # beside shards made by data/build_shards.py or fetched by data/cached_challenge_fineweb.py
 
 
 def file_sha256(path: str | Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
+REENCODED_MIN = 0.9  # the tokenizer that made the shards gives back all (measured: every Wikipedia article), another one of 1024+ pieces ~0
+
+
+def reencoded_share(data_path: str, tokenizer_path: str, max_tokens: int = 1 << 17) -> float | None:
+    """Share of the first validation tokens that decoding with the tokenizer and encoding again gives back
+    (None: nothing to check). A document counts up to its first <unk> (it decodes to " ⁇ "), or the sample's
+    end, cut back to a word start, which no merge crosses. A tokenizer of few merges (a tiny test vocabulary)
+    may give back another's ids too."""
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=tokenizer_path)
+    first = shard_files(data_path, "val")[0]
+    total = shard_token_count(first)
+    tokens = np.fromfile(first, dtype="<u2", count=min(total, max_tokens), offset=SHARD_HEADER_INTS * 4)
+    if not tokens.size or int(tokens.max()) >= sp.vocab_size():
+        return None  # shard_problems reports ids outside the vocabulary
+    docs = np.split(tokens, np.flatnonzero(tokens == BOS_ID))
+    same = checked = 0
+    for n, doc in enumerate(docs):
+        ids = doc[doc != BOS_ID].tolist()
+        end = ids.index(sp.unk_id()) if sp.unk_id() in ids else len(ids)
+        if end < len(ids) or (n == len(docs) - 1 and tokens.size < total):
+            end = next((k for k in range(end - 1, -1, -1) if sp.id_to_piece(ids[k]).startswith("\u2581")), 0)
+        same += end * (sp.encode(sp.decode(ids[:end])) == ids[:end])
+        checked += end
+    return same / checked if checked else None
+
+
 def tokenizer_mismatch(data_path: str, tokenizer_path: str) -> str | None:
-    """Why TOKENIZER_PATH is not the tokenizer the shards record (None if it is, or if they record none):
-    with another tokenizer of the same size every other check passes and the bpb is silently wrong."""
+    """Why TOKENIZER_PATH is not the tokenizer that made the shards (None if it is): with another tokenizer
+    of the same or a larger vocabulary every other check passes and the bpb is silently wrong. The shards'
+    fingerprint names it; without one (an older download) the tokenizer must give back the first validation
+    documents. A fingerprint with tokenizer_sha256 null marks token ids no tokenizer made (tests)."""
     record = Path(data_path) / TOKENIZER_FINGERPRINT
-    if not record.is_file():
-        return None
-    try:
-        made_with = json.loads(record.read_text())
-        recorded = made_with["tokenizer_sha256"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return f"{record} cannot be read; re-create the shards with data/build_shards.py"
-    actual = file_sha256(tokenizer_path)
-    if recorded == actual:
-        return None
-    return (
-        f"the shards in DATA_PATH={data_path} were made with the tokenizer {made_with.get('tokenizer', '?')} (sha256 {recorded[:12]}), "
-        f"not TOKENIZER_PATH={tokenizer_path} (sha256 {actual[:12]}); point TOKENIZER_PATH at the tokenizer that made them"
-    )
+    if record.is_file():
+        try:
+            made_with = json.loads(record.read_text())
+            recorded = made_with["tokenizer_sha256"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return f"{record} cannot be read; re-create the shards with data/build_shards.py"
+        if recorded in (None, file_sha256(tokenizer_path)):
+            return None
+        made_by = f"the tokenizer {made_with.get('tokenizer', '?')} (sha256 {recorded[:12]})"
+        fits = lambda path: file_sha256(path) == recorded  # noqa: E731
+    else:
+        share = reencoded_share(data_path, tokenizer_path)
+        if share is None or share >= REENCODED_MIN:
+            return None
+        made_by = f"another tokenizer (decoded with this one and encoded again, {share:.0%} of the first validation tokens come back)"
+        fits = lambda path: (reencoded_share(data_path, str(path)) or 0) >= REENCODED_MIN  # noqa: E731
+    return f"the shards in DATA_PATH={data_path} were made with {made_by}, not TOKENIZER_PATH={tokenizer_path}; use {fitting_tokenizer(data_path, tokenizer_path, fits)}"
+
+
+def fitting_tokenizer(data_path: str, tokenizer_path: str, fits) -> str:
+    """The settings of a tokenizer that fits the shards, among those beside them in the official layout
+    (data/datasets/<name>/ and data/tokenizers/) and beside TOKENIZER_PATH."""
+    import sentencepiece as spm
+
+    beside = {*Path(data_path).resolve().parent.parent.glob("tokenizers/*.model"), *Path(tokenizer_path).resolve().parent.glob("*.model")}
+    for path in sorted(beside - {Path(tokenizer_path).resolve()}):
+        try:
+            if fits(path):
+                return f"TOKENIZER_PATH={path} VOCAB_SIZE={spm.SentencePieceProcessor(model_file=str(path)).vocab_size()}"
+        except (RuntimeError, OSError):  # not a SentencePiece model
+            continue
+    return "the TOKENIZER_PATH and VOCAB_SIZE that made them"
 
 
 class TokenStream:
@@ -718,7 +778,7 @@ def document_spans(tokens: Tensor) -> list[tuple[int, int]]:
 
 # ----------------------------------------------------------------------------- bytes: the official bpb accounting, or the byte sidecar
 
-CASEOPS_OPERATORS = "\ue000\ue001\ue002\ue003"  # = data/caseops.py OPERATORS (a test keeps the two equal)
+CASEOPS_OPERATORS = "\ue001\ue002\ue003\ue004"  # TITLE ALLCAPS CAPNEXT ESCAPE, the record's; = data/caseops.py OPERATORS (a test keeps the two equal)
 
 
 @dataclass
@@ -771,14 +831,21 @@ def attach_byte_sidecar(tables: ByteTables, val_tokens: Tensor, data_path: str, 
     if sidecar is None:
         return tables
     sidecar = sidecar[: val_tokens.numel()].to(val_tokens.device)  # VAL_MAX_TOKENS cuts both alike
+    rebuild = "so they do not describe these shards; rebuild the data with `python3 data/build_shards.py ... --caseops`"
     if bool((sidecar[val_tokens == BOS_ID] != 0).any()):
-        raise DataError(f"the byte sidecars in DATA_PATH={data_path} charge bytes to a BOS token, so they do not describe these shards; rebuild the data with `python3 data/build_shards.py ... --caseops`")
+        raise DataError(f"the byte sidecars in DATA_PATH={data_path} charge bytes to a BOS token, {rebuild}")
+    # Real sidecars charge about what the pieces spell (CaseOps operators spell 3 each): 0.92 of it on Wikipedia text, never half.
+    charged, spelled = int(sidecar.sum()), int(target_bytes(val_tokens[:-1], val_tokens[1:], tables.to(val_tokens.device)).sum())
+    if charged == 0 or 2 * charged < spelled:
+        raise DataError(f"the byte sidecars in DATA_PATH={data_path} charge {charged} bytes to validation tokens whose pieces spell {spelled}, {rebuild}")
     return ByteTables(tables.base_bytes, tables.has_leading_space, tables.is_boundary, val_tokens, sidecar)
 
 
 def load_tokenizer_tables(tokenizer_path: str, vocab_size: int) -> ByteTables:
     import sentencepiece as spm
 
+    if not tokenizer_path:
+        raise DataError("TOKENIZER_PATH is empty and DATA_PATH is not named <root>/datasets/fineweb10B_sp<V><suffix>, so no tokenizer is beside it; set TOKENIZER_PATH to the .model the shards were made with")
     if not os.path.isfile(tokenizer_path):
         raise DataError(f"tokenizer not found at TOKENIZER_PATH={tokenizer_path}; {DOWNLOAD_HINT}")
     try:
@@ -996,7 +1063,8 @@ class Rotary(nn.Module):
         super().__init__()
         self.rope_dims = rope_dims or head_dim
         inv_freq = 1.0 / (base ** (torch.arange(0, self.rope_dims, 2, dtype=torch.float32) / self.rope_dims))
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        # rounded to bf16 as in the record, whose model is cast to bf16 whole (its buffers too)
+        self.register_buffer("inv_freq", inv_freq.bfloat16().float(), persistent=False)
 
     def forward(self, x: Tensor) -> Tensor:  # x: (B, T, H, D)
         t = torch.arange(x.size(1), device=x.device, dtype=torch.float32)
@@ -1178,9 +1246,10 @@ class Block(nn.Module):
         return x if adapters is None else x + adapters.layer_bias(layer, x.dtype)
 
     def forward_lanes(self, lanes: tuple[Tensor, Tensor], x0: Tensor, layout, adapters, layer: int, resid: Tensor, post: Tensor) -> tuple[Tensor, Tensor]:
-        """resid (2,): each lane's carry-over; post (2, 2): post[i, j] = weight of output i (attention, MLP) in lane j."""
+        """resid (2,): each lane's carry-over; post (2, 2): post[i, j] = weight of output i (attention, MLP) in lane j.
+        As in the record, only the attention lane mixes x0 back in; the MLP reads lane 1 as it is."""
         a = self.attend(self.mix_in(lanes[0], x0), layout, adapters, layer)
-        m = self.feed_forward(self.mix_in(lanes[1], x0), adapters, layer)
+        m = self.feed_forward(lanes[1], adapters, layer)
         resid, post = resid.to(a.dtype), post.to(a.dtype)
         bias = 0 if adapters is None else adapters.layer_bias(layer, a.dtype)
         return tuple(resid[j] * lanes[j] + post[0, j] * a + post[1, j] * m + bias for j in (0, 1))
@@ -1258,6 +1327,9 @@ class GPT(nn.Module):
             for block in self.blocks:
                 for linear in (block.attn.c_q, block.attn.c_k, block.attn.c_v, block.mlp.fc):
                     nn.init.orthogonal_(linear.weight)
+        with torch.no_grad():  # the record's initial values: it casts its model to bf16 whole before training
+            for p in self.parameters():
+                p.copy_(p.bfloat16())
 
     def embed(self, idx: Tensor) -> Tensor:
         x = self.tok_emb(idx)
@@ -1285,14 +1357,14 @@ class GPT(nn.Module):
         x0, skips, lanes = x, [], None
         for layer, i in enumerate(order):
             block = self.blocks[i]
+            if lanes is None and self.lane_resid is not None and i >= self.cfg.parallel_residual_start:
+                lanes = (x, x)
             if self.skip_weights is not None and layer >= num_encoder and skips:
                 skip, j = skips.pop(), layer - num_encoder
                 if lanes is None:
                     x = self.add_skip(x, skip, j)
-                else:
-                    lanes = tuple(self.add_skip(lane, skip, j) for lane in lanes)
-            if lanes is None and self.lane_resid is not None and i >= self.cfg.parallel_residual_start:
-                lanes = (x, x)
+                else:  # as in the record: into the attention lane only
+                    lanes = (self.add_skip(lanes[0], skip, j), lanes[1])
             if lanes is None:
                 x = block(x, x0, layout, adapters, layer)
             else:
@@ -1327,7 +1399,7 @@ def count_parameters(model: nn.Module) -> int:
 NEWTON_SCHULZ_COEFFS = {
     # One (a, b, c) per iteration, X <- a X + (b A + c A^2) X with A = X X^T; the last repeats.
     "classic": ((3.4445, -4.7750, 2.0315),),
-    # Polar Express (Amsel et al. 2025): minimax-tuned per iteration, for inputs scaled by 1/1.02.
+    # Polar Express (Amsel et al. 2025): minimax-tuned per iteration (the record's five tuples).
     "polar_express": (
         (8.156554524902461, -22.48329292557795, 15.878769915207462),
         (4.042929935166739, -2.808917465908714, 0.5000178451051316),
@@ -1339,18 +1411,18 @@ NEWTON_SCHULZ_COEFFS = {
 
 
 def newton_schulz_orthogonalize(G: Tensor, steps: int, coeffs: str = "classic", eps: float = 1e-7) -> Tensor:
-    """Quintic Newton-Schulz iteration towards the nearest semi-orthogonal matrix (bf16 on GPU)."""
+    """Quintic Newton-Schulz iteration towards the nearest semi-orthogonal matrix, in G's dtype; a
+    stack of matrices (..., rows, cols) is orthogonalized matrix by matrix. Input scaled by 1/||G||."""
     table = NEWTON_SCHULZ_COEFFS[coeffs]
-    X = G.to(torch.bfloat16 if G.is_cuda else torch.float32)
-    X = X / (X.norm() * (1.02 if coeffs == "polar_express" else 1.0) + eps)
-    transposed = X.size(0) > X.size(1)
+    X = G / (G.norm(dim=(-2, -1), keepdim=True) + eps)
+    transposed = X.size(-2) > X.size(-1)
     if transposed:
-        X = X.T
+        X = X.mT
     for i in range(steps):
         a, b, c = table[min(i, len(table) - 1)]
-        A = X @ X.T
-        X = a * X + (b * A + c * A @ A) @ X
-    return X.T if transposed else X
+        A = X @ X.mT
+        X = a * X + (b * A + c * (A @ A)) @ X
+    return X.mT if transposed else X
 
 
 class Muon(torch.optim.Optimizer):
@@ -1360,14 +1432,14 @@ class Muon(torch.optim.Optimizer):
     The work is sharded: matrices of one shape are stacked, one reduce-scatter hands rank r the
     averaged gradients of its slice only (`reduce_gradients`), rank r keeps the momentum of and
     orthogonalizes only those, and one all-gather shares the updates (`step`). Nothing else
-    synchronizes the matrices' gradients.
+    synchronizes the matrices' gradients. All of it in `dtype`: bf16 on GPUs, as the record.
     """
 
     def __init__(self, params, lr: float, momentum: float, backend_steps: int, weight_decay: float = 0.0, nesterov: bool = True,
-                 row_normalize: bool = False, coeffs: str = "classic", rt: Runtime | None = None):
+                 row_normalize: bool = False, coeffs: str = "classic", rt: Runtime | None = None, dtype: torch.dtype = torch.float32):
         super().__init__(params, dict(lr=lr, momentum=momentum, backend_steps=backend_steps, weight_decay=weight_decay, nesterov=nesterov))
         self.rt = rt or Runtime()
-        self.row_normalize, self.coeffs = row_normalize, coeffs
+        self.row_normalize, self.coeffs, self.dtype = row_normalize, coeffs, dtype
         self.buckets = {}  # (group, shape) -> params of that shape, stacked in this order
         for gi, group in enumerate(self.param_groups):
             for p in group["params"]:
@@ -1385,7 +1457,7 @@ class Muon(torch.optim.Optimizer):
         sq = torch.zeros((), device=self.param_groups[0]["params"][0].device)
         for key, params in self.buckets.items():
             per_rank, first = self._slice(len(params))
-            grads = torch.stack([p.grad if p.grad is not None else torch.zeros_like(p) for p in params])
+            grads = torch.stack([(p.grad if p.grad is not None else torch.zeros_like(p)).to(self.dtype) for p in params])
             if self.rt.distributed:
                 grads = F.pad(grads, (0, 0, 0, 0, 0, per_rank * self.rt.world_size - len(params)))
                 local = torch.empty_like(grads[:per_rank])
@@ -1409,21 +1481,21 @@ class Muon(torch.optim.Optimizer):
             group = self.param_groups[gi]
             per_rank, first = self._slice(len(params))
             local = self.local_grads.pop((gi, shape))
-            dtype = torch.bfloat16 if params[0].is_cuda else torch.float32  # halves the all-gather on GPUs
-            updates = torch.zeros((per_rank * self.rt.world_size, *shape), device=params[0].device, dtype=dtype)
-            mine = updates[first : first + per_rank]
-            for j, g in enumerate(local):
-                p = params[first + j]
-                g = g * grad_scale
-                buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(g))
-                buf.mul_(group["momentum"]).add_(g)
-                g = g.add(buf, alpha=group["momentum"]) if group["nesterov"] else buf
+            updates = torch.zeros((per_rank * self.rt.world_size, *shape), device=params[0].device, dtype=self.dtype)
+            if len(local):
+                mine = []
+                for j, g in enumerate(local):
+                    g = g * grad_scale
+                    buf = self.state[params[first + j]].setdefault("momentum_buffer", torch.zeros_like(g))
+                    buf.mul_(group["momentum"]).add_(g)
+                    mine.append(g.add(buf, alpha=group["momentum"]) if group["nesterov"] else buf)
+                g = torch.stack(mine)
                 if self.row_normalize:
-                    g = g / (g.norm(dim=1, keepdim=True) + 1e-7)
+                    g = g / g.float().norm(dim=-1, keepdim=True).clamp_min(1e-7).to(g.dtype)
                 g = newton_schulz_orthogonalize(g, group["backend_steps"], self.coeffs)
-                mine[j] = g * max(1.0, g.size(0) / g.size(1)) ** 0.5
+                updates[first : first + len(local)] = g * max(1.0, shape[0] / shape[1]) ** 0.5
             if self.rt.distributed:
-                _all_gather(updates, mine.clone())
+                _all_gather(updates, updates[first : first + per_rank].clone())
             for p, u in zip(params, updates):
                 if group["weight_decay"]:
                     p.mul_(1 - group["lr"] * group["weight_decay"])
@@ -1448,6 +1520,23 @@ def average_gradients(params: list[Tensor], rt: Runtime) -> Tensor:
         for g, part in zip(grads, flat.split([g.numel() for g in grads])):
             g.copy_(part.view_as(g))
     return sum(g.float().square().sum() for g in grads)
+
+
+@torch.no_grad()
+def reduce_and_clip_gradients(other_params: list[Tensor], muon: Muon | None, args: Hyperparameters, rt: Runtime) -> float | Tensor:
+    """Average every gradient over ranks and clip it to GRAD_CLIP_NORM; returns the factor Muon's step
+    still has to apply. rank (the record): each rank clips its own gradient before the averaging;
+    global: the averaged gradient is clipped, so a run does not depend on the GPU count. Equal on one GPU."""
+    by_rank = args.grad_clip_norm > 0 and args.grad_clip_scope == "rank"
+    if by_rank:
+        matrices = [p for g in muon.param_groups for p in g["params"]] if muon is not None else []
+        torch.nn.utils.clip_grad_norm_(other_params + matrices, args.grad_clip_norm)
+    grad_sq = average_gradients(other_params, rt) + (muon.reduce_gradients() if muon is not None else 0.0)
+    if args.grad_clip_norm <= 0 or by_rank:
+        return 1.0
+    clip = (args.grad_clip_norm / (grad_sq.sqrt() + 1e-6)).clamp(max=1.0)
+    torch._foreach_mul_([p.grad for p in other_params if p.grad is not None], clip)
+    return clip
 
 
 CONTROL_PARAMETER_NAMES = (
@@ -1477,7 +1566,8 @@ def build_optimizers(model: GPT, args: Hyperparameters, rt: Runtime) -> list[tor
     ]
     if matrices:
         muon = Muon(matrices, args.matrix_lr, args.muon_momentum, args.muon_backend_steps, args.muon_wd,
-                    row_normalize=args.muon_row_normalize, coeffs=args.muon_ns_coeffs, rt=rt)
+                    row_normalize=args.muon_row_normalize, coeffs=args.muon_ns_coeffs, rt=rt,
+                    dtype=torch.bfloat16 if rt.device.type == "cuda" else torch.float32)
         for g in muon.param_groups:
             g["base_lr"] = args.matrix_lr
         optimizers.append(muon)
@@ -1679,11 +1769,7 @@ def train_model(model: GPT, args: Hyperparameters, rt: Runtime, log: Logger, eva
         for opt in optimizers:
             for g in opt.param_groups:
                 g["lr"] = g["base_lr"] * lr_mul
-        grad_sq = average_gradients(other_params, rt) + (muon.reduce_gradients() if muon is not None else 0.0)
-        clip = 1.0
-        if args.grad_clip_norm > 0:
-            clip = (args.grad_clip_norm / (grad_sq.sqrt() + 1e-6)).clamp(max=1.0)
-            torch._foreach_mul_([p.grad for p in other_params if p.grad is not None], clip)
+        clip = reduce_and_clip_gradients(other_params, muon, args, rt)
         for opt in optimizers:
             opt.step(grad_scale=clip) if opt is muon else opt.step()
         model.zero_grad(set_to_none=True)

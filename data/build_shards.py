@@ -11,18 +11,29 @@ train_gpt.py only needs DATA_PATH and TOKENIZER_PATH pointed at it:
 Each document is written as [BOS=1] + token ids with no EOS, documents concatenated, 10**8 tokens
 per shard, exactly as the official export.
 
---caseops lowercases the text and spells capitals as operator pieces (data/caseops.py) before the
-tokenizer sees it; the names get a _caseops suffix (fineweb_{V}_bpe_caseops.model,
-fineweb10B_sp{V}_caseops/), and beside each validation shard goes a byte sidecar in the same format,
-fineweb_val_bytes_000000.bin: per token, the UTF-8 bytes of the original text it stands for (0 for
-BOS and operators), which train_gpt.py divides by. Examples:
+Files it did not write are never replaced unless --overwrite: shards whose folder has no
+tokenizer_fingerprint.json of this script (the official download, say) and a tokenizer file that no
+such fingerprint records. It refuses before writing anything; a failed build removes what it wrote.
+
+--caseops lowercases the text and spells capitals as operator pieces (data/caseops.py, the record's
+transform) before the tokenizer sees it, and writes beside each validation shard a byte sidecar in
+the same format, fineweb_val_bytes_000000.bin: per token, the UTF-8 bytes of the original text it
+stands for (0 for BOS and operators), which train_gpt.py divides by. With the record's tokenizer
+(--tokenizer .../fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model) the folder is the record's,
+fineweb10B_sp8192_lossless_caps_caseops_v1_reserved/, and the shards and sidecars are what the
+record's prepare_caseops_data.py writes from the same documents (with 10**8-token shards, as its
+published data); a tokenizer trained here with --caseops is fineweb_{V}_bpe_caseops.model, its
+folder fineweb10B_sp{V}_caseops/. Examples:
 
     python3 data/build_shards.py corpus.jsonl.xz --train-tokenizer --vocab-size 1024 \\
         --val-docs 1000 --output-dir /tmp/mydata
     python3 data/build_shards.py 'books/*.txt' --tokenizer data/tokenizers/fineweb_1024_bpe.model \\
         --val-file heldout.jsonl --output-dir /tmp/mydata
-    python3 data/build_shards.py data/docs_selected.jsonl --caseops --train-tokenizer --vocab-size 8192 \\
-        --byte-fallback --val-docs 50000 --output-dir data   # the official documents, CaseOps
+    python3 data/build_shards.py data/docs_selected.jsonl --caseops --val-docs 50000 --output-dir data \\
+        --tokenizer data/tokenizers/fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model  # the record's data
+
+The first 50,000 documents of the official docs_selected.jsonl are the validation set: with it as
+input, --val-docs must be at least 50000, so that no validation document is trained on.
 """
 
 from __future__ import annotations
@@ -56,6 +67,7 @@ DOCS_PER_BATCH = 256
 MAX_TOKEN_ID = 2**16 - 1  # shards store uint16 ids
 TOKENIZER_MAX_SENTENCES = 2_000_000  # SentencePiece samples this many lines; bounds its memory
 TOKENIZER_MAX_LINE_BYTES = 16384  # longer lines are skipped by the trainer (its default, 4192, drops many paragraphs)
+OFFICIAL_DOCS, OFFICIAL_VAL_DOCS = "docs_selected.", 50_000  # the official documents (.jsonl, or compressed) and their validation prefix
 
 
 class BuildError(Exception):
@@ -101,7 +113,22 @@ def iter_jsonl_texts(path: Path) -> Iterator[str]:
                 raise BuildError(f"{path}:{line_no}: not valid JSON ({e.msg})") from None
             if not isinstance(record, dict) or not isinstance(record.get("text"), str):
                 raise BuildError(f'{path}:{line_no}: no "text" field with a string')
-            yield record["text"]
+            text = record["text"]
+            if not text.isascii():  # isascii is O(1); only other texts can hold an escaped lone surrogate
+                check_unicode(text, f"{path}:{line_no}")
+            yield text
+
+
+def check_unicode(text: str, where: str):
+    """Refuse a text with a lone surrogate (a JSON escape such as \\ud800 without its pair): it is not Unicode,
+    has no UTF-8 bytes to count, and the tokenizer cannot take it. Refused rather than skipped: a skipped
+    document would quietly shift the first --val-docs documents that make the validation set."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise BuildError(f"{where}: the text holds a lone surrogate ({text[e.start]!r} at character {e.start}, a JSON \\u escape without its pair), "
+                         "which is not Unicode text; repair or remove that document (a surrogate pair split when the text was cut?), "
+                         "then run this command again") from None
 
 
 def iter_txt_documents(path: Path, separator: str | None) -> Iterator[str]:
@@ -153,28 +180,42 @@ def train_tokenizer(documents: Iterable[str], vocab_size: int, model_path: Path,
     never merged with its neighbours."""
     check_vocab_size(vocab_size)
     model_path.parent.mkdir(parents=True, exist_ok=True)
-    spm.SentencePieceTrainer.train(
-        user_defined_symbols=list(caseops.OPERATORS) if caseops_operators else [],
-        sentence_iterator=training_lines(documents),
-        model_prefix=str(model_path.with_suffix("")),
-        model_type="bpe",
-        vocab_size=vocab_size,
-        character_coverage=0.999,
-        split_digits=True,
-        normalization_rule_name="nmt_nfkc",
-        add_dummy_prefix=False,
-        byte_fallback=byte_fallback,
-        pad_id=0,
-        bos_id=train_gpt.BOS_ID,
-        eos_id=2,
-        unk_id=3,
-        hard_vocab_limit=False,  # as the official models: a small corpus may give a few pieces less
-        input_sentence_size=TOKENIZER_MAX_SENTENCES,
-        shuffle_input_sentence=True,
-        max_sentence_length=TOKENIZER_MAX_LINE_BYTES,
-        num_threads=threads,
-        minloglevel=2,
-    )
+    failures = []
+
+    def lines():  # SentencePiece turns an error raised while it reads into a RuntimeError; keep the original
+        try:
+            yield from training_lines(documents)
+        except BaseException as e:
+            failures.append(e)
+            raise
+
+    try:
+        spm.SentencePieceTrainer.train(
+            user_defined_symbols=list(caseops.OPERATORS) if caseops_operators else [],
+            sentence_iterator=lines(),
+            model_prefix=str(model_path.with_suffix("")),
+            model_type="bpe",
+            vocab_size=vocab_size,
+            character_coverage=0.999,
+            split_digits=True,
+            normalization_rule_name="nmt_nfkc",
+            add_dummy_prefix=False,
+            byte_fallback=byte_fallback,
+            pad_id=0,
+            bos_id=train_gpt.BOS_ID,
+            eos_id=2,
+            unk_id=3,
+            hard_vocab_limit=False,  # as the official models: a small corpus may give a few pieces less
+            input_sentence_size=TOKENIZER_MAX_SENTENCES,
+            shuffle_input_sentence=True,
+            max_sentence_length=TOKENIZER_MAX_LINE_BYTES,
+            num_threads=threads,
+            minloglevel=2,
+        )
+    except RuntimeError:
+        if failures:
+            raise failures[0] from None
+        raise
     return model_path
 
 
@@ -205,7 +246,8 @@ def check_caseops_match(model_path: Path, caseops_text: bool):
     """A CaseOps tokenizer only for CaseOps text, and the other way round."""
     has_operators = train_gpt.is_caseops_tokenizer(str(model_path))
     if caseops_text and not has_operators:
-        raise BuildError(f"{model_path} has no CaseOps operator pieces; --caseops needs a tokenizer trained with --caseops (use --train-tokenizer)")
+        raise BuildError(f"{model_path} has no CaseOps operator pieces (U+E001-U+E004); --caseops needs the record's CaseOps tokenizer "
+                         "(data/cached_challenge_fineweb.py --variant sp8192_lossless_caps_caseops_v1_reserved --tokenizer-only) or one trained with --train-tokenizer --caseops")
     if has_operators and not caseops_text:
         raise BuildError(f"{model_path} is a CaseOps tokenizer; add --caseops so that the text is transformed as it expects")
 
@@ -213,36 +255,29 @@ def check_caseops_match(model_path: Path, caseops_text: bool):
 # ----------------------------------------------------------------------------- byte sidecar
 
 
-def token_source_bytes(sp: spm.SentencePieceProcessor, encoded: str, ids: list[int], pieces: list[str]) -> np.ndarray:
-    """Byte sidecar entries of one CaseOps document: per token, the UTF-8 bytes of the original text it stands for.
+def piece_spans(sp: spm.SentencePieceProcessor, texts: list[str]) -> list[tuple[list[int], np.ndarray, np.ndarray]]:
+    """Per text, (ids, begin, end): the characters [begin, end) of the text each piece was cut from, as
+    SentencePiece aligns them (the pieces' surfaces). Consecutive pieces share their bounds; whitespace that
+    normalization drops at a text's two ends is in no piece; a character split into byte-fallback pieces
+    belongs to the last of them."""
+    if hasattr(sp, "encode_as_immutable_proto"):  # sentencepiece <= 0.2.0
+        protos = [sp.encode_as_immutable_proto(t).pieces for t in texts]
+        return [([p.id for p in ps], np.array([p.begin for p in ps], dtype=np.int64), np.array([p.end for p in ps], dtype=np.int64)) for ps in protos]
+    spans = []
+    for result in sp.encode(texts, out_type="offset_mapping", num_threads=1):
+        offsets = np.array(result["offsets"], dtype=np.int64).reshape(-1, 2)
+        spans.append((result["ids"], offsets[:, 0], offsets[:, 1]))
+    return spans
 
-    The pieces tile SentencePiece's normalized text, and sp.normalize(with_offsets=True) maps each
-    normalized character back to the character of `encoded` it came from. Token k is charged the
-    original bytes (caseops.source_bytes) of encoded[start_k : start_(k+1)], the first token from the
-    document's start and the last one to its end; so whitespace that normalization collapses or drops is
-    charged to the token before it (leading whitespace to the first), and a character split into
-    byte-fallback pieces to the piece that completes it. An operator stands for no text: what would fall
-    to it goes to the next token, the one it applies to. The entries sum to the original document's UTF-8
-    length; a document with no tokens at all (empty, or only whitespace) has nothing to charge."""
-    if not ids:
-        return np.zeros(0, dtype=np.int64)
-    normalized, offsets = sp.normalize(encoded, with_offsets=True)
-    piece_bytes = np.array([1 if sp.is_byte(i) else len(p.encode("utf-8")) for i, p in zip(ids, pieces)])
-    char_starts = np.concatenate([[0], np.cumsum(caseops.utf8_lengths(normalized))])  # byte offsets in normalized
-    if piece_bytes.sum() != char_starts[-1]:
-        raise BuildError(f"the tokenizer's pieces do not tile its normalized text ({piece_bytes.sum()} vs {char_starts[-1]} bytes); cannot attribute bytes to tokens")
-    piece_starts = np.cumsum(piece_bytes) - piece_bytes
-    first_char = np.searchsorted(char_starts, piece_starts, side="right") - 1  # a mid-character start belongs to that character
-    starts = np.asarray(offsets)[first_char]  # where each piece starts in `encoded`
-    # normalization may reorder combining marks: keep the bounds monotone, the sum stays exact
-    bounds = np.maximum.accumulate(np.concatenate([[0], starts[1:], [len(encoded)]]))
-    weights = caseops.source_bytes(encoded)
-    counts = np.diff(np.concatenate([[0], np.cumsum(weights)])[bounds])
-    is_operator = np.array([p in caseops.OPERATORS for p in pieces]) & (weights[starts] == 0)  # not an escaped character
-    for k in np.flatnonzero(is_operator)[::-1]:  # encode puts what an operator applies to right after it
-        counts[k + 1] += counts[k]
-        counts[k] = 0
-    return counts
+
+def token_source_bytes(encoded: str, begin: np.ndarray, end: np.ndarray) -> np.ndarray:
+    """Byte sidecar entries of one CaseOps document: per token, the original UTF-8 bytes of the text it was
+    cut from (caseops.source_bytes over its span of `encoded`): 0 for an operator, a piece's own bytes where
+    the text had no capital, and the whitespace normalization collapsed into it. This is the record's count
+    (its prepare_caseops_data.py, through the pieces' surfaces), so the entries of a document sum to its
+    UTF-8 length less the whitespace the tokenizer drops at its two ends, which no token stands for."""
+    cumulative = np.concatenate([[0], np.cumsum(caseops.source_bytes(encoded))])
+    return cumulative[end] - cumulative[begin]
 
 
 # ----------------------------------------------------------------------------- tokenizing in parallel
@@ -266,17 +301,16 @@ def encode_batch(texts: list[str], with_sidecar: bool = False) -> tuple[int, int
     """(documents, UTF-8 bytes of the original texts, tokens, byte sidecar or None): each document as
     [BOS] + ids, concatenated; the sidecar has one entry per token, 0 for each BOS."""
     inputs = [caseops.encode(t) for t in texts] if _worker_caseops else texts
-    encoded = _worker_sp.encode(inputs, num_threads=1)  # parallelism comes from the processes
+    spans = piece_spans(_worker_sp, inputs) if with_sidecar else None
+    encoded = [ids for ids, _, _ in spans] if with_sidecar else _worker_sp.encode(inputs, num_threads=1)  # parallelism comes from the processes
     total = len(encoded) + sum(map(len, encoded))
     flat = itertools.chain.from_iterable(itertools.chain((train_gpt.BOS_ID,), ids) for ids in encoded)
     tokens = np.fromiter(flat, dtype=np.uint16, count=total)
     sidecar = None
     if with_sidecar:
-        pieces = _worker_sp.encode(inputs, out_type=str, num_threads=1)
-        per_doc = [np.append(0, token_source_bytes(_worker_sp, e, ids, p)) for e, ids, p in zip(inputs, encoded, pieces)]
-        sidecar = np.concatenate(per_doc)
+        sidecar = np.concatenate([np.append(0, token_source_bytes(text, begin, end)) for text, (_, begin, end) in zip(inputs, spans)])
         if sidecar.max() > MAX_TOKEN_ID:
-            raise BuildError(f"a token stands for {sidecar.max()} bytes of text (a run of whitespace or control characters the tokenizer drops), "
+            raise BuildError(f"a token stands for {sidecar.max()} bytes of text (a run of whitespace or control characters the tokenizer folds into one piece), "
                              "more than a uint16 sidecar entry holds; shorten that run in the input")
     return len(texts), sum(len(t.encode("utf-8")) for t in texts), tokens, sidecar
 
@@ -408,7 +442,7 @@ def write_dataset(val_docs: Iterable[str], train_docs: Iterable[str], model_path
     CaseOps text gets byte sidecars for the validation split only: train_gpt.py counts bytes only to evaluate."""
     try:
         dataset_dir.mkdir(parents=True, exist_ok=True)
-        fingerprint = {"tokenizer": model_path.name, "tokenizer_sha256": train_gpt.file_sha256(model_path)}
+        fingerprint = {"tokenizer": model_path.name, "tokenizer_sha256": train_gpt.file_sha256(model_path), "written_by": WRITER}
         (dataset_dir / train_gpt.TOKENIZER_FINGERPRINT).write_text(json.dumps(fingerprint) + "\n")
         with ParallelEncoder(model_path, workers, caseops_text) as encoder:
             val = write_split(encoder, val_docs, dataset_dir, "val", shard_tokens, with_sidecar=caseops_text)
@@ -421,6 +455,43 @@ def write_dataset(val_docs: Iterable[str], train_docs: Iterable[str], model_path
             written.unlink(missing_ok=True)
         raise
     return {"val": val, "train": train}
+
+
+# ----------------------------------------------------------------------------- what a build may replace
+
+WRITER = "data/build_shards.py"  # the fingerprint's written_by (data/cached_challenge_fineweb.py writes its own)
+
+
+def written_here(dataset_dir: Path) -> dict | None:
+    """The fingerprint of shards this script wrote (None when there is none, or another tool wrote it)."""
+    try:
+        record = json.loads((dataset_dir / train_gpt.TOKENIZER_FINGERPRINT).read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) and record.get("written_by", WRITER) == WRITER else None
+
+
+def foreign_outputs(output_dir: Path, dataset_dir: Path, model_path: Path | None) -> list[Path]:
+    """What this build would replace that no build of this script wrote: shards in dataset_dir without our
+    fingerprint (the official download has none, or the downloader's), and a tokenizer at model_path (to be
+    trained) whose sha256 none of our fingerprints under output_dir/datasets records."""
+    foreign = []
+    if any(dataset_dir.glob("fineweb_*.bin")) and written_here(dataset_dir) is None:
+        foreign.append(dataset_dir)
+    if model_path is not None and model_path.is_file():
+        ours = {record.get("tokenizer_sha256") for d in output_dir.glob("datasets/*") if (record := written_here(d))}
+        if train_gpt.file_sha256(model_path) not in ours:
+            foreign.append(model_path)
+    return foreign
+
+
+def check_outputs(args, dataset_dir: Path, model_path: Path | None):
+    """Refuse, before writing anything, to replace files this script did not write (unless --overwrite)."""
+    foreign = [] if args.overwrite else foreign_outputs(args.output_dir, dataset_dir, model_path)
+    if foreign:
+        them = "it" if len(foreign) == 1 else "them"
+        raise BuildError(f"{' and '.join(map(str, foreign))} {'was' if len(foreign) == 1 else 'were'} not written by build_shards.py "
+                         f"(the official download, say) and this build would replace {them}; give another --output-dir, or add --overwrite to replace {them}")
 
 
 # ----------------------------------------------------------------------------- command line
@@ -448,6 +519,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--caseops", action="store_true", help="lowercase the text, capitals as operator pieces (data/caseops.py); "
                    "writes a byte sidecar beside each validation shard")
     p.add_argument("--output-dir", type=Path, required=True, help="root of the tokenizers/ and datasets/ folders")
+    p.add_argument("--overwrite", action="store_true", help="replace shards and a tokenizer in --output-dir that this script did not write "
+                   "(by default it refuses, e.g. in the folder of the official download)")
     val = p.add_mutually_exclusive_group(required=True)
     val.add_argument("--val-docs", type=int, help="the first N documents of the inputs are the validation set")
     val.add_argument("--val-file", action="append", help="a separate validation corpus (repeatable; files or globs)")
@@ -485,15 +558,38 @@ def corpus_streams(args, separator: str | None):
             lambda: itertools.islice(read_documents(paths, separator), args.val_docs, args.max_docs))
 
 
+def check_official_validation(args):
+    """None of the official validation documents may reach the training split or a trained tokenizer.
+
+    They are the first 50,000 of docs_selected.jsonl. (The record's prepare_caseops_data.py defaults to
+    10,000 validation documents, which trains on the other 40,000; its published data used 50,000.)"""
+    official = [p for p in args.inputs if Path(p).name.startswith(OFFICIAL_DOCS)]
+    if official and (args.val_file or args.val_docs < OFFICIAL_VAL_DOCS):
+        raise BuildError(f"{official[0]}: its first {OFFICIAL_VAL_DOCS:,} documents are the official validation set; use --val-docs {OFFICIAL_VAL_DOCS} "
+                         "so that none of them is trained on (add --max-docs N for a shorter build)")
+
+
+def dataset_name(model_path: Path, vocab_size: int, caseops_text: bool) -> str:
+    """fineweb10B_sp{V}; with CaseOps fineweb10B_sp{V}{suffix} for a tokenizer fineweb_{V}_bpe{suffix}.model, so the
+    record's tokenizer gives the record's folder (fineweb10B_sp8192_lossless_caps_caseops_v1_reserved), else _caseops."""
+    prefix = f"fineweb_{vocab_size}_bpe_"
+    if caseops_text and model_path.name.startswith(prefix) and model_path.suffix == ".model":
+        return f"fineweb10B_sp{vocab_size}_{model_path.stem.removeprefix(prefix)}"
+    return f"fineweb10B_sp{vocab_size}" + ("_caseops" if caseops_text else "")
+
+
 def run(args) -> dict:
     check_args(args)
+    check_official_validation(args)
     separator = parse_separator(args.txt_doc_separator)
     val_stream, train_stream = corpus_streams(args, separator)
     require_documents(val_stream, "validation")
     require_documents(train_stream, "training")
     suffix = "_caseops" if args.caseops else ""
+    datasets = args.output_dir / "datasets"
     if args.train_tokenizer:
         model_path = args.output_dir / "tokenizers" / f"fineweb_{args.vocab_size}_bpe{suffix}.model"
+        check_outputs(args, datasets / f"fineweb10B_sp{args.vocab_size}{suffix}", model_path)
         print(f"training a {args.vocab_size}-piece BPE tokenizer -> {model_path}", file=sys.stderr, flush=True)
         start = time.time()
         docs = itertools.islice(train_stream(), args.tokenizer_train_docs)
@@ -503,14 +599,21 @@ def run(args) -> dict:
         print(f"tokenizer trained in {time.time() - start:.1f}s", file=sys.stderr, flush=True)
     else:
         model_path = args.tokenizer
-    sp = load_tokenizer(model_path)
-    check_caseops_match(model_path, args.caseops)
-    vocab_size = sp.vocab_size()
-    if args.train_tokenizer and vocab_size != args.vocab_size:
-        print(f"note: the corpus gave {vocab_size} pieces, not {args.vocab_size}; use VOCAB_SIZE={vocab_size}", file=sys.stderr)
-    dataset_dir = args.output_dir / "datasets" / f"fineweb10B_sp{vocab_size}{suffix}"
-    stats = write_dataset(val_stream(), train_stream(), model_path, dataset_dir, shard_tokens=args.shard_tokens, workers=args.workers,
-                          caseops_text=args.caseops)
+    try:
+        sp = load_tokenizer(model_path)
+        check_caseops_match(model_path, args.caseops)
+        vocab_size = sp.vocab_size()
+        if args.train_tokenizer and vocab_size != args.vocab_size:
+            print(f"note: the corpus gave {vocab_size} pieces, not {args.vocab_size}; use VOCAB_SIZE={vocab_size}", file=sys.stderr)
+        dataset_dir = datasets / dataset_name(model_path, vocab_size, args.caseops)
+        check_outputs(args, dataset_dir, None)
+        stats = write_dataset(val_stream(), train_stream(), model_path, dataset_dir, shard_tokens=args.shard_tokens, workers=args.workers,
+                              caseops_text=args.caseops)
+    except BaseException:
+        if args.train_tokenizer:  # trained by this run and recorded by no fingerprint now: a later run would take it for a foreign one
+            for written in (model_path, model_path.with_suffix(".vocab")):
+                written.unlink(missing_ok=True)
+        raise
     return {**stats, "vocab_size": vocab_size, "tokenizer": str(model_path), "dataset_dir": str(dataset_dir), "caseops": args.caseops}
 
 

@@ -2,6 +2,7 @@
 
     python3 data/cached_challenge_fineweb.py --variant sp8192 --train-shards 80
     python3 data/cached_challenge_fineweb.py --variant sp8192 --train-shards 10 --with-docs
+    python3 data/cached_challenge_fineweb.py --variant sp8192_lossless_caps_caseops_v1_reserved --tokenizer-only --with-docs
 
 writes `data/datasets/fineweb10B_sp8192/fineweb_{val,train}_{i:06d}.bin` and
 `data/tokenizers/fineweb_8192_bpe.{model,vocab}` (same command line, flags and layout as the
@@ -9,11 +10,17 @@ official downloader). It is resumable: complete files are skipped, a file is wri
 `<name>.part` and renamed only once its size is verified, and an interrupted `.part` is continued
 where it stopped.
 
-Variants: any `sp<N>` (and `byte260`) the manifest lists as a dataset `fineweb10B_<variant>`.
-The manifest is kept as `data/manifest.json`: a later run whose files are all present uses it and
-needs no network; `--skip-manifest` never downloads the manifest and plans from that copy (as the
-official flag, it needs one). `--with-docs` also fetches `docs_selected.jsonl`, the selected source
-documents (one JSON object with a "text" per line), for retokenizing.
+Variants: any `sp<N>` (and `byte260`, and `sp<N>_<suffix>`) the manifest lists as a dataset
+`fineweb10B_<variant>`. `sp8192_lossless_caps_caseops_v1_reserved` is the CaseOps record's: its
+tokenizer (checked against the sha256 of the copy in the record's folder of the official repository)
+and its published shards with their byte sidecars, from the Hugging Face dataset that record
+trained on. The manifest is kept as `data/manifest.json`: a later run whose files are all present
+uses it and needs no network; `--skip-manifest` never downloads the manifest and plans from that
+copy (as the official flag, it needs one). `--with-docs` also fetches `docs_selected.jsonl`, the
+official documents (one JSON object with a "text" per line; the first 50,000 are the validation
+set), always from the official repository (or MATCHED_FINEWEB_REPO_ID), for data/build_shards.py;
+`--tokenizer-only` fetches the variant's tokenizer and no shards: with `--with-docs`, what
+build_shards.py needs to make the shards itself.
 
 Where it reads from: `{HF_ENDPOINT}/datasets/{repo}/resolve/main/{prefix}/{file}` with
   HF_ENDPOINT                         default https://huggingface.co; a `file://` URL or a folder
@@ -47,12 +54,17 @@ above). Every path in it is relative to the folder that holds it. Fields this sc
 A "files" entry may also be a plain path, and "files" may be a {path: bytes} object; "size" is
 read like "bytes". Without a size, a download is checked against the server's Content-Length and
 a shard against its header (magic 20240520, version 1, 1024 + 2 * n bytes).
+
+Once every file is there, `tokenizer_fingerprint.json` beside the shards records the sha256 of the
+tokenizer that made them, as data/build_shards.py does: train_gpt.py refuses another tokenizer with
+one hash, and build_shards.py refuses to write over these shards.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import http.client
 import json
 import os
@@ -68,10 +80,16 @@ from pathlib import Path, PurePosixPath
 DEFAULT_ENDPOINT = "https://huggingface.co"
 DEFAULT_REPO = "willdepueoai/parameter-golf"
 DEFAULT_PREFIX = "datasets"
-VARIANT = re.compile(r"sp\d+|byte260")
-VARIANT_REPOS = {"sp4096": "kevclark/parameter-golf", "sp8192": "kevclark/parameter-golf"}  # others: DEFAULT_REPO
+VARIANT = re.compile(r"sp\d+(_[a-z0-9_]+)?|byte260")
+CASEOPS_VARIANT = "sp8192_lossless_caps_caseops_v1_reserved"  # the 1.0611 record's CaseOps tokenizer and data
+VARIANT_REPOS = {"sp4096": "kevclark/parameter-golf", "sp8192": "kevclark/parameter-golf",
+                 CASEOPS_VARIANT: "romeerp/parameter-golf-caseops-v1"}  # others: DEFAULT_REPO
+# Files whose bytes are known in advance: the record's tokenizer, as its folder in openai/parameter-golf ships it
+# (records/track_10min_16mb/2026-04-27_SP8192_LQER_SparseGate_BOSSmearFix_9HpStack_1.0611/tokenizers/).
+PINNED_SHA256 = {"tokenizers/fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model": "97754754561f20def5edd99765ca0668f880bd94e67316d54aa10ab25f45cc4d"}
 MANIFEST = "manifest.json"
 DOCS = "docs_selected.jsonl"  # beside the manifest on the hub, data/docs_selected.jsonl here
+FINGERPRINT = "tokenizer_fingerprint.json"  # = train_gpt.TOKENIZER_FINGERPRINT (a test keeps the two equal)
 SHARD_MAGIC, SHARD_VERSION, SHARD_HEADER_BYTES = 20240520, 1, 1024
 CHUNK_BYTES = 1 << 20
 TIMEOUT_S = 60
@@ -164,7 +182,8 @@ class _DropAuthOnRedirect(urllib.request.HTTPRedirectHandler):
 _OPENER = urllib.request.build_opener(_DropAuthOnRedirect)
 
 
-def hub_for(variant: str) -> Hub:
+def hub_for(variant: str | None) -> Hub:
+    """The hub of a variant's files; variant None: of the official documents."""
     return Hub(
         endpoint=os.environ.get("HF_ENDPOINT") or DEFAULT_ENDPOINT,
         repo=os.environ.get("MATCHED_FINEWEB_REPO_ID") or VARIANT_REPOS.get(variant, DEFAULT_REPO),
@@ -265,6 +284,8 @@ def dataset_files(entry: dict, dataset: str, train_shards: int) -> list[RemoteFi
         except (KeyError, TypeError, ValueError):
             raise DownloadError(f"the manifest entry of {dataset} has neither \"files\" nor stats.files_val/files_train") from None
         val = [f"datasets/{dataset}/fineweb_val_{i:06d}.bin" for i in range(n_val)]
+        if "caseops" in dataset:  # each validation shard has its byte sidecar beside it
+            val += [f"datasets/{dataset}/fineweb_val_bytes_{i:06d}.bin" for i in range(n_val)]
         train = [f"datasets/{dataset}/fineweb_train_{i:06d}.bin" for i in range(n_train)]
     if not val:
         raise DownloadError(f"the manifest lists no validation shard for {dataset}")
@@ -282,15 +303,16 @@ def tokenizer_files(entry: dict) -> list[RemoteFile]:
     return [RemoteFile(rel, sizes.get(rel)) for rel in rels]
 
 
-def plan(manifest: dict, variant: str, train_shards: int, with_docs: bool = False) -> list[RemoteFile]:
+def plan(manifest: dict, variant: str, train_shards: int, with_docs: bool = False, tokenizer_only: bool = False) -> list[RemoteFile]:
     dataset = dataset_name(variant)
     try:
         entry = _find(manifest, "datasets", dataset)
     except DownloadError:
         raise DownloadError(f"--variant {variant}: the manifest has no dataset {dataset} (its variants: {', '.join(listed_variants(manifest)) or 'none'})") from None
     tokenizer = _find(manifest, "tokenizers", entry.get("tokenizer_name"))
+    shards = [] if tokenizer_only else dataset_files(entry, dataset, train_shards)
     docs = [RemoteFile(DOCS, None)] if with_docs else []
-    return dataset_files(entry, dataset, train_shards) + tokenizer_files(tokenizer) + docs
+    return shards + tokenizer_files(tokenizer) + docs
 
 
 # ----------------------------------------------------------------------------- download with resume
@@ -310,9 +332,19 @@ def shard_problem(path: Path) -> str | None:
     return None
 
 
-def is_complete(path: Path, size: int | None) -> bool:
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK_BYTES):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def is_complete(path: Path, size: int | None, sha256: str | None = None) -> bool:
     if not path.is_file():
         return False
+    if sha256 is not None:
+        return sha256_of(path) == sha256
     if size is not None:
         return path.stat().st_size == size
     if path.suffix == ".bin":
@@ -331,7 +363,8 @@ def transfer_errors(rel: str):
 
 def download(hub: Hub, item: RemoteFile, dest: Path) -> str:
     """Fetch one file into dest via dest.part; returns what was done ("have", "fetched", "resumed")."""
-    if is_complete(dest, item.size):
+    pinned = PINNED_SHA256.get(item.rel)
+    if is_complete(dest, item.size, pinned):
         return "have"
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
@@ -351,34 +384,54 @@ def download(hub: Hub, item: RemoteFile, dest: Path) -> str:
     if dest.suffix == ".bin" and (problem := shard_problem(part)):
         part.unlink()
         raise DownloadError(f"{item.rel} is not a valid shard: {problem}")
+    if pinned is not None and (got_sha := sha256_of(part)) != pinned:
+        part.unlink()
+        raise DownloadError(f"{item.rel} from {hub.location(item.rel)} has sha256 {got_sha}, not {pinned} (the record's); "
+                            "the published file changed: take the copy in the record's folder of openai/parameter-golf")
     os.replace(part, dest)
     return "resumed" if offset else "fetched"
 
 
-def all_present(manifest: dict, variant: str, train_shards: int, with_docs: bool, output_dir: Path) -> bool:
+def all_present(manifest: dict, variant: str, train_shards: int, with_docs: bool, output_dir: Path, tokenizer_only: bool = False) -> bool:
     """Every file the kept manifest plans is complete here (a manifest of another export plans nothing)."""
     try:
-        return all(is_complete(output_dir / f.rel, f.size) for f in plan(manifest, variant, train_shards, with_docs))
+        planned = plan(manifest, variant, train_shards, with_docs, tokenizer_only)
+        return all(is_complete(output_dir / f.rel, f.size, PINNED_SHA256.get(f.rel)) for f in planned)
     except DownloadError:
         return False
 
 
-def run(variant: str, train_shards: int, output_dir: Path, *, skip_manifest: bool = False, with_docs: bool = False) -> None:
+def write_fingerprints(items: list[RemoteFile], output_dir: Path):
+    """Beside the downloaded shards, the name and sha256 of the tokenizer the manifest pairs with them."""
+    models = [output_dir / f.rel for f in items if f.rel.endswith(".model")]
+    if len(models) != 1:
+        return
+    record = {"tokenizer": models[0].name, "tokenizer_sha256": hashlib.sha256(models[0].read_bytes()).hexdigest(),
+              "written_by": "data/cached_challenge_fineweb.py"}
+    for folder in sorted({(output_dir / f.rel).parent for f in items if f.rel.endswith(".bin")}):
+        part = folder / (FINGERPRINT + ".part")
+        part.write_text(json.dumps(record) + "\n")
+        os.replace(part, folder / FINGERPRINT)
+
+
+def run(variant: str, train_shards: int, output_dir: Path, *, skip_manifest: bool = False, with_docs: bool = False,
+        tokenizer_only: bool = False) -> None:
     hub = hub_for(variant)
     cached = cached_manifest(output_dir)
     if skip_manifest:
         if cached is None:
             raise DownloadError(f"--skip-manifest needs {output_dir / MANIFEST}, which a run without --skip-manifest writes")
         manifest = cached
-    elif cached is not None and all_present(cached, variant, train_shards, with_docs, output_dir):
+    elif cached is not None and all_present(cached, variant, train_shards, with_docs, output_dir, tokenizer_only):
         manifest = cached  # everything is here already: no need to reach the hub
     else:
         manifest = fetch_manifest(hub, output_dir)
-    items = plan(manifest, variant, train_shards, with_docs)
+    items = plan(manifest, variant, train_shards, with_docs, tokenizer_only)
     print(f"{len(items)} files of {variant} from {hub.location('')} into {output_dir}", flush=True)
     for i, item in enumerate(items, 1):
-        what = download(hub, item, output_dir / item.rel)
+        what = download(hub_for(None) if item.rel == DOCS else hub, item, output_dir / item.rel)
         print(f"[{i}/{len(items)}] {what:7s} {item.rel}", flush=True)
+    write_fingerprints(items, output_dir)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -390,14 +443,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--variant", type=variant_arg, default="sp8192", help="tokenizer family: sp<N> or byte260, as the manifest lists them (default %(default)s)")
     parser.add_argument("--train-shards", type=int, default=80, help="training shards to fetch, 10^8 tokens each (default %(default)s)")
     parser.add_argument("--skip-manifest", action="store_true", help=f"do not download {MANIFEST}: plan from the copy a previous run kept in the output folder")
-    parser.add_argument("--with-docs", action="store_true", help=f"also fetch {DOCS}, the selected source documents (for retokenizing)")
+    parser.add_argument("--with-docs", action="store_true", help=f"also fetch {DOCS}, the official documents (for data/build_shards.py), from the official repository")
+    parser.add_argument("--tokenizer-only", action="store_true", help="fetch the variant's tokenizer but no shards (with --with-docs: what build_shards.py needs)")
     parser.add_argument("--output-dir", type=Path, default=Path(__file__).resolve().parent, help="folder that receives datasets/, tokenizers/ and manifest.json (default: this script's folder)")
     return parser
 
 
 def variant_arg(value: str) -> str:
     if not VARIANT.fullmatch(value):
-        raise argparse.ArgumentTypeError(f"{value!r} is not sp<N> (e.g. sp1024, sp8192) or byte260")
+        raise argparse.ArgumentTypeError(f"{value!r} is not sp<N> (e.g. sp1024, sp8192), sp<N>_<suffix> (e.g. {CASEOPS_VARIANT}) or byte260")
     return value
 
 
@@ -408,7 +462,7 @@ def main(argv: list[str] | None = None) -> int:
         print("error: --train-shards must be >= 0", file=sys.stderr)
         return 1
     try:
-        run(args.variant, shards, args.output_dir, skip_manifest=args.skip_manifest, with_docs=args.with_docs)
+        run(args.variant, shards, args.output_dir, skip_manifest=args.skip_manifest, with_docs=args.with_docs, tokenizer_only=args.tokenizer_only)
     except (DownloadError, OSError) as e:  # OSError: the output folder cannot be written
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -15,7 +15,13 @@ Everything in submission.json comes from what the logs prove. It refuses, creati
   - a log does not end with `submission_valid:yes` (a run that died during its evaluation has the
     score of an earlier path in its log, not the score of the run),
   - an evaluation audit the run logged did not pass (`eval_audit … verdict:` and `eval_audit_verdict:`),
-  - the runs differ in a setting other than SEED and RUN_ID (then no single command reproduces them).
+  - the runs differ in a setting other than SEED and RUN_ID (then no single command reproduces them),
+  - for the record track, a log is a QUANTIZE_ONLY run (it quantized and scored the weights an
+    earlier run saved when its artifact could not be written, so it holds no training) and the log
+    of that training run is not given with --training-log; given, it must be of the same script,
+    RUN_ID, seed and settings and name the weights file, and its training figures are the run's.
+
+The reproduce command never names a file the runs loaded (QUANTIZE_ONLY, EVAL_ONLY): it trains.
 
 With `--wrap`, the shipped train_gpt.py is a self-extracting lzma + base85 copy of the script; its
 size is then the counted code size, and it is checked to decode to the logged script and to load.
@@ -25,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import dataclasses
 import datetime as dt
 import hashlib
 import importlib.util
@@ -44,7 +51,11 @@ import stats
 CAP_BYTES = 16_000_000
 TRAIN_LIMIT_MS = 600_000
 EVAL_LIMIT_S = 600.0
-PER_RUN_SETTINGS = ("SEED", "RUN_ID")  # the only settings allowed to differ between the seeds
+LOADED_FILE_SETTINGS = ("QUANTIZE_ONLY", "EVAL_ONLY")  # a file on the machine that ran: never in the reproduce command
+PER_RUN_SETTINGS = ("SEED", "RUN_ID", *LOADED_FILE_SETTINGS)  # the only settings allowed to differ between the seeds
+TRAINING_FIELDS = ("steps", "iterations", "step_avg_ms", "train_time_ms", "stopped_early", "train_curve", "val_curve", "model_params",
+                   "peak_mem_allocated_mib", "peak_mem_reserved_mib")  # what a QUANTIZE_ONLY run takes from its training log
+SAVED_WEIGHTS = re.compile(r"the trained weights are saved in (.+?): fix the cause")  # train_gpt.py's keep_trained_weights
 RECORDS_DIR = Path(__file__).resolve().parent
 REPO_ROOT = RECORDS_DIR.parent
 TRUE_WORDS, FALSE_WORDS = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
@@ -124,11 +135,47 @@ def check_code_hash(runs: list[logparse.RunLog], script: Path, script_sha: str):
 def check_same_settings(runs: list[logparse.RunLog]):
     first = runs[0]
     for run in runs[1:]:
-        names = (set(first.settings) | set(run.settings)) - set(PER_RUN_SETTINGS)
-        differ = sorted(n for n in names if first.settings.get(n) != run.settings.get(n))
-        if differ:
-            shown = ", ".join(f"{n} ({first.settings.get(n)} vs {run.settings.get(n)})" for n in differ[:5])
-            raise SubmissionError(f"{Path(run.path).name} and {Path(first.path).name} differ in settings other than SEED/RUN_ID: {shown}")
+        if differ := stats.differing_settings(first, run, PER_RUN_SETTINGS):
+            raise SubmissionError(f"{Path(run.path).name} and {Path(first.path).name} differ in settings other than {'/'.join(PER_RUN_SETTINGS)}: {differ}")
+
+
+def attach_training_logs(runs: list[logparse.RunLog], training_logs: list[str], record_track: bool) -> dict[int, str]:
+    """Each QUANTIZE_ONLY run with the training figures of the run whose saved weights it quantized, from
+    that run's log (same script, RUN_ID, seed and settings; it names the weights file). Returns seed ->
+    training log path. Without it, the record track refuses: nothing proves the weights were trained
+    within the rules; the non-record track takes the run with no training figures."""
+    trainings = []
+    for path in training_logs:
+        try:
+            text = Path(path).read_text(encoding="utf-8", errors="replace")
+        except OSError as e:
+            raise SubmissionError(f"cannot read --training-log {path}: {e.strerror}") from None
+        saved = SAVED_WEIGHTS.findall(text)
+        trainings.append((logparse.parse_text(text, path), Path(saved[-1]).name if saved else None))
+    paired = {}
+    for i, run in enumerate(runs):
+        weights = run.settings.get("QUANTIZE_ONLY")
+        if not weights:
+            continue
+        training = next((t for t, saved in trainings if saved == Path(weights).name and t.run_id == run.run_id), None)
+        if training is None:
+            if record_track:
+                raise SubmissionError(
+                    f"{run.path} is a QUANTIZE_ONLY run: it quantized weights an earlier run saved ({weights}) and holds no training; "
+                    f"give that run's log (it ends with 'the trained weights are saved in …{Path(weights).name}') with --training-log, or use --non-record")
+            continue
+        if training.code_sha256 != run.code_sha256:
+            raise SubmissionError(f"{training.path} ran another script than {run.path} (code_sha256 {str(training.code_sha256)[:12]} vs {str(run.code_sha256)[:12]}); a record ships the one script that trained and scored")
+        if differ := stats.differing_settings(training, run, ("RUN_ID", *LOADED_FILE_SETTINGS)):
+            raise SubmissionError(f"{training.path} trained with other settings than {run.path} quantized with: {differ}")
+        if training.train_time_ms is None:
+            raise SubmissionError(f"{training.path}: no training time logged, so it does not show the weights were trained within the rules")
+        runs[i] = dataclasses.replace(run, **{f: getattr(training, f) for f in TRAINING_FIELDS})
+        paired[run.seed] = training.path
+    unused = sorted(set(training_logs) - set(paired.values()))
+    if unused:
+        raise SubmissionError(f"--training-log {unused[0]} saved no weights that a QUANTIZE_ONLY log given here quantized (same RUN_ID, same weights file)")
+    return paired
 
 
 def counted_totals(runs: list[logparse.RunLog], code_bytes: int) -> dict[int, int]:
@@ -403,7 +450,20 @@ def data_variant(run: logparse.RunLog) -> str:
     return m.group(1) if m else "sp1024"
 
 
-def readme(args: argparse.Namespace, runs, totals, sub: dict, cmd: str, script_sha: str) -> str:
+def rescue_notes(runs: list[logparse.RunLog], training: dict[int, str]) -> str:
+    """One line per seed whose weights were quantized and scored by a QUANTIZE_ONLY run."""
+    lines = []
+    for run in runs:
+        if not run.settings.get("QUANTIZE_ONLY"):
+            continue
+        source = (f"trained by the run logged in `train_seed{run.seed}_training.log` (its figures above)" if run.seed in training
+                  else "trained by an earlier run whose log is not included (no training figures)")
+        lines.append(f"Seed {run.seed}: {source}; that run could not write its artifact, so `train_seed{run.seed}.log` is a "
+                     "QUANTIZE_ONLY run that quantized, wrote and scored its saved weights. The command above trains from scratch.")
+    return "\n\n" + "\n\n".join(lines) if lines else ""
+
+
+def readme(args: argparse.Namespace, runs, totals, sub: dict, cmd: str, script_sha: str, notes: str = "") -> str:
     std = _cell(sub["val_bpb_std"], "{:.8f}")
     return f"""# {args.name}
 
@@ -430,7 +490,7 @@ From the repository root, with the data from `python3 data/cached_challenge_fine
 {cmd}
 ```
 
-Settings not listed are the script's defaults.
+Settings not listed are the script's defaults.{notes}
 
 ## Compliance
 
@@ -472,6 +532,7 @@ def build(args: argparse.Namespace) -> Path:
         raise SubmissionError(f"cannot read --script {script}: {e}") from None
     script_sha = sha256_bytes(source)
     runs = load_runs(args.logs)
+    training = attach_training_logs(runs, args.training_log, record_track=not args.non_record)
     check_code_hash(runs, script, script_sha)
     check_same_settings(runs)
     written = shipped_code_file(runs)
@@ -490,9 +551,10 @@ def build(args: argparse.Namespace) -> Path:
     cmd = command(runs, changed_settings(runs[0], script_defaults(script)), script_rel)
     files = {
         "submission.json": (json.dumps(sub, indent=2) + "\n").encode(),
-        "README.md": readme(args, runs, totals, sub, cmd, script_sha).encode(),
+        "README.md": readme(args, runs, totals, sub, cmd, script_sha, rescue_notes(runs, training)).encode(),
         "train_gpt.py": shipped,
         **{f"train_seed{r.seed}.log": Path(r.path).read_bytes() for r in runs},
+        **{f"train_seed{seed}_training.log": Path(path).read_bytes() for seed, path in training.items()},
     }
     write_folder(dest, files, source if args.wrap else None)
     return dest
@@ -508,6 +570,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--technique-summary", default="TODO: comma-separated list of techniques.")
     parser.add_argument("--date", default=dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d"), help="YYYY-MM-DD (default: today, UTC)")
     parser.add_argument("--non-record", action="store_true", help="write under records/track_non_record_16mb/")
+    parser.add_argument("--training-log", action="append", default=[], metavar="LOG",
+                        help="the log of the training run whose saved weights a QUANTIZE_ONLY log quantized (repeatable); the record track needs it")
     parser.add_argument("--script", default=str(REPO_ROOT / "train_gpt.py"), help="the exact train_gpt.py that ran (default: the repository's)")
     parser.add_argument("--wrap", action="store_true", help="ship a self-extracting lzma+base85 train_gpt.py; its size is the counted code size")
     parser.add_argument("--out-root", default=str(RECORDS_DIR), help="folder holding the track folders (default: records/)")

@@ -147,21 +147,29 @@ def make_figure(runs: list[logparse.RunLog], labels: list[str] | None = None, ti
     return fig
 
 
+def png_path(out: Path) -> Path:
+    """The file a plot goes to: `out` when it ends in .png, else `out` with .png added (matplotlib would
+    otherwise pick the format from any other suffix, or add .png to a name without one, unannounced)."""
+    return out if out.suffix.lower() == ".png" else out.with_name(out.name + ".png")
+
+
 def write_plot(runs: list[logparse.RunLog], out: Path, labels: list[str] | None = None, title: str | None = None) -> Path:
+    """Writes the PNG and returns the path written: png_path(out)."""
     if not runs:
         raise PlotError("no runs to plot")
     if not any(r.train_curve or r.val_curve or r.finals for r in runs):
         raise PlotError("no step lines and no final scores in these logs: nothing to plot")
     fig = make_figure(runs, labels, title)
+    out = png_path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
+    fig.savefig(out, dpi=110, format="png")
     return out
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Plot several runs' logs into one PNG: loss and bpb curves by step and wall clock, and the final bpb per evaluation path.")
     parser.add_argument("logs", nargs="+", help="logs to plot (ours or the official records')")
-    parser.add_argument("-o", "--output", required=True, type=Path, help="PNG to write")
+    parser.add_argument("-o", "--output", required=True, type=Path, help="PNG to write (.png is added when the name does not end with it)")
     parser.add_argument("--labels", nargs="+", help="one label per log (default: run id, else folder/name)")
     parser.add_argument("--title", help="figure title")
     return parser
@@ -178,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     except (PlotError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    print(f"wrote {out}")
+    print(f"wrote {out}" + ("" if out == args.output else f" (-o {args.output} does not end with .png)"))
     return 0
 
 

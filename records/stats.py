@@ -13,7 +13,10 @@ converted with the new runs' own ratio val_loss / val_bpb = ln 2 * (bytes per to
 The spread is given both ways, because the records differ: some report the sample std (ddof=1,
 what the t-test uses), others the population std (ddof=0); with --prev-submission the report says
 which one that record's val_bpb_std is. Logs must have distinct seeds: one run counted twice (the
-same log given twice, or an older log of the run renamed by the logger) is refused.
+same log given twice, or an older log of the run renamed by the logger) is refused, and so are runs
+of different configurations (settings other than the seed, the run id and file paths), naming the
+settings. A run that is not a finished valid one (no final score, stopped during its evaluation,
+`submission_valid:no`) is left out with a line saying why; the report names the logs it averaged.
 
 The Student t distribution is computed here (regularized incomplete beta function by its
 continued fraction), so the tool needs nothing beyond the standard library.
@@ -174,6 +177,7 @@ class PreviousRecord:
 @dataclass
 class RecordReport:
     seeds: list
+    logs: list  # the logs averaged, in the order of seeds
     new_bpb: list[float]
     new_mean_bpb: float
     new_std_bpb: float | None  # sample std (ddof=1): the one the t-test uses
@@ -208,6 +212,7 @@ def record_report(runs: list[logparse.RunLog], prev: PreviousRecord | list[float
     threshold_bpb = threshold_nats / ratio if ratio else None
     report = RecordReport(
         seeds=[r.seed for r in runs],
+        logs=[r.path for r in runs],
         new_bpb=new_bpb,
         new_mean_bpb=mean(new_bpb),
         new_std_bpb=sample_std(new_bpb),
@@ -246,7 +251,7 @@ def _fmt(value: float | None, digits: int = 8) -> str:
 
 def format_report(rep: RecordReport) -> str:
     lines = [
-        f"new runs: {len(rep.new_bpb)} (seeds {', '.join('?' if s is None else str(s) for s in rep.seeds)})",
+        f"new runs: {len(rep.new_bpb)} (seeds {', '.join('?' if s is None else str(s) for s in rep.seeds)}), averaged: {', '.join(str(p) for p in rep.logs)}",
         f"  val_bpb   {_fmt(rep.new_mean_bpb)} ± {_fmt(rep.new_std_bpb)} sample std (ddof=1), ± {_fmt(rep.new_population_std_bpb)} population std (ddof=0)",
         f"  val_loss  {_fmt(rep.new_mean_loss)} ± {_fmt(rep.new_std_loss)} sample std, ± {_fmt(rep.new_population_std_loss)} population std (nats/token)",
         f"  nats per bpb: {_fmt(rep.nats_per_bpb, 6)}  (val_loss / val_bpb = ln 2 * bytes per token)",
@@ -283,14 +288,45 @@ class StatsError(Exception):
     pass
 
 
+# Settings that name the run or where it reads and writes its files: they may differ between the runs
+# of one configuration (LOGFILE: the official scripts' log path). Any other difference is another configuration.
+PER_RUN_SETTINGS = ("SEED", "RUN_ID", "LOGFILE", "LOG_DIR", "ARTIFACT_PATH", "EVAL_DUMP", "QUANTIZE_ONLY", "EVAL_ONLY")
+
+
+def differing_settings(a: logparse.RunLog, b: logparse.RunLog, per_run=PER_RUN_SETTINGS) -> str | None:
+    """The settings two runs set differently, other than per_run, as `NAME (a vs b), ...` (None when the same)."""
+    names = sorted(n for n in (set(a.settings) | set(b.settings)) - set(per_run) if a.settings.get(n) != b.settings.get(n))
+    return ", ".join(f"{n} ({a.settings.get(n, 'unset')} vs {b.settings.get(n, 'unset')})" for n in names) or None
+
+
+def exclusion(run: logparse.RunLog) -> str | None:
+    """Why a run's score is not a finished, valid run's score (None when it is)."""
+    if run.final_val_bpb is None:
+        return "no final score: the run stopped before its evaluation"
+    if run.code_sha256 is not None and run.submission_valid is None:  # train_gpt.py ends every finished run with it
+        return f"no submission_valid line: the run stopped during its evaluation, so its last score ({run.final_path}) is not the run's"
+    if run.submission_valid is False:
+        return f"submission_valid:no ({run.submission_reason or 'no reason given'})"
+    return None
+
+
 def load_runs(paths: list[str]) -> list[logparse.RunLog]:
-    """The runs of the logs, each with a final score and a seed no other log has: the test assumes
-    independent runs, and the same seed twice (a log given twice, or an older log of the same run
-    renamed by the logger) would count one run as two."""
-    runs = [logparse.parse_log(p) for p in paths]
-    for run in runs:
-        if run.final_val_bpb is None:
-            raise StatsError(f"{run.path}: no final score (no final evaluation line); did the run finish?")
+    """The runs to average: each log left out (no final score, stopped during its evaluation,
+    submission_valid:no) is said on stderr, one line with why. StatsError when none is left, when the
+    rest differ in a setting other than PER_RUN_SETTINGS (that is not one configuration), or when a seed
+    comes twice: the test assumes independent runs, and the same seed twice (a log given twice, or an
+    older log of the same run renamed by the logger) would count one run as two."""
+    runs = []
+    for run in map(logparse.parse_log, paths):
+        if reason := exclusion(run):
+            print(f"excluded {run.path}: {reason}", file=sys.stderr)
+        else:
+            runs.append(run)
+    if not runs:
+        raise StatsError(f"none of the {len(paths)} log(s) is a finished valid run (see the lines above); nothing to average")
+    for run in runs[1:]:
+        if differ := differing_settings(runs[0], run):
+            raise StatsError(f"{run.path} and {runs[0].path} are different configurations: {differ}; give the runs of one configuration (they may differ only in {', '.join(PER_RUN_SETTINGS)})")
     by_seed: dict[int, list[str]] = {}
     for run in runs:
         if run.seed is not None:

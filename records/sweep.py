@@ -14,17 +14,26 @@ an older, unfinished log of the same RUN_ID under a stamped name). At the end it
 compare table of the runs, the mean ± sample std of the final val_bpb per combination (over the
 seeds) and per value of each setting (over everything else), and writes the plot
 ({LOG_DIR}/{name}.png unless --plot or --no-plot). Exit status: 0 when every run finished, 1 otherwise.
+
+Before anything runs (and with --dry-run, which runs nothing), the environment of every run still to
+do is checked with the Hyperparameters of the script --launch names, and every problem is printed,
+each once with the runs it would stop. A failed run is reported with its reason (the `error:` lines of
+its log, else of its stderr with --quiet) and its log, or the note that it wrote none.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import itertools
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
+import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -86,7 +95,7 @@ def plan(sets: list[str], seeds: list[int] | None, name: str, log_dir: Path) -> 
             settings = tuple(zip(names, values))
             parts = [f"{n.lower()}{slug(v)}" for n, v in settings] + ([] if seed is None else [f"seed{seed}"])
             run_id = "_".join([name, *parts])
-            runs.append(Run(settings, seed, run_id, log_dir / f"{run_id}.txt"))
+            runs.append(Run(settings, seed, run_id, Path(dict(settings).get("LOG_DIR", log_dir)) / f"{run_id}.txt"))
     return runs
 
 
@@ -102,13 +111,76 @@ def finished(log: Path) -> logparse.RunLog | None:
     return run
 
 
-def launch(run: Run, command: list[str], quiet: bool) -> int:
-    env = {**os.environ, **run.env}
-    out = subprocess.DEVNULL if quiet else None
+def check_launcher(command: list[str]):
+    if shutil.which(command[0]) is None:
+        raise SweepError(f"cannot start {command[0]!r}: not found; check --launch")
+
+
+def launched_script(command: list[str]) -> Path | None:
+    """The .py file the launch command runs (None if it names none); SweepError if it is not there."""
+    script = next((Path(arg) for arg in command if arg.endswith(".py")), None)
+    if script is not None and not script.is_file():
+        raise SweepError(f"--launch runs {script}, which is not in {Path.cwd()}; start the sweep from the folder that holds it")
+    return script
+
+
+def has_settings(script: Path) -> bool:
+    """A train_gpt.py-like script (its settings can be checked by importing it; another script is not imported)."""
+    text = script.read_text(encoding="utf-8", errors="replace")
+    return "class Hyperparameters" in text and "class SettingsError" in text
+
+
+def settings_check(runs: list[Run], command: list[str]) -> list[str]:
+    """The settings problems of the runs still to do, headed by one line (empty when there are none)."""
+    script = launched_script(command)
+    if script is None or not has_settings(script):
+        print("note: --launch runs no train_gpt.py-like script, so the settings are not checked before the runs", file=sys.stderr)
+        return []
+    problems = settings_problems([run for run in runs if finished(run.log) is None], script)
+    return [f"{script} refuses these settings, so nothing was run:", *problems] if problems else []
+
+
+def settings_problems(runs: list[Run], script: Path) -> list[str]:
+    """What the script's Hyperparameters refuses in each run's environment: every problem once, with the runs it stops."""
+    spec = importlib.util.spec_from_file_location("train_gpt_for_sweep", script)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the script loads
     try:
-        return subprocess.run(command, env=env, stdout=out, stderr=out).returncode
-    except FileNotFoundError:
-        raise SweepError(f"cannot start {command[0]!r}: not found; check --launch") from None
+        spec.loader.exec_module(module)
+    except (Exception, SystemExit) as e:
+        raise SweepError(f"cannot load {script} to check the settings ({type(e).__name__}: {e})") from None
+    finally:
+        sys.modules.pop(spec.name, None)
+    stopped: dict[str, list[str]] = {}
+    for run in runs:
+        try:
+            module.Hyperparameters({**os.environ, **run.env})
+        except module.SettingsError as e:
+            stopped.setdefault(str(e), []).append(run.run_id)
+    return [f"{ids[0]}{f' and {len(ids) - 1} more run(s)' if len(ids) > 1 else ''}: {problem}" for problem, ids in stopped.items()]
+
+
+def error_lines(text: str) -> list[str]:
+    """The `error:` lines train_gpt.py writes (its log's last lines, or stderr), else the last line of the text."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return [line[line.index("error:"):] for line in lines if "error:" in line] or lines[-1:]
+
+
+def launch(run: Run, command: list[str], quiet: bool) -> tuple[int, bool, list[str]]:
+    """(exit status, whether it wrote its log, why it failed): the error lines of that log, else of its
+    stderr (captured with quiet). A log older than the launch is an earlier attempt's, not this run's."""
+    env = {**os.environ, **run.env}
+    start = time.time()
+    with tempfile.TemporaryFile("w+", errors="replace") as stderr:
+        try:
+            code = subprocess.run(command, env=env, stdout=subprocess.DEVNULL if quiet else None, stderr=stderr if quiet else None).returncode
+        except FileNotFoundError:
+            raise SweepError(f"cannot start {command[0]!r}: not found; check --launch") from None
+        stderr.seek(0)
+        captured = stderr.read()
+    if run.log.is_file() and run.log.stat().st_mtime >= start - 2:  # 2 s: file systems with a coarse clock
+        return code, True, error_lines(run.log.read_text(encoding="utf-8", errors="replace"))
+    return code, False, error_lines(captured) if quiet else ["(its output is above)"]
 
 
 def _fmt_mean_std(values: list[float]) -> str:
@@ -144,8 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--name", default="sweep", help="prefix of the RUN_IDs and of the plot's name (default %(default)s)")
     parser.add_argument("--plot", type=Path, help="PNG to write (default {LOG_DIR}/{name}.png)")
     parser.add_argument("--no-plot", action="store_true", help="do not write the plot")
-    parser.add_argument("--dry-run", action="store_true", help="list the runs and which are done, run nothing")
-    parser.add_argument("--quiet", action="store_true", help="do not pass the runs' output through (it is in their logs)")
+    parser.add_argument("--dry-run", action="store_true", help="list the runs and which are done, check their settings, run nothing")
+    parser.add_argument("--quiet", action="store_true", help="do not pass the runs' output through (it is in their logs; a failed run's error lines are printed)")
     return parser
 
 
@@ -159,9 +231,18 @@ def main(argv: list[str] | None = None) -> int:
         if not command:
             raise SweepError("--launch is empty")
         runs = plan(args.set, args.seeds, args.name, log_dir)
+        check_launcher(command)
+        problems = settings_check(runs, command)
+        if problems and not args.dry_run:
+            raise SweepError("\n".join(problems))
         failed = execute(runs, command, args.dry_run, args.quiet)
+        if problems:  # --dry-run: the list of runs, then what stops them
+            raise SweepError("\n".join(problems))
+        if args.dry_run and (script := launched_script(command)) and has_settings(script):
+            print(f"{script} accepts the settings of every run to do")
     except SweepError as e:
-        print(f"error: {e}", file=sys.stderr)
+        for line in str(e).splitlines():
+            print(f"error: {line}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted; run the same command again to resume", file=sys.stderr)
@@ -184,10 +265,12 @@ def execute(runs: list[Run], command: list[str], dry_run: bool, quiet: bool) -> 
             print(f"{head}: to run with {' '.join(f'{k}={v}' for k, v in run.env.items())}", flush=True)
             continue
         print(f"{head}: running with {' '.join(f'{k}={v}' for k, v in run.env.items())}", flush=True)
-        code = launch(run, command, quiet)
+        code, wrote_log, reasons = launch(run, command, quiet)
         if code != 0 or finished(run.log) is None:
             failed.append(run)
-            print(f"{head}: failed (exit {code}, {'no final score in' if code == 0 else 'see'} {run.log})", flush=True)
+            print(f"{head}: failed (exit {code}; {f'log {run.log}' if wrote_log else 'it wrote no log'}):", flush=True)
+            for reason in reasons[-10:] if code else ["its log has no final score"]:
+                print(f"  {reason}", flush=True)
     return failed
 
 
@@ -207,8 +290,7 @@ def report(runs: list[Run], args: argparse.Namespace, log_dir: Path):
 
     out = args.plot or log_dir / f"{args.name}.png"
     try:
-        plot.write_plot(logs, out, [run.run_id for run, _ in done], title=f"sweep {args.name}")
-        print(f"wrote {out}")
+        print(f"wrote {plot.write_plot(logs, out, [run.run_id for run, _ in done], title=f'sweep {args.name}')}")
     except plot.PlotError as e:
         print(f"plot not written: {e}", file=sys.stderr)
 

@@ -101,7 +101,13 @@ def synthetic_data(tmp_path):
     """A DATA_PATH with one train and one val shard of synthetic documents."""
     train_gpt.write_data_shard(tmp_path / "fineweb_train_000000.bin", synthetic_stream(400, seed=1))
     train_gpt.write_data_shard(tmp_path / "fineweb_val_000000.bin", synthetic_stream(30, seed=2))
+    mark_synthetic(tmp_path)
     return tmp_path
+
+
+def mark_synthetic(data: Path):
+    """Say that the shards in `data` are token ids no tokenizer made, so train_gpt.py takes them with any tokenizer."""
+    (data / train_gpt.TOKENIZER_FINGERPRINT).write_text('{"tokenizer": null, "tokenizer_sha256": null}\n')
 
 
 def train_tiny_tokenizer(path: Path, seed: int = 0, vocab: int = 64) -> Path:

@@ -1,6 +1,7 @@
 """Tests of data/build_shards.py and data/smoke.py (CPU, no network, no ../shared data)."""
 
 import gzip
+import hashlib
 import json
 import lzma
 import random
@@ -115,7 +116,7 @@ def test_shard_header_and_size(built):
 def test_the_shards_record_the_tokenizer_that_made_them(built):
     record = json.loads((dataset_dir(built) / train_gpt.TOKENIZER_FINGERPRINT).read_text())
     model = built / "tokenizers" / f"fineweb_{VOCAB}_bpe.model"
-    assert record == {"tokenizer": model.name, "tokenizer_sha256": train_gpt.file_sha256(model)}
+    assert record == {"tokenizer": model.name, "tokenizer_sha256": train_gpt.file_sha256(model), "written_by": "data/build_shards.py"}
     assert train_gpt.tokenizer_mismatch(str(dataset_dir(built)), str(model)) is None
 
 
@@ -192,6 +193,27 @@ def test_bad_jsonl_is_a_one_line_error(tmp_path, capsys, lines, message):
     assert message in err and err.count("\n") == 1 and "Traceback" not in err
 
 
+@pytest.mark.parametrize("bad_line", [3, 20])  # in the validation split (--val-docs 5), in the training split
+@pytest.mark.parametrize("tokenizer_option", ["train", "given"])
+def test_a_lone_surrogate_is_refused_with_its_file_and_line(built, corpus, tmp_path, capsys, bad_line, tokenizer_option):
+    """A JSON escape of half a surrogate pair ("\\ud800") is not Unicode: SentencePiece raised a bare traceback,
+    while training the tokenizer or while encoding. Refused, naming the line, and no half dataset is left."""
+    rng = random.Random(1)
+    lines = [json.dumps({"text": make_text(rng)}) for _ in range(30)]
+    lines[bad_line - 1] = '{"text": "a river \\ud800 in winter"}'
+    path = tmp_path / "in.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    given = ["--tokenizer", str(built / "tokenizers" / f"fineweb_{VOCAB}_bpe.model")]
+    # --tokenizer-train-docs 5: line 20 is read after the tokenizer is trained (line 3 while skipping the validation documents)
+    option = ["--train-tokenizer", "--vocab-size", "60", "--tokenizer-train-docs", "5"] if tokenizer_option == "train" else given
+    argv = [str(path), *option, "--val-docs", "5", "--output-dir", str(tmp_path / "out"), "--workers", "2"]
+    assert build_shards.main(argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # after any progress line
+    assert err.startswith(f"build_shards: error: {path}:{bad_line}: the text holds a lone surrogate ('\\ud800' at character 8"), err
+    assert "repair or remove that document" in err
+    assert not list((tmp_path / "out").glob("datasets/*/*")) and not list((tmp_path / "out").glob("tokenizers/*"))
+
+
 def test_non_utf8_input_says_how_to_convert_it(tmp_path, capsys):
     path = tmp_path / "latin1.txt"
     path.write_bytes("caf\u00e9 au lait".encode("latin-1"))
@@ -213,6 +235,58 @@ def test_a_truncated_xz_leaves_no_half_dataset(built, corpus, tmp_path, capsys):
     last = capsys.readouterr().err.strip().splitlines()[-1]  # after the validation split's progress line
     assert last.startswith(f"build_shards: error: {truncated}: the compressed file is truncated or corrupt") and "download or compress it again" in last
     assert list(dataset_dir(tmp_path).iterdir()) == []
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def official_layout(built: Path, out: Path, fingerprint: dict | None = None) -> dict[str, bytes]:
+    """out/ as the official download leaves it (shards with no fingerprint of ours, the tokenizer); returns its files."""
+    shards = out / "datasets" / f"fineweb10B_sp{VOCAB}"
+    shards.mkdir(parents=True)
+    for f in dataset_dir(built).glob("fineweb_*.bin"):
+        (shards / f.name).write_bytes(f.read_bytes())
+    if fingerprint is not None:
+        (shards / train_gpt.TOKENIZER_FINGERPRINT).write_text(json.dumps(fingerprint))
+    (out / "tokenizers").mkdir()
+    (out / "tokenizers" / f"fineweb_{VOCAB}_bpe.model").write_bytes(b"the official tokenizer")
+    (out / "manifest.json").write_text("{}")
+    return snapshot(out)
+
+
+@pytest.mark.parametrize("fingerprint", [None, {"tokenizer": "fineweb_300_bpe.model", "tokenizer_sha256": "ab" * 32,
+                                                "written_by": "data/cached_challenge_fineweb.py"}])
+def test_a_build_never_replaces_files_it_did_not_write(built, corpus, tmp_path, capsys, fingerprint):
+    """--output-dir holding the official download: the shards used to be deleted and the tokenizer overwritten, exit 0."""
+    inputs, _ = corpus
+    out = tmp_path / "data"
+    before = official_layout(built, out, fingerprint)
+    model = built / "tokenizers" / f"fineweb_{VOCAB}_bpe.model"
+    common = [*inputs, "--val-docs", "7", "--output-dir", str(out), "--workers", "1", "--txt-doc-separator", r"\n@@\n"]
+    theirs = out / "tokenizers" / f"fineweb_{VOCAB}_bpe.model"
+    for option, foreign in ((["--train-tokenizer", "--vocab-size", str(VOCAB)], f"{dataset_dir(out)} and {theirs} were"),
+                            (["--tokenizer", str(model)], f"{dataset_dir(out)} was")):
+        assert build_shards.main([*common, *option]) == 1
+        err = capsys.readouterr().err
+        assert err == (f"build_shards: error: {foreign} not written by build_shards.py (the official download, say) and this build would "
+                       f"replace {'them' if ' and ' in foreign else 'it'}; give another --output-dir, or add --overwrite to replace "
+                       f"{'them' if ' and ' in foreign else 'it'}\n")
+        assert snapshot(out) == before, "nothing touched"
+    assert build_shards.main([*common, "--train-tokenizer", "--vocab-size", str(VOCAB), "--overwrite"]) == 0
+    assert np.array_equal(split_tokens(out, "train"), split_tokens(built, "train"))
+    assert build_shards.main([*common, "--train-tokenizer", "--vocab-size", str(VOCAB)]) == 0, "its own earlier build it replaces"
+
+
+def test_a_foreign_tokenizer_alone_is_refused_too(corpus, tmp_path, capsys):
+    inputs, _ = corpus
+    model = tmp_path / "tokenizers" / f"fineweb_{VOCAB}_bpe.model"
+    model.parent.mkdir()
+    model.write_bytes(b"someone else's tokenizer")
+    assert build_shards.main([*inputs[:3], "--train-tokenizer", "--vocab-size", str(VOCAB), "--val-docs", "7", "--output-dir", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert f"{model} was not written by build_shards.py" in err and err.count("\n") == 1
+    assert model.read_bytes() == b"someone else's tokenizer" and not (tmp_path / "datasets").exists()
 
 
 def test_vocab_too_large_for_uint16_is_an_error(corpus, tmp_path, capsys):
@@ -270,3 +344,112 @@ def test_smoke_env_precedence(monkeypatch):
 def test_smoke_env_names_are_train_gpt_settings():
     known = {s.name for s in train_gpt.SETTINGS}
     assert set(smoke.SMOKE_ENV) <= known, set(smoke.SMOKE_ENV) - known
+
+
+# ----------------------------------------------------------------------------- the official documents and the record's CaseOps data
+
+
+def test_the_official_validation_documents_are_never_trained_on(tmp_path, capsys):
+    """docs_selected.jsonl's first 50,000 documents are the validation set: a smaller --val-docs (the record's
+    prepare_caseops_data.py defaults to 10,000) or another validation file would train on them."""
+    path = tmp_path / "docs_selected.jsonl"
+    write_jsonl(path, ["one document", "another document", "a third"])
+    for extra in (["--val-docs", "10000"], ["--val-file", str(path)]):
+        argv = [str(path), "--train-tokenizer", "--vocab-size", "300", "--output-dir", str(tmp_path / "out"), *extra]
+        assert build_shards.main(argv) == 1
+        err = capsys.readouterr().err
+        assert "first 50,000 documents are the official validation set" in err and "--val-docs 50000" in err and err.count("\n") == 1
+        assert not (tmp_path / "out").exists()
+    args = build_shards.build_parser().parse_args([str(path), "--train-tokenizer", "--vocab-size", "300", "--output-dir", "x", "--val-docs", "50000"])
+    build_shards.check_official_validation(args)  # accepted
+    args.inputs, args.val_docs = [str(tmp_path / "other.jsonl")], 1
+    build_shards.check_official_validation(args)  # any other corpus: any split
+
+
+@pytest.mark.parametrize("tokenizer, caseops, folder, beside", [
+    ("fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model", True, "fineweb10B_sp8192_lossless_caps_caseops_v1_reserved", True),  # the record's
+    ("fineweb_1024_bpe_caseops.model", True, "fineweb10B_sp1024_caseops", True),  # trained here with --caseops
+    ("my_caseops.model", True, "fineweb10B_sp1024_caseops", False),
+    ("fineweb_1024_bpe.model", False, "fineweb10B_sp1024", True),
+    ("fineweb_1024_bpe_custom.model", False, "fineweb10B_sp1024", False),
+])
+def test_dataset_folder_follows_the_tokenizer(tokenizer, caseops, folder, beside):
+    vocab = int(folder.removeprefix("fineweb10B_sp").split("_")[0])
+    assert build_shards.dataset_name(Path(tokenizer), vocab, caseops) == folder
+    found = train_gpt.tokenizer_beside(str(Path("root") / "datasets" / folder))  # what train_gpt.py takes from DATA_PATH alone
+    assert (found == str(Path("root") / "tokenizers" / tokenizer)) == beside
+
+
+def test_plain_sp8192_is_one_setting_away():
+    plain = train_gpt.Hyperparameters({"DATA_PATH": "./data/datasets/fineweb10B_sp8192"})
+    assert plain.tokenizer_path == "data/tokenizers/fineweb_8192_bpe.model"
+    assert train_gpt.Hyperparameters({"DATA_PATH": "/d/mine", "TOKENIZER_PATH": "/t/x.model"}).tokenizer_path == "/t/x.model"
+    with pytest.raises(train_gpt.DataError, match="TOKENIZER_PATH is empty"):
+        train_gpt.load_tokenizer_tables(train_gpt.Hyperparameters({"DATA_PATH": "/d/mine"}).tokenizer_path, 8192)
+
+
+import cached_challenge_fineweb as downloader  # noqa: E402
+
+CASEOPS_REPO = "romeerp/parameter-golf-caseops-v1"
+CASEOPS_TOKENIZER = "tokenizers/fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model"
+RECORD_TOKENIZER = REPO.parent / "shared" / "fixtures" / "record_1855" / "tokenizers" / "fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model"
+
+
+def shard(n: int) -> bytes:
+    header = np.zeros(256, dtype="<i4")
+    header[:3] = (20240520, 1, n)
+    return header.tobytes() + np.arange(n, dtype="<u2").tobytes()
+
+
+def caseops_hub(root: Path, tokenizer: bytes, docs: bytes) -> Path:
+    """A folder laid out like the hub: the CaseOps dataset (a manifest with counts only) and the official documents."""
+    name = "fineweb10B_" + downloader.CASEOPS_VARIANT
+    caseops = {f"datasets/{name}/fineweb_val_000000.bin": shard(30), f"datasets/{name}/fineweb_val_bytes_000000.bin": shard(30),
+               f"datasets/{name}/fineweb_train_000000.bin": shard(40), CASEOPS_TOKENIZER: tokenizer,
+               "manifest.json": json.dumps({"datasets": [{"name": name, "tokenizer_name": "caseops", "stats": {"files_train": 1, "files_val": 1}}],
+                                            "tokenizers": [{"name": "caseops", "model_path": CASEOPS_TOKENIZER}]}).encode()}
+    for repo, files in ((CASEOPS_REPO, caseops), (downloader.DEFAULT_REPO, {"docs_selected.jsonl": docs})):
+        for rel, data in files.items():
+            path = root / "datasets" / repo / "resolve" / "main" / "datasets" / rel
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(data)
+    return root
+
+
+@pytest.fixture
+def fake_hub(tmp_path, monkeypatch):
+    for name in ("MATCHED_FINEWEB_REPO_ID", "MATCHED_FINEWEB_REMOTE_ROOT_PREFIX", "HF_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    tokenizer, docs = b"the record's tokenizer", b'{"text": "a document"}\n'
+    monkeypatch.setattr(downloader, "PINNED_SHA256", {CASEOPS_TOKENIZER: hashlib.sha256(tokenizer).hexdigest()})
+    monkeypatch.setenv("HF_ENDPOINT", str(caseops_hub(tmp_path / "hub", tokenizer, docs)))
+    return tmp_path / "hub", tokenizer, docs
+
+
+def test_download_the_records_tokenizer_and_the_official_documents(fake_hub, tmp_path):
+    hub, tokenizer, docs = fake_hub
+    out = tmp_path / "data"
+    args = ["--variant", downloader.CASEOPS_VARIANT, "--output-dir", str(out)]
+    assert downloader.main([*args, "--tokenizer-only", "--with-docs"]) == 0
+    assert (out / CASEOPS_TOKENIZER).read_bytes() == tokenizer and (out / "docs_selected.jsonl").read_bytes() == docs
+    assert not (out / "datasets").exists()  # no shards: build_shards.py makes them
+    assert downloader.main([*args, "--train-shards", "1"]) == 0  # or the record's published shards, sidecar included
+    folder = out / "datasets" / ("fineweb10B_" + downloader.CASEOPS_VARIANT)
+    assert sorted(p.name for p in folder.iterdir()) == ["fineweb_train_000000.bin", "fineweb_val_000000.bin", "fineweb_val_bytes_000000.bin", "tokenizer_fingerprint.json"]
+
+
+def test_a_tokenizer_that_is_not_the_records_is_refused(fake_hub, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(downloader, "PINNED_SHA256", {CASEOPS_TOKENIZER: "0" * 64})
+    out = tmp_path / "data"
+    assert downloader.main(["--variant", downloader.CASEOPS_VARIANT, "--output-dir", str(out), "--tokenizer-only"]) == 1
+    err = capsys.readouterr().err
+    assert "not " + "0" * 64 + " (the record's)" in err and err.count("\n") == 1
+    assert not (out / CASEOPS_TOKENIZER).exists() and not list(out.rglob("*.part"))
+
+
+def test_the_pinned_sha256_is_the_records_tokenizer():
+    if not RECORD_TOKENIZER.is_file():
+        pytest.skip("../shared/fixtures/record_1855 is not beside the repository")
+    assert downloader.PINNED_SHA256[CASEOPS_TOKENIZER] == hashlib.sha256(RECORD_TOKENIZER.read_bytes()).hexdigest()
+    assert build_shards.dataset_name(RECORD_TOKENIZER, 8192, True) == "fineweb10B_" + downloader.CASEOPS_VARIANT
+    assert train_gpt.Hyperparameters({}).data_path.endswith("fineweb10B_" + downloader.CASEOPS_VARIANT)

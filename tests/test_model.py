@@ -303,7 +303,7 @@ def test_orthogonal_init_of_the_input_projections():
     attn, mlp = tiny_model(randomized=False, ORTHO_INIT=1).blocks[1].attn, tiny_model(randomized=False, ORTHO_INIT=1).blocks[1].mlp
     for w in (attn.c_q.weight, attn.c_k.weight, attn.c_v.weight, mlp.fc.weight):
         small = w if w.size(0) <= w.size(1) else w.T
-        assert torch.allclose(small @ small.T, torch.eye(small.size(0)), atol=1e-5)
+        assert torch.allclose(small @ small.T, torch.eye(small.size(0)), atol=1e-2)  # rounded to bf16, as the record's
     plain = tiny_model(randomized=False, ORTHO_INIT=0).blocks[1].attn.c_q.weight
     assert not torch.allclose(plain @ plain.T, torch.eye(32), atol=1e-2)
     assert torch.count_nonzero(attn.proj.weight) == 0 and torch.count_nonzero(mlp.proj.weight) == 0

@@ -2,12 +2,15 @@
 LR schedule."""
 
 import math
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
 
 import train_gpt
-from conftest import tiny_args, tiny_model
+from conftest import REPO, clean_env, tiny_args, tiny_model
 
 
 
@@ -221,10 +224,13 @@ def test_embed_and_scalar_weight_decays_are_separate():
     assert {id(p) for p in muon.param_groups[0]["params"]} == {id(p) for n, p in model.named_parameters() if n.endswith(("c_q.weight", "c_k.weight", "c_v.weight", "proj.weight", "fc.weight"))}
 
 
-def test_momentum_warmup_and_gradient_clipping_in_the_step_loop(synthetic_data, monkeypatch):
+@pytest.mark.parametrize("scope", ["rank", "global"])
+def test_momentum_warmup_and_gradient_clipping_in_the_step_loop(synthetic_data, monkeypatch, scope):
     """MUON_MOMENTUM_WARMUP_START -> MUON_MOMENTUM over MUON_MOMENTUM_WARMUP_STEPS, and GRAD_CLIP_NORM
-    scaling every gradient by min(1, clip / global norm), as clip_grad_norm_ would (0 = no scaling)."""
-    momenta, scales = [], []
+    scaling every gradient by min(1, clip / norm), as clip_grad_norm_ would (0 = no scaling): on one
+    process both scopes clip the same gradient, rank before the averaging (Muon gets factor 1),
+    global after it (Muon gets the factor)."""
+    momenta, seen = [], []
     muon_step = train_gpt.Muon.step
     model_ref = {}
 
@@ -232,24 +238,98 @@ def test_momentum_warmup_and_gradient_clipping_in_the_step_loop(synthetic_data, 
         momenta.append(self.param_groups[0]["momentum"])
         muon_ids = {id(p) for p in self.param_groups[0]["params"]}
         others = [p.grad for p in model_ref["model"].parameters() if id(p) not in muon_ids and p.grad is not None]
-        muon_sq = sum(float(g.square().sum()) for g in self.local_grads.values())
         scale = float(grad_scale)
-        norm = math.sqrt(sum(float(g.square().sum()) for g in others) / scale**2 + muon_sq)  # the others arrive clipped
-        scales.append((scale, norm))
+        muon_sq = sum(float(g.square().sum()) for g in self.local_grads.values()) * scale**2
+        seen.append((scale, math.sqrt(sum(float(g.square().sum()) for g in others) + muon_sq)))  # the norm the optimizers apply
         return muon_step(self, grad_scale)
 
     monkeypatch.setattr(train_gpt.Muon, "step", recording_step)
-    env = dict(DATA_PATH=synthetic_data, ITERATIONS=5, TRAIN_LOG_EVERY=0, GPTQ_ENABLED=0, MUON_MOMENTUM_WARMUP_START=0.5, MUON_MOMENTUM=0.9, MUON_MOMENTUM_WARMUP_STEPS=4)
+    env = dict(DATA_PATH=synthetic_data, ITERATIONS=5, TRAIN_LOG_EVERY=0, GPTQ_ENABLED=0, MUON_MOMENTUM_WARMUP_START=0.5, MUON_MOMENTUM=0.9,
+               MUON_MOMENTUM_WARMUP_STEPS=4, GRAD_CLIP_SCOPE=scope)
     for clip in (0.25, 0.0):
-        momenta.clear(), scales.clear()
+        momenta.clear(), seen.clear()
         args = tiny_args(GRAD_CLIP_NORM=clip, **env)
         torch.manual_seed(0)
         model_ref["model"] = train_gpt.GPT(train_gpt.ModelConfig.from_args(args))
         train_gpt.train_model(model_ref["model"], args, train_gpt.Runtime(), train_gpt.Logger(None), None)
         assert momenta == pytest.approx([0.5, 0.6, 0.7, 0.8, 0.9])
-        for scale, norm in scales:
-            assert scale == pytest.approx(min(1.0, clip / norm) if clip else 1.0, rel=1e-4)
-        assert any(scale < 1 for scale, _ in scales) == bool(clip), "the clip must have acted (and only when set)"
+        if clip == 0:
+            assert all(scale == 1.0 for scale, _ in seen) and any(norm > 0.25 for _, norm in seen), "no clip when 0"
+            continue
+        assert all(norm <= clip * (1 + 1e-4) for _, norm in seen)
+        assert any(norm == pytest.approx(clip, rel=1e-4) for _, norm in seen), "the clip must have acted"
+        assert all(scale == 1.0 for scale, _ in seen) == (scope == "rank")
+
+
+CLIP_WORKER = textwrap.dedent(
+    """
+    import sys, torch
+    sys.path.insert(0, {repo!r})
+    import train_gpt
+    import torch.distributed as dist
+
+    rank, out = int(sys.argv[1]), sys.argv[2]
+    dist.init_process_group("gloo", init_method="file://" + sys.argv[3], rank=rank, world_size=2)
+    rt = train_gpt.Runtime(rank=rank, world_size=2, distributed=True)
+    result = {{}}
+    for scope in ("rank", "global"):
+        args = train_gpt.Hyperparameters({{"GRAD_CLIP_NORM": "1.0", "GRAD_CLIP_SCOPE": scope}})
+        other, mats = torch.nn.Parameter(torch.zeros(5)), [torch.nn.Parameter(torch.zeros(4, 3)) for _ in range(2)]
+        muon = train_gpt.Muon(mats, lr=0.1, momentum=0.9, backend_steps=5, rt=rt)
+        g = torch.Generator().manual_seed(rank)
+        size = 0.1 if rank == 0 else 10.0  # only rank 1's own gradient is over the clip
+        for p in [other] + mats:
+            p.grad = size * torch.randn(p.shape, generator=g) / 5
+        factor = train_gpt.reduce_and_clip_gradients([other], muon, args, rt)
+        result[scope] = (other.grad.clone(), float(factor), muon.local_grads[(0, (4, 3))].clone())
+    torch.save(result, out)
+    dist.destroy_process_group()
+    """
+)
+
+
+def test_rank_scope_clips_each_ranks_gradient_before_the_averaging(tmp_path):
+    """2 gloo processes with gradients of norms ~0.1 and ~10: rank (the record) averages the ranks'
+    clipped gradients, global clips the average (what 1 process on the same batch would do)."""
+    script = tmp_path / "clip_worker.py"
+    script.write_text(CLIP_WORKER.format(repo=str(REPO)))
+    procs = [subprocess.Popen([sys.executable, str(script), str(r), str(tmp_path / f"r{r}.pt"), str(tmp_path / "store")],
+                              env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in (0, 1)]
+    for p in procs:
+        out, _ = p.communicate(timeout=120)
+        assert p.returncode == 0, out
+    results = [torch.load(tmp_path / f"r{r}.pt") for r in (0, 1)]
+    grads = []  # each rank's own gradients, as the worker drew them
+    for rank in (0, 1):
+        g = torch.Generator().manual_seed(rank)
+        size = 0.1 if rank == 0 else 10.0
+        grads.append([size * torch.randn(shape, generator=g) / 5 for shape in ((5,), (4, 3), (4, 3))])
+
+    def clipped(gs):
+        norm = math.sqrt(sum(float(t.square().sum()) for t in gs))
+        return [t * min(1.0, 1.0 / (norm + 1e-6)) for t in gs]
+
+    by_rank = [sum(ts) / 2 for ts in zip(*(clipped(gs) for gs in grads))]
+    by_global = clipped([sum(ts) / 2 for ts in zip(*grads)])
+    for scope, expected in (("rank", by_rank), ("global", by_global)):
+        for rank in (0, 1):
+            other, factor, local = results[rank][scope]
+            torch.testing.assert_close(other, expected[0], rtol=1e-5, atol=1e-7)
+            torch.testing.assert_close(local[0] * factor, expected[1 + rank], rtol=1e-5, atol=1e-7)  # rank r keeps matrix r
+    assert not torch.allclose(by_rank[0], by_global[0], rtol=1e-2), "the two scopes differ here"
+
+
+def test_muon_works_in_bf16_on_gpus_and_in_fp32_on_cpus():
+    """As the record: on a GPU the matrices' gradients are reduce-scattered, kept as momentum and
+    orthogonalized in bf16 (half the traffic); a CPU keeps fp32, where the tests compare bit for bit."""
+    model, args = tiny_model(randomized=False), tiny_args()
+    muon = lambda device: next(o for o in train_gpt.build_optimizers(model, args, train_gpt.Runtime(device=torch.device(device))) if isinstance(o, train_gpt.Muon))  # noqa: E731
+    assert muon("cuda").dtype == torch.bfloat16 and muon("cpu").dtype == torch.float32
+    p = torch.nn.Parameter(torch.randn(8, 4))
+    opt = train_gpt.Muon([p], lr=0.1, momentum=0.9, backend_steps=5, dtype=torch.bfloat16)
+    p.grad = torch.randn(8, 4)
+    opt.step()
+    assert opt.state[p]["momentum_buffer"].dtype == torch.bfloat16 and p.dtype == torch.float32
 
 
 # ----------------------------------------------------------------------------- MuonEq-R and Polar Express
@@ -279,3 +359,18 @@ def test_row_normalized_muon_ignores_the_scale_of_each_gradient_row():
 
     assert torch.allclose(update(G, True), update(D * G, True), atol=1e-4)
     assert not torch.allclose(update(G, False), update(D * G, False), atol=1e-2)
+
+
+def test_newton_schulz_scales_its_input_by_the_frobenius_norm():
+    """As the record: X / ||X||_F, then the iterations (Polar Express too, with no extra safety factor)."""
+    G = torch.randn(12, 7, generator=torch.Generator().manual_seed(4))
+    for coeffs in ("classic", "polar_express"):
+        assert float(train_gpt.newton_schulz_orthogonalize(G, 0, coeffs).norm()) == pytest.approx(1.0, rel=1e-6)
+
+
+def test_newton_schulz_of_a_stack_is_that_of_each_matrix():
+    G = torch.randn(3, 16, 8, generator=torch.Generator().manual_seed(5))
+    G[1] *= 100.0  # each matrix is scaled by its own norm
+    stacked = train_gpt.newton_schulz_orthogonalize(G, 5, "polar_express")
+    for i in range(3):
+        torch.testing.assert_close(stacked[i], train_gpt.newton_schulz_orthogonalize(G[i], 5, "polar_express"), rtol=1e-5, atol=1e-6)

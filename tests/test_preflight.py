@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import train_gpt
-from conftest import REPO, TINY, Recorder, clean_env, tiny_args, tiny_model, train_tiny_tokenizer
+from conftest import REPO, SP1024, TINY, Recorder, clean_env, mark_synthetic, synthetic_stream, tiny_args, tiny_model, train_tiny_tokenizer
 
 sys.path.insert(0, str(REPO / "data"))
 import build_shards  # noqa: E402
@@ -131,16 +131,172 @@ def test_a_tokenizer_of_another_size_is_a_problem(tmp_path, synthetic_data):
 
 
 def test_shards_made_with_another_tokenizer_of_the_same_size_are_refused(tmp_path):
-    """build_shards.py records the tokenizer's fingerprint; only the official shards (none recorded) skip the check."""
+    """build_shards.py records the tokenizer's fingerprint; without one (the official shards) the text tells."""
+    import random
+
     maker, other = train_tiny_tokenizer(tmp_path / "a.model", seed=0), train_tiny_tokenizer(tmp_path / "b.model", seed=1)
     data = tmp_path / "data"
-    docs = ["ab cd ef " * 20] * 12
-    build_shards.write_dataset(docs[:4], docs[4:], maker, data)
+    rng = random.Random(0)  # phrases of the maker's own words, as train_tiny_tokenizer makes them: it merges them into long pieces
+    words = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(2, 6))) for _ in range(30)]
+    docs = [" ".join(rng.choice(words) for _ in range(12)) for _ in range(40)]
+    build_shards.write_dataset(docs[:10], docs[10:], maker, data)
     assert preflight_problems(run_args(tmp_path, data, maker)) == []
     problems = preflight_problems(run_args(tmp_path, data, other))
     assert len(problems) == 1 and "made with the tokenizer a.model" in problems[0] and f"TOKENIZER_PATH={other}" in problems[0], problems
-    (data / train_gpt.TOKENIZER_FINGERPRINT).unlink()  # as the official shards: nothing recorded, nothing to refuse
-    assert preflight_problems(run_args(tmp_path, data, other)) == []
+    (data / train_gpt.TOKENIZER_FINGERPRINT).unlink()  # as the official shards: nothing recorded, the text tells
+    assert preflight_problems(run_args(tmp_path, data, maker)) == []
+    problems = preflight_problems(run_args(tmp_path, data, other))
+    assert len(problems) == 1 and problems[0].startswith(f"the shards in DATA_PATH={data} were made with another tokenizer ("), problems
+    assert problems[0].endswith(f"not TOKENIZER_PATH={other}; use TOKENIZER_PATH={maker} VOCAB_SIZE=64"), "it names the one beside it that fits"
+
+
+SHARED = REPO.parent / "shared" / "data"
+
+
+def official_layout(root: Path, vocab: int, texts: list[str]) -> Path:
+    """root/datasets/fineweb10B_sp{vocab} with no fingerprint (as the official download before it wrote one) beside
+    root/tokenizers/ holding both official tokenizers; returns the dataset folder."""
+    import sentencepiece as spm
+
+    (root / "tokenizers").mkdir(parents=True, exist_ok=True)
+    for v in (1024, 8192):
+        (root / "tokenizers" / f"fineweb_{v}_bpe.model").write_bytes((SHARED / "tokenizers" / f"fineweb_{v}_bpe.model").read_bytes())
+    sp = spm.SentencePieceProcessor(model_file=str(root / "tokenizers" / f"fineweb_{vocab}_bpe.model"))
+    data = root / "datasets" / f"fineweb10B_sp{vocab}"
+    data.mkdir(parents=True)
+    stream = np.concatenate([np.array([train_gpt.BOS_ID, *sp.encode(t)], dtype=np.uint16) for t in texts])
+    for split in ("val", "train"):
+        train_gpt.write_data_shard(data / f"fineweb_{split}_000000.bin", stream)
+    return data
+
+
+@pytest.fixture(scope="module")
+def wiki_texts() -> list[str]:
+    """Wikipedia articles cut into paragraphs (FineWeb documents are short web pages)."""
+    import json
+    import lzma
+
+    if not (SHARED / "wiki_small" / "val.jsonl.xz").is_file() or not (SHARED / "tokenizers" / "fineweb_8192_bpe.model").is_file():
+        pytest.skip("../shared/data is not beside the repository")
+    with lzma.open(SHARED / "wiki_small" / "val.jsonl.xz", "rt") as f:
+        articles = [json.loads(line)["text"] for line in f]
+    return [p for a in articles for p in a.split("\n\n") if p.strip()][:400]
+
+
+def test_official_shards_without_a_fingerprint_refuse_another_official_tokenizer(tmp_path, wiki_texts):
+    """sp1024 shards (no byte fallback: <unk> in many documents) with the sp8192 tokenizer and VOCAB_SIZE=8192 passed every
+    check and scored with the wrong byte table; sp8192 shards (byte fallback) with their own tokenizer pass."""
+    sp1024 = official_layout(tmp_path, 1024, wiki_texts)
+    tokenizers = tmp_path / "tokenizers"
+    assert preflight_problems(run_args(tmp_path, sp1024, tokenizers / "fineweb_1024_bpe.model", VOCAB_SIZE=1024)) == []
+    problems = preflight_problems(run_args(tmp_path, sp1024, tokenizers / "fineweb_8192_bpe.model", VOCAB_SIZE=8192))
+    assert problems == [
+        f"the shards in DATA_PATH={sp1024} were made with another tokenizer (decoded with this one and encoded again, 0% of the first "
+        f"validation tokens come back), not TOKENIZER_PATH={tokenizers / 'fineweb_8192_bpe.model'}; use "
+        f"TOKENIZER_PATH={tokenizers.resolve() / 'fineweb_1024_bpe.model'} VOCAB_SIZE=1024"]
+    sp8192 = official_layout(tmp_path / "b", 8192, wiki_texts)
+    assert preflight_problems(run_args(tmp_path, sp8192, tmp_path / "b" / "tokenizers" / "fineweb_8192_bpe.model", VOCAB_SIZE=8192)) == []
+    assert train_gpt.reencoded_share(str(sp8192), str(tmp_path / "b" / "tokenizers" / "fineweb_8192_bpe.model")) == 1.0
+
+
+def test_the_refusal_is_the_logs_last_line_before_anything_is_built(tmp_path, wiki_texts):
+    data = official_layout(tmp_path, 1024, wiki_texts[:40])
+    env = script_env(tmp_path, data, tmp_path / "tokenizers" / "fineweb_8192_bpe.model", VOCAB_SIZE=8192)
+    done = run_script(env, tmp_path)
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    log = (tmp_path / "logs" / "run.txt").read_text().splitlines()
+    assert log[-1].startswith("error: the shards in DATA_PATH=") and log[-1].endswith("fineweb_1024_bpe.model VOCAB_SIZE=1024")
+    assert not any(line.startswith(("model_params", "step:", "bpb_bytes")) for line in log)
+
+
+@pytest.fixture(scope="module")
+def caseops_build(tmp_path_factory) -> Path:
+    """out/caseops: CaseOps shards with byte sidecars and their tokenizer; out/plain: a plain tokenizer of the same size."""
+    import random
+
+    out = tmp_path_factory.mktemp("caseops")
+    rng = random.Random(0)
+    words = "the river City north Station NASA market Engine of and to in".split()
+    corpus = out / "corpus.jsonl"
+    corpus.write_text("".join('{"text": "%s"}\n' % " ".join(rng.choice(words) for _ in range(40)) for _ in range(200)))
+    for flags, name in ((["--caseops"], "caseops"), ([], "plain")):
+        assert build_shards.main([str(corpus), *flags, "--train-tokenizer", "--vocab-size", "120", "--val-docs", "20",
+                                  "--output-dir", str(out / name), "--workers", "1"]) == 0
+    return out
+
+
+def caseops_dataset(root: Path) -> tuple[Path, int]:
+    """The CaseOps shard folder under `root` and its vocabulary (the trainer may give fewer pieces than asked)."""
+    folder = next((root / "datasets").glob("fineweb10B_sp*_caseops"))
+    return folder, int(folder.name.removeprefix("fineweb10B_sp").removesuffix("_caseops"))
+
+
+def caseops_copy(caseops_build: Path, tmp_path: Path) -> Path:
+    data = tmp_path / "data"
+    data.mkdir()
+    for f in caseops_dataset(caseops_build / "caseops")[0].iterdir():
+        (data / f.name).write_bytes(f.read_bytes())
+    return data
+
+
+CASEOPS_TOKENIZER = Path("caseops") / "tokenizers" / "fineweb_120_bpe_caseops.model"
+
+
+def test_caseops_shards_without_a_fingerprint_take_only_their_tokenizer(tmp_path, caseops_build):
+    """The operators are pieces of their own and the sidecars beside the shards change nothing: the CaseOps tokenizer
+    gives the text back; a plain tokenizer of the same size does not."""
+    import shutil
+
+    shutil.copytree(caseops_build / "caseops", tmp_path / "caseops")  # the official layout: datasets/ beside tokenizers/
+    data, vocab = caseops_dataset(tmp_path / "caseops")
+    (data / train_gpt.TOKENIZER_FINGERPRINT).unlink()
+    caseops = tmp_path / CASEOPS_TOKENIZER
+    assert train_gpt.reencoded_share(str(data), str(caseops)) == 1.0
+    assert train_gpt.tokenizer_mismatch(str(data), str(caseops)) is None
+    problem = train_gpt.tokenizer_mismatch(str(data), str(caseops_build / "plain" / "tokenizers" / "fineweb_120_bpe.model"))
+    assert problem is not None and problem.endswith(f"use TOKENIZER_PATH={caseops.resolve()} VOCAB_SIZE={vocab}")
+
+
+@pytest.mark.parametrize("zeroed", ["all", "most"])
+def test_sidecars_that_charge_no_bytes_stop_the_run_before_training(tmp_path, caseops_build, zeroed):
+    """All-zero sidecars passed every check and the run died after training dividing by zero bytes; sidecars that
+    charge far fewer bytes than the pieces spell (most tokens 0) do not describe these shards either."""
+    data, vocab = caseops_copy(caseops_build, tmp_path), caseops_dataset(caseops_build / "caseops")[1]
+    tokenizer = str(caseops_build / CASEOPS_TOKENIZER)
+    tables = train_gpt.load_tokenizer_tables(tokenizer, vocab)
+    val = train_gpt.load_validation_tokens(str(data), vocab)
+    assert train_gpt.attach_byte_sidecar(tables, val, str(data), tokenizer).sidecar_bytes is not None  # the real ones pass
+    sidecar = data / "fineweb_val_bytes_000000.bin"
+    counts = train_gpt.load_data_shard(sidecar).copy()
+    if zeroed == "all":
+        counts[:] = 0
+    else:
+        counts[np.flatnonzero(counts)[: int(0.7 * np.count_nonzero(counts))]] = 0
+    train_gpt.write_data_shard(sidecar, counts)
+    with pytest.raises(train_gpt.DataError) as info:
+        train_gpt.attach_byte_sidecar(tables, val, str(data), tokenizer)
+    message = str(info.value)
+    assert message.startswith(f"the byte sidecars in DATA_PATH={data} charge {int(counts.sum())} bytes to validation tokens whose pieces spell ")
+    assert message.endswith("rebuild the data with `python3 data/build_shards.py ... --caseops`") and "\n" not in message
+    log = Recorder()
+    args = run_args(tmp_path, data, tokenizer, VOCAB_SIZE=vocab, VAL_MAX_TOKENS=0)
+    with pytest.raises(train_gpt.DataError, match="charge"):
+        train_gpt.run(args, train_gpt.Runtime(), "zero", log)
+    assert not any(line.startswith(("model_params", "step:")) for line in log.lines)
+
+
+def test_synthetic_token_ids_say_so_in_their_fingerprint(tmp_path, sp1024):
+    """Test shards of made-up ids are no text any tokenizer gives back; a fingerprint with a null sha256 says no
+    tokenizer made them, the one way past the check (conftest's synthetic_data writes it)."""
+    data = tmp_path / "data"
+    data.mkdir()
+    for split, seed in (("train", 1), ("val", 2)):
+        train_gpt.write_data_shard(data / f"fineweb_{split}_000000.bin", synthetic_stream(30, vocab=1024, seed=seed))
+    args = run_args(tmp_path, data, SP1024, VOCAB_SIZE=1024)
+    problems = preflight_problems(args)
+    assert len(problems) == 1 and "were made with another tokenizer" in problems[0] and "the TOKENIZER_PATH and VOCAB_SIZE that made them" in problems[0]
+    mark_synthetic(data)
+    assert preflight_problems(args) == []
 
 
 def test_an_unusable_log_dir_is_a_problem(tmp_path, synthetic_data, tiny_tokenizer):

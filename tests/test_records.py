@@ -258,3 +258,20 @@ def test_plot_without_matplotlib_is_a_one_line_error(tmp_path, capsys, monkeypat
     assert plot.main([str(log), "-o", str(tmp_path / "x.png")]) == 1
     err = capsys.readouterr().err
     assert err == "error: plotting needs matplotlib: pip install matplotlib\n" and not (tmp_path / "x.png").exists()
+
+
+@pytest.mark.parametrize("name, written", [("record", "record.png"), ("record.v2", "record.v2.png"), ("record.jpg", "record.jpg.png"), ("record.PNG", "record.PNG")])
+def test_plot_writes_the_file_it_names(tmp_path, capsys, name, written):
+    """-o without .png: matplotlib would add .png itself (or write another format for another suffix) while
+    the tool printed the name it was given; it writes a PNG under the name it prints, and says why."""
+    import plot
+
+    pytest.importorskip("matplotlib")
+    log = tmp_path / "run.txt"
+    log.write_text("step:1/2 train_loss:5.0 train_time:10ms step_avg:10ms\nfinal_int6_roundtrip_exact val_loss:3.0 val_bpb:1.5\n")
+    assert plot.main([str(log), "-o", str(tmp_path / name)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"wrote {tmp_path / written}") and out.count("\n") == 1
+    assert ("does not end with .png" in out) == (name != written)
+    assert [p.name for p in tmp_path.iterdir() if p.name != "run.txt"] == [written]
+    assert (tmp_path / written).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -11,7 +11,7 @@ from pathlib import Path
 import matplotlib.image
 import pytest
 
-from conftest import REPO, TINY, synthetic_stream, train_gpt
+from conftest import REPO, TINY, mark_synthetic, synthetic_stream, train_gpt
 
 sys.path.insert(0, str(REPO / "records"))
 sys.path.insert(0, str(REPO / "data"))
@@ -34,6 +34,7 @@ def tiny_setup(tmp_path_factory):
     data = root / "data"
     train_gpt.write_data_shard(data / "fineweb_train_000000.bin", synthetic_stream(400, vocab=vocab, seed=1))
     train_gpt.write_data_shard(data / "fineweb_val_000000.bin", synthetic_stream(30, vocab=vocab, seed=2))
+    mark_synthetic(data)
     env = {k: str(v) for k, v in TINY.items()}
     env.update(DATA_PATH=str(data), TOKENIZER_PATH=str(model), VOCAB_SIZE=str(vocab), ITERATIONS="3", TRAIN_LOG_EVERY="1",
                VAL_LOSS_EVERY="2", VAL_MAX_TOKENS="600", LOG_DIR=str(root / "logs"), OMP_NUM_THREADS="1")
@@ -124,3 +125,48 @@ def test_sweep_errors_are_one_line(tmp_path, monkeypatch, capsys, argv, message)
     assert sweep.main(argv) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
+
+
+def test_dry_run_checks_every_configuration_with_the_scripts_settings(tmp_path, monkeypatch, capsys):
+    """Every problem of every run to do, at once, each once with the runs it stops; nothing runs."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("LOG_DIR", str(tmp_path / "logs"))
+    launch = f"{sys.executable} {REPO / 'train_gpt.py'}"
+    argv = ["--set", "MATRIX_LR=0.02,abc", "--set", "NUM_HEADS=8,7", "--seeds", "1", "2", "--launch", launch]
+    assert sweep.main([*argv, "--dry-run"]) == 1
+    captured = capsys.readouterr()
+    assert captured.out.count(": to run with ") == 8
+    errors = captured.err.splitlines()
+    assert errors[0] == f"error: {REPO / 'train_gpt.py'} refuses these settings, so nothing was run:"
+    assert errors[1:] == [
+        "error: sweep_matrix_lr0.02_num_heads7_seed1 and 1 more run(s): NUM_KV_HEADS=4 must divide NUM_HEADS=7",
+        f"error: sweep_matrix_lrabc_num_heads8_seed1 and 3 more run(s): MATRIX_LR='abc' is not a valid float; "
+        + next(s.doc for s in train_gpt.SETTINGS if s.name == "MATRIX_LR"),
+    ]
+    assert sweep.main(argv) == 1  # without --dry-run the same check stops the sweep before its first run
+    assert "nothing was run" in capsys.readouterr().err and not (tmp_path / "logs").exists()
+    assert sweep.main(["--set", "MATRIX_LR=0.02,0.03", "--launch", launch, "--dry-run"]) == 0
+    assert capsys.readouterr().out.endswith("accepts the settings of every run to do\n")
+
+
+def test_quiet_prints_a_failed_runs_reason_and_its_real_log(tmp_path, monkeypatch, capsys):
+    """--quiet hides the runs' output, so a failure prints its error lines, and the log only where the run wrote one."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("LOG_DIR", str(tmp_path / "logs"))
+    monkeypatch.setenv("DATA_PATH", str(tmp_path / "no_data"))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert sweep.main(["--set", "MATRIX_LR=0.02", "--name", "real", "--quiet", "--no-plot", "--launch", f"{sys.executable} {REPO / 'train_gpt.py'}"]) == 1
+    out = capsys.readouterr().out
+    log = tmp_path / "logs" / "real_matrix_lr0.02.txt"
+    assert f"real_matrix_lr0.02: failed (exit 1; log {log}):" in out and log.is_file()
+    assert f"  error: no fineweb_train_*.bin shards in DATA_PATH={tmp_path / 'no_data'}" in out, out
+    # a launcher that fails before writing any log; an older log of the same RUN_ID is not this run's
+    (tmp_path / "fail.py").write_text("import sys\nprint('starting', file=sys.stderr)\nsys.exit('error: the machine has no GPU today')\n")
+    stale = tmp_path / "logs" / "gone_matrix_lr0.02.txt"
+    stale.write_text("an earlier attempt\n")
+    old = stale.stat().st_mtime - 60
+    __import__("os").utime(stale, (old, old))
+    assert sweep.main(["--set", "MATRIX_LR=0.02", "--name", "gone", "--quiet", "--no-plot", "--launch", f"{sys.executable} fail.py"]) == 1
+    captured = capsys.readouterr()
+    assert "gone_matrix_lr0.02: failed (exit 1; it wrote no log):\n  error: the machine has no GPU today\n" in captured.out, captured.out
+    assert "settings are not checked" in captured.err

@@ -665,3 +665,123 @@ def test_readme_log_arguments_match_only_the_runs_meant(tmp_path, readme):
     for arg in arguments:
         expanded = subprocess.run(["bash", "-c", f"shopt -s nullglob; printf '%s\\n' {arg}"], cwd=tmp_path, capture_output=True, text=True, check=True)
         assert sorted(expanded.stdout.split()) == meant, (readme, arg, expanded.stdout)
+
+
+def test_stats_averages_only_finished_valid_runs_of_one_configuration_and_says_which(tmp_path, capsys):
+    def log(name: str, text: str) -> str:
+        (tmp_path / name).write_text(text)
+        return str(tmp_path / name)
+
+    good = [log("a.txt", our_log(1, bpb=1.1000)), log("b.txt", our_log(2, bpb=1.1010))]
+    died = log("died.txt", our_log(3, bpb=1.0).split("final_int6_zstd_ttt_lora ")[0])  # killed during TTT: the sliding window's score
+    invalid = log("invalid.txt", our_log(4, bpb=1.0, valid=False))
+    unfinished = log("unfinished.txt", our_log(5, final=False))
+    assert stats.main([*good, died, invalid, unfinished, "--prev-bpb", "1.2", "1.21", "1.19"]) == 0
+    captured = capsys.readouterr()
+    assert captured.err.splitlines() == [
+        f"excluded {died}: no submission_valid line: the run stopped during its evaluation, so its last score (sliding_window) is not the run's",
+        f"excluded {invalid}: submission_valid:no (audit_failed)",
+        f"excluded {unfinished}: no final score: the run stopped before its evaluation",
+    ]
+    assert f"new runs: 2 (seeds 1, 2), averaged: {good[0]}, {good[1]}" in captured.out
+    assert "val_bpb   1.10050000" in captured.out  # the mean of the two valid runs only
+    other = log("other.txt", our_log(6, bpb=1.0, settings={**DEFAULT_SETTINGS, "NUM_LAYERS": "9", "QK_GAIN_INIT": "4.0"}))
+    moved = log("moved.txt", our_log(7, bpb=1.1005, settings={**DEFAULT_SETTINGS, "LOG_DIR": "elsewhere"}))
+    assert stats.main([*good, moved, "--prev-bpb", "1.2"]) == 0, "where a run writes its files is not its configuration"
+    capsys.readouterr()
+    assert stats.main([*good, other, "--prev-bpb", "1.2"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {other} and {good[0]} are different configurations: NUM_LAYERS (12 vs 9), QK_GAIN_INIT (5.0 vs 4.0); ") and err.count("\n") == 1
+    assert stats.main([died, invalid, "--prev-bpb", "1.2"]) == 1
+    assert capsys.readouterr().err.splitlines()[-1] == "error: none of the 2 log(s) is a finished valid run (see the lines above); nothing to average"
+
+
+WEIGHTS = "/home/jane/pg/logs/run_seed42.weights.pt"
+
+
+def rescue_logs(folder: Path, train_ms: float = 590_000.0, **training_settings) -> tuple[Path, Path]:
+    """(the QUANTIZE_ONLY log, the log of the training run that saved the weights it quantized), as train_gpt.py writes them."""
+    training = our_log(42, train_ms=train_ms, settings={**DEFAULT_SETTINGS, **training_settings}).split("pre_quant ")[0]
+    training += (f"error: no artifact was written to logs/run_seed42.pgz (OSError: [Errno 28] No space left on device); the trained weights are saved "
+                 f"in {WEIGHTS}: fix the cause, then quantize, write and evaluate them without retraining: NUM_LAYERS=12 RUN_ID=run_seed42 "
+                 f"QUANTIZE_ONLY={WEIGHTS} python3 train_gpt.py\n")
+    no_training = ("step:", "stopping_early", "gptq_calibration")
+    rescue = "\n".join(line for line in our_log(42, settings={**DEFAULT_SETTINGS, "QUANTIZE_ONLY": WEIGHTS}).splitlines() if not line.startswith(no_training))
+    rescue = rescue.replace("model_params:26993756", f"quantize_only weights:{WEIGHTS} (no training)") + "\n"
+    paths = folder / "run_seed42.txt", folder / "run_seed42.20250101_120000.txt"
+    paths[0].write_text(rescue)
+    paths[1].write_text(training)
+    return paths
+
+
+def test_a_quantize_only_rescue_needs_its_training_log_for_the_record_track(tmp_path, runs_dir, capsys):
+    script, logs = runs_dir
+    rescue, training = rescue_logs(logs[1].parent)
+    _refused(tmp_path, capsys, script, logs, "is a QUANTIZE_ONLY run", "holds no training", "--training-log", "--non-record")
+    assert package(tmp_path, script, logs, "--training-log", str(training), "--training-log", str(logs[0])) == 1
+    assert "--training-log " + str(logs[0]) + " saved no weights that a QUANTIZE_ONLY log given here quantized" in capsys.readouterr().err
+    assert package(tmp_path, script, logs, "--training-log", str(training)) == 0
+    folder = tmp_path / "out" / "track_10min_16mb" / "2025-01-02_Test_Run"
+    assert (folder / "train_seed42_training.log").read_bytes() == training.read_bytes()
+    assert (folder / "train_seed42.log").read_bytes() == rescue.read_bytes()
+    sub = json.loads((folder / "submission.json").read_text())
+    assert sub["seed_results"]["42"]["train_time_s"] == 590.0 and sub["seed_results"]["42"]["steps"] == 6901
+    assert sub["compliance"]["train_under_600s"] is True
+    readme = (folder / "README.md").read_text()
+    command = readme.split("```bash")[1].split("```")[0]
+    assert "QUANTIZE_ONLY" not in command and "weights.pt" not in command and "NUM_LAYERS=12" in command
+    assert "Seed 42: trained by the run logged in `train_seed42_training.log`" in readme
+
+
+def test_a_quantize_only_rescue_without_its_training_log_is_non_record_and_never_names_the_weights(tmp_path, runs_dir):
+    script, logs = runs_dir
+    rescue_logs(logs[1].parent)
+    assert package(tmp_path, script, logs, "--non-record") == 0
+    folder = tmp_path / "out" / "track_non_record_16mb" / "2025-01-02_Test_Run"
+    readme = (folder / "README.md").read_text()
+    assert "weights.pt" not in readme.split("```bash")[1].split("```")[0] and "whose log is not included" in readme
+    assert json.loads((folder / "submission.json").read_text())["compliance"]["train_under_600s"] is False
+
+
+@pytest.mark.parametrize("change, words", [
+    (dict(NUM_LAYERS="11"), ("trained with other settings", "NUM_LAYERS (11 vs 12)")),
+    (dict(train_ms=None), ("no training time logged",)),
+])
+def test_a_training_log_that_does_not_fit_the_rescue_is_refused(tmp_path, runs_dir, capsys, change, words):
+    script, logs = runs_dir
+    _, training = rescue_logs(logs[1].parent, **{k: v for k, v in change.items() if k != "train_ms"})
+    if "train_ms" in change:
+        training.write_text("\n".join(line for line in training.read_text().splitlines() if not line.startswith(("step:", "stopping_early", "gptq_"))) + "\n")
+    assert package(tmp_path, script, logs, "--training-log", str(training)) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and all(w in err for w in words), err
+
+
+def test_the_saved_weights_pattern_reads_what_train_gpt_prints(tmp_path):
+    """make_submission pairs a rescue with its training log by the path train_gpt.py's keep_trained_weights prints."""
+    from conftest import tiny_args, tiny_model
+    import train_gpt
+
+    args = tiny_args(LOG_DIR=tmp_path / "my logs", RUN_ID="run_seed42")
+    message = train_gpt.keep_trained_weights(tiny_model(), args, train_gpt.Runtime(), "run_seed42", tmp_path / "a.pgz", OSError("disk full"))
+    assert make_submission.SAVED_WEIGHTS.search(f"error: {message}").group(1) == str(tmp_path / "my logs" / "run_seed42.weights.pt")
+
+
+def test_download_records_the_tokenizer_beside_the_shards(tmp_path, hub_env):
+    """The shards' fingerprint: train_gpt.py refuses another tokenizer by its sha256, build_shards.py will not write over them."""
+    import train_gpt
+
+    hub, files = make_hub(tmp_path)
+    hub_env(hub)
+    out = tmp_path / "data"
+    assert run_downloader(out, "--train-shards", "1") == 0
+    assert downloader.FINGERPRINT == train_gpt.TOKENIZER_FINGERPRINT
+    record = json.loads((out / "datasets" / DATASET / downloader.FINGERPRINT).read_text())
+    assert record == {"tokenizer": "fineweb_1024_bpe.model", "tokenizer_sha256": hashlib.sha256(files["tokenizers/fineweb_1024_bpe.model"]).hexdigest(),
+                      "written_by": "data/cached_challenge_fineweb.py"}
+    other = tmp_path / "other.model"
+    other.write_bytes(b"another tokenizer")
+    problem = train_gpt.tokenizer_mismatch(str(out / "datasets" / DATASET), str(other))
+    assert f"were made with the tokenizer fineweb_1024_bpe.model (sha256 {record['tokenizer_sha256'][:12]}), not TOKENIZER_PATH={other}" in problem
+    assert problem.endswith("use the TOKENIZER_PATH and VOCAB_SIZE that made them")  # the one it names here is no real model
+    assert not list(out.rglob("*.part"))

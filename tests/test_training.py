@@ -29,7 +29,8 @@ def test_defaults_are_the_record_configuration():
     assert a.train_seq_len == 2048 and a.train_batch_tokens == 786432
     assert a.max_wallclock_seconds == 600.0
     assert a.tie_embeddings is True and a.logit_softcap == 30.0 and a.tied_embed_init_std == 0.005
-    assert a.data_path.endswith("fineweb10B_sp8192") and a.tokenizer_path.endswith("fineweb_8192_bpe.model")
+    assert a.data_path.endswith("fineweb10B_sp8192_lossless_caps_caseops_v1_reserved")  # the record's CaseOps data and tokenizer
+    assert a.tokenizer_path == "data/tokenizers/fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model"
     assert (a.loop_start, a.loop_end, a.num_loops, a.loop_enable_frac) == (3, 5, 2, 0.35)
     assert (a.parallel_residual_start, a.xsa_last_n, a.rope_dims, a.qk_gain_init) == (8, 11, 16, 5.0)
     assert a.attn_gate and a.attn_gate_scale == 0.5 and a.gate_window == 12 and a.smear_gate and a.smear_gate_mode == "input"
@@ -378,7 +379,8 @@ def free_port() -> int:
 def test_two_gloo_processes_train_like_one(synthetic_data, tmp_path):
     steps = 4
     # recurrence switches on at step 2 of 4: both processes must switch at the same step
-    env = {k: str(v) for k, v in {**TINY, "DATA_PATH": synthetic_data, "ITERATIONS": steps, "TRAIN_LOG_EVERY": 1, "EMA_DECAY": 0, "GPTQ_ENABLED": 0}.items()}
+    # GRAD_CLIP_SCOPE=global: the record's per-rank clip (the default) depends on the GPU count by design
+    env = {k: str(v) for k, v in {**TINY, "DATA_PATH": synthetic_data, "ITERATIONS": steps, "TRAIN_LOG_EVERY": 1, "EMA_DECAY": 0, "GPTQ_ENABLED": 0, "GRAD_CLIP_SCOPE": "global"}.items()}
     script = tmp_path / "worker.py"
     script.write_text(WORKER.format(repo=str(REPO)))
     port = free_port()
