@@ -81,6 +81,14 @@ def _seconds(v: str) -> float | None:
     return seconds if 0 <= seconds < math.inf else None
 
 
+def _file_name(v: str) -> bool:
+    return "/" not in v and not v.startswith(".")
+
+
+def _learning_rate(v):
+    return 0.0 <= v <= 10.0  # far above any useful rate, and never an overflow in a float32 step
+
+
 def _items(v: str) -> set[str]:
     return {item.strip() for item in v.split(",") if item.strip()}
 
@@ -89,7 +97,7 @@ SETTINGS = (
     # data, run and logging
     Setting("DATA_PATH", "./data/datasets/fineweb10B_sp8192_lossless_caps_caseops_v1_reserved", "folder of fineweb_{train,val}_*.bin shards (default: the record's CaseOps data)"),
     Setting("TOKENIZER_PATH", "", "SentencePiece model used for bpb byte counts (empty: <root>/tokenizers/fineweb_<V>_bpe<suffix>.model for DATA_PATH=<root>/datasets/fineweb10B_sp<V><suffix>)"),
-    Setting("RUN_ID", "", "name of the run; logs/{RUN_ID}.txt (default: a fresh id)"),
+    Setting("RUN_ID", "", "name of the run; logs/{RUN_ID}.txt (default: a fresh id)", _file_name, "a plain file name (no '/', not starting with '.')"),
     Setting("SEED", 1337, "random seed for init, data order of TTT adapters and sampling"),
     Setting("LOG_DIR", "logs", "folder for the log file and, by default, the artifact"),
     Setting("ARTIFACT_PATH", "", "where the compressed model is written (default {LOG_DIR}/{RUN_ID}.pgz)"),
@@ -107,14 +115,14 @@ SETTINGS = (
     Setting("WARMDOWN_ITERS", 0, "if > 0, warm down over the last N steps instead (estimated by wall clock, as the baseline)", _non_negative, ">= 0"),
     Setting("MIN_LR", 0.1, "floor of the LR multiplier during warm-down", _fraction, "in [0, 1]"),
     Setting("TRAIN_BATCH_TOKENS", 786432, "tokens per optimizer step, all ranks and micro-steps together", _positive, "> 0"),
-    Setting("TRAIN_SEQ_LEN", 2048, "training sequence length", _positive, "> 0"),
+    Setting("TRAIN_SEQ_LEN", 2048, "training sequence length", lambda v: 0 < v <= 2**20, "in [1, 1048576]"),
     # model
-    Setting("VOCAB_SIZE", 8192, "vocabulary size; must match the tokenizer", _positive, "> 0"),
-    Setting("NUM_LAYERS", 11, "transformer blocks", _positive, "> 0"),
-    Setting("MODEL_DIM", 512, "residual width", _positive, "> 0"),
-    Setting("NUM_HEADS", 8, "query heads", _positive, "> 0"),
-    Setting("NUM_KV_HEADS", 4, "key/value heads (GQA); must divide NUM_HEADS", _positive, "> 0"),
-    Setting("MLP_MULT", 4.0, "MLP hidden width as a multiple of MODEL_DIM", _positive, "> 0"),
+    Setting("VOCAB_SIZE", 8192, "vocabulary size; must match the tokenizer", lambda v: 0 < v <= 65536, "in [1, 65536] (shards hold uint16 tokens)"),
+    Setting("NUM_LAYERS", 11, "transformer blocks", lambda v: 0 < v <= 1024, "in [1, 1024]"),
+    Setting("MODEL_DIM", 512, "residual width", lambda v: 0 < v <= 65536, "in [1, 65536]"),
+    Setting("NUM_HEADS", 8, "query heads", lambda v: 0 < v <= 1024, "in [1, 1024]"),
+    Setting("NUM_KV_HEADS", 4, "key/value heads (GQA); must divide NUM_HEADS", lambda v: 0 < v <= 1024, "in [1, 1024]"),
+    Setting("MLP_MULT", 4.0, "MLP hidden width as a multiple of MODEL_DIM", lambda v: 0 < v <= 64, "in (0, 64]"),
     Setting("MLP_ACT", "leaky_relu2", "MLP activation: relu2 = relu(x)^2, leaky_relu2 = leaky_relu(x, 0.5)^2", ("relu2", "leaky_relu2")),
     Setting("TIE_EMBEDDINGS", True, "share the input embedding and the LM head"),
     Setting("ROPE_BASE", 10000.0, "RoPE base frequency", _positive, "> 0"),
@@ -129,25 +137,25 @@ SETTINGS = (
     Setting("XSA_LAST_N", 11, "exclusive self-attention on the last N blocks: remove each head's output component along its own value", _non_negative, ">= 0"),
     Setting("LOOP_START", 3, "first block of the depth-recurrent range", _non_negative, ">= 0"),
     Setting("LOOP_END", 5, "last block (inclusive) of the depth-recurrent range", _non_negative, ">= 0"),
-    Setting("NUM_LOOPS", 2, "extra passes through blocks LOOP_START..LOOP_END (0 = no recurrence)", _non_negative, ">= 0"),
+    Setting("NUM_LOOPS", 2, "extra passes through blocks LOOP_START..LOOP_END (0 = no recurrence)", lambda v: 0 <= v <= 64, "in [0, 64]"),
     Setting("LOOP_ENABLE_FRAC", 0.35, "recurrence switches on at this fraction of the training budget", _fraction, "in [0, 1]"),
     Setting("PARALLEL_RESIDUAL_START", 8, "blocks from this index on run attention and MLP on two residual lanes (-1 = off)", lambda v: v >= -1, ">= -1"),
     Setting("DOC_ISOLATION", True, "attention stays inside each document (BOS-delimited) in training and every evaluation path"),
     Setting("LN_SCALE", True, "scale each block's normalized input by 1/sqrt(block + 1)"),
     Setting("ORTHO_INIT", True, "orthogonal init of the Q, K, V and MLP input projections"),
-    Setting("BIGRAM_VOCAB_SIZE", 0, "rows of the hashed (previous, current) token embedding (0 = off)", lambda v: v == 0 or v >= 2, "0 or >= 2"),
-    Setting("BIGRAM_DIM", 128, "width of the BigramHash table before its projection", _positive, "> 0"),
+    Setting("BIGRAM_VOCAB_SIZE", 0, "rows of the hashed (previous, current) token embedding (0 = off)", lambda v: v == 0 or 2 <= v <= 2**24, "0 or in [2, 16777216]"),
+    Setting("BIGRAM_DIM", 128, "width of the BigramHash table before its projection", lambda v: 0 < v <= 65536, "in [1, 65536]"),
     Setting("UNET_SKIPS", True, "skip connections from the first half of the (virtual) layers to the second"),
     Setting("SKIP_GATES", True, "U-Net skips enter through a learned sigmoid gate (lerp) instead of a plain sum"),
     Setting("ATTN_BACKEND", "auto", "auto = FlashAttention-3 (Hopper), else torch's varlen FlashAttention (torch >= 2.10), else FlashAttention-2, else SDPA", ("auto", *ATTENTION_BACKENDS)),
     Setting("COMPILE", True, "torch.compile the model for training and evaluation on CUDA (never on CPU)"),
     # optimizer
-    Setting("EMBED_LR", 0.6, "Adam LR of the untied input embedding", _non_negative, ">= 0"),
-    Setting("HEAD_LR", 0.008, "Adam LR of the untied LM head", _non_negative, ">= 0"),
-    Setting("TIED_EMBED_LR", 0.03, "Adam LR of the tied embedding", _non_negative, ">= 0"),
+    Setting("EMBED_LR", 0.6, "Adam LR of the untied input embedding", _learning_rate, "in [0, 10]"),
+    Setting("HEAD_LR", 0.008, "Adam LR of the untied LM head", _learning_rate, "in [0, 10]"),
+    Setting("TIED_EMBED_LR", 0.03, "Adam LR of the tied embedding", _learning_rate, "in [0, 10]"),
     Setting("TIED_EMBED_INIT_STD", 0.005, "init std of the tied embedding", _positive, "> 0"),
-    Setting("MATRIX_LR", 0.026, "Muon LR of the 2-D block matrices", _non_negative, ">= 0"),
-    Setting("SCALAR_LR", 0.02, "Adam LR of gains, gates, scales and the BigramHash table", _non_negative, ">= 0"),
+    Setting("MATRIX_LR", 0.026, "Muon LR of the 2-D block matrices", _learning_rate, "in [0, 10]"),
+    Setting("SCALAR_LR", 0.02, "Adam LR of gains, gates, scales and the BigramHash table", _learning_rate, "in [0, 10]"),
     Setting("MUON_MOMENTUM", 0.97, "Muon momentum after warm-up", _fraction, "in [0, 1]"),
     Setting("MUON_MOMENTUM_WARMUP_START", 0.92, "Muon momentum at step 0", _fraction, "in [0, 1]"),
     Setting("MUON_MOMENTUM_WARMUP_STEPS", 1500, "steps of linear momentum warm-up", _non_negative, ">= 0"),
@@ -204,7 +212,7 @@ SETTINGS = (
     Setting("CODE_MINIFY", True, "minify the source (python-minifier) before compressing it into the shipped train_gpt.py"),
     Setting("SIZE_CAP_BYTES", 16000000, "cap on code bytes + artifact bytes", _positive, "> 0"),
     # evaluation
-    Setting("EVAL_SEQ_LEN", 2048, "window length of sliding-window evaluation", _positive, "> 0"),
+    Setting("EVAL_SEQ_LEN", 2048, "window length of sliding-window evaluation", lambda v: 0 < v <= 2**20, "in [1, 1048576]"),
     Setting("EVAL_STRIDE", 0, "sliding-window stride, a diagnostic path (0 = off; the record scores TTT only)", _non_negative, ">= 0"),
     Setting("EVAL_AUDIT", True, "audit the final path after its timed scoring; submission_valid:yes needs its PASS"),
     Setting("EVAL_AUDIT_TOKENS", 8192, "validation tokens of the audit's probes (each path is rerun on them about ten times)", lambda v: v >= 64, ">= 64"),
@@ -221,7 +229,7 @@ SETTINGS = (
     Setting("TTT_CONTEXT_LEN", 2048, "tokens of in-document context per TTT window (>= TTT_CHUNK_SIZE)", _positive, "> 0"),
     Setting("TTT_STEPS", 1, "optimizer steps on each scored chunk", _positive, "> 0"),
     Setting("TTT_OPTIMIZER", "adamw", "optimizer of the adapters", ("adam", "adamw", "sgd")),
-    Setting("TTT_LR", 0.0001, "adapter LR (0 = score with the base model only)", _non_negative, ">= 0"),
+    Setting("TTT_LR", 0.0001, "adapter LR (0 = score with the base model only)", _learning_rate, "in [0, 10]"),
     Setting("TTT_WD", 0.5, "adapter weight decay (adamw)", _non_negative, ">= 0"),
     Setting("TTT_BETA1", 0.0, "adapter Adam beta1", _fraction, "in [0, 1]"),
     Setting("TTT_BETA2", 0.99, "adapter Adam beta2", _fraction, "in [0, 1]"),
@@ -231,7 +239,7 @@ SETTINGS = (
     Setting("TTT_BATCH_SIZE", 64, "documents adapted together per rank", _positive, "> 0"),
     Setting("TTT_PHASE_TOKENS", "4292608,7176192,9469952", "phased: a global SGD phase runs once the documents scored (in stream order) hold this many tokens: the record's phases trained on 131, 219 and 289 steps of 32768"),
     Setting("TTT_PHASE_DOCS", "", "phased: cut the phases after this many documents instead (set, it overrides TTT_PHASE_TOKENS)"),
-    Setting("TTT_PHASE_LR", 0.001, "phased: SGD LR, cosine over the phase's steps", _non_negative, ">= 0"),
+    Setting("TTT_PHASE_LR", 0.001, "phased: SGD LR, cosine over the phase's steps", _learning_rate, "in [0, 10]"),
     Setting("TTT_PHASE_MOMENTUM", 0.9, "phased: SGD momentum", _fraction, "in [0, 1]"),
     Setting("TTT_PHASE_CLIP", 1.0, "phased: gradient-norm clip of each SGD step (0 = off)", _non_negative, ">= 0"),
     Setting("TTT_PHASE_CHUNK_TOKENS", 32768, "phased: tokens per SGD step, all ranks together", _positive, "> 0"),
@@ -243,6 +251,25 @@ SETTINGS = (
 # Prefixes of our own names: a variable with one of these prefixes that is not a setting is a typo.
 _NOT_OUR_PREFIXES = {"MAX", "MIN", "RUN", "DATA", "MODEL", "NUM", "LOG", "VOCAB", "SIZE"}
 _OUR_PREFIXES = {s.name.split("_")[0] for s in SETTINGS if "_" in s.name} - _NOT_OUR_PREFIXES
+# The multi-word endings of settings (TRAIN_SEQ_LEN: SEQ_LEN), and the common variables of shells and
+# launchers that are also the last word of a setting (DATA_PATH, TTT_LORA_RANK, GPTQ_CALIB_TEMPERATURE, GATE_WINDOW).
+_ENDINGS = {s.name.split("_", i)[-1] for s in SETTINGS for i in range(1, s.name.count("_"))}
+_COMMON_VARIABLES = {"PATH", "RANK", "TEMP", "WINDOW"}
+
+
+def _settings_near(upper: str) -> list[str]:
+    """Settings an upper-case name may have meant, the closest first."""
+    order = [s.name for s in SETTINGS]
+    near = difflib.get_close_matches(upper, order, n=1, cutoff=0.85)
+    near += [k for k in order if (("_" in upper or upper in _OUR_PREFIXES) and k.startswith(upper + "_")) or ("_" in upper and upper.startswith(k + "_"))]
+    if upper not in _COMMON_VARIABLES and len(upper) > 1:  # a setting's ending (SEQ_LEN), misspelt (SEQLEN) or abbreviated (ITERS)
+        endings = [upper] + difflib.get_close_matches(upper, _ENDINGS, n=3, cutoff=0.85)
+        stem = upper.rstrip("S") if "_" not in upper and len(upper.rstrip("S")) >= 4 else None
+        near += [k for k in order if any(k.endswith("_" + e) for e in endings) or (stem and k.split("_")[-1].startswith(stem))]
+    first, _, rest = upper.partition("_")
+    if first in ("MAX", "MIN", "NUM") and rest:  # MAX_STEPS, NUM_ITERS: a setting's ending behind a generic word
+        near += _settings_near(rest)
+    return list(dict.fromkeys(near))
 
 
 def misspelt_setting(name: str) -> str | None:
@@ -253,10 +280,8 @@ def misspelt_setting(name: str) -> str | None:
         return None
     if upper in known:
         return f"{name} is not a setting; settings are upper-case: {upper}"
-    near = difflib.get_close_matches(upper, known, n=1, cutoff=0.85)
-    near += [k for k in sorted(known) if "_" in upper and (k.startswith(upper + "_") or upper.startswith(k + "_"))]
-    if near:
-        return f"unknown setting {name}; did you mean {near[0]}?"
+    if near := _settings_near(upper)[:3]:
+        return f"unknown setting {name}; did you mean {', '.join(near[:-1]) + ' or ' if len(near) > 1 else ''}{near[-1]}?"
     if "_" in upper and upper.split("_")[0] in _OUR_PREFIXES:
         return f"unknown setting {name}; see the README's table of settings"
     return None
@@ -329,6 +354,8 @@ class Hyperparameters:
             raise SettingsError(f"MODEL_DIM={self.model_dim} must be NUM_HEADS={self.num_heads} times an even head size")
         if self.rope_dims > self.model_dim // self.num_heads or self.rope_dims % 2:
             raise SettingsError(f"ROPE_DIMS={self.rope_dims} must be even and at most the head size {self.model_dim // self.num_heads}")
+        if (self.attn_gate or (self.smear_gate and self.smear_gate_mode == "input")) and self.gate_window > self.model_dim:
+            raise SettingsError(f"GATE_WINDOW={self.gate_window} must be <= MODEL_DIM={self.model_dim}: the gates read the first GATE_WINDOW dims of a token's vector")
         if self.ttt_context_len < self.ttt_chunk_size:
             raise SettingsError(f"TTT_CONTEXT_LEN={self.ttt_context_len} must be >= TTT_CHUNK_SIZE={self.ttt_chunk_size}")
         for name, example in (("ttt_phase_tokens", "4292608,7176192,9469952"), ("ttt_phase_docs", "833,1666,2500")):
@@ -400,6 +427,13 @@ def setup_runtime() -> Runtime:
     if world_size < 1 or 8 % world_size:
         raise SettingsError(f"WORLD_SIZE={world_size} must divide 8 (1, 2, 4 or 8 processes) so the global batch stays the same")
     rank, local_rank = _launcher_int("RANK", "0"), _launcher_int("LOCAL_RANK", "0")
+    if not 0 <= rank < world_size:
+        raise SettingsError(f"RANK={rank} with WORLD_SIZE={world_size}: a stale launcher variable; unset RANK to run one process, or launch with torchrun")
+    if world_size > 1 and "LOCAL_WORLD_SIZE" not in os.environ:  # torchrun sets it: WORLD_SIZE alone would wait forever for the other ranks
+        raise SettingsError(
+            f"WORLD_SIZE={world_size} is set, but this process was not started by torchrun (no LOCAL_WORLD_SIZE): unset WORLD_SIZE and RANK "
+            "to run one process, or launch with torchrun (another launcher must set LOCAL_WORLD_SIZE as torchrun does)"
+        )
     if torch.cuda.is_available():
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
@@ -412,32 +446,47 @@ def setup_runtime() -> Runtime:
     return Runtime(rank, world_size, local_rank, device, world_size > 1)
 
 
+def set_aside(path: Path):
+    """Keep an earlier run's file under a name stamped with its modification time, instead of overwriting it."""
+    if path.is_file():
+        stamp = time.strftime("%Y%m%d_%H%M%S", time.localtime(path.stat().st_mtime))
+        os.replace(path, path.with_name(f"{path.stem}.{stamp}{path.suffix}"))
+
+
 class Logger:
     """Rank 0 writes every line to stdout and, flushed at once, to logs/{RUN_ID}.txt.
 
-    One run per file (the tools read a file as one run): an older log of the same RUN_ID is kept
-    under a name stamped with its modification time. If the file cannot be opened, lines go to the
-    console only and the preflight reports the unusable LOG_DIR.
+    One run per file (the tools read a file as one run): an older log of the same RUN_ID is set aside.
+    If the file cannot be opened, lines go to the console only and the preflight reports the unusable
+    LOG_DIR; if a write fails (a full disk), the file's lines go to stderr from then on: a log never
+    stops a run.
     """
 
     def __init__(self, path: Path | None):
-        self.path, self.file = path, None
+        self.path, self.file, self.write_failed = path, None, False
         if path is not None:
             with contextlib.suppress(OSError):
                 path.parent.mkdir(parents=True, exist_ok=True)
-                if path.exists():
-                    stamp = time.strftime("%Y%m%d_%H%M%S", time.localtime(path.stat().st_mtime))
-                    os.replace(path, path.with_name(f"{path.stem}.{stamp}{path.suffix}"))
+                set_aside(path)
                 self.file = open(path, "w", encoding="utf-8")
 
     def __call__(self, line: str = "", console: bool = True, stream=None):
         if self.path is None:
             return
-        if console:
-            print(line, file=stream or sys.stdout, flush=True)
         if self.file is not None:
-            self.file.write(line + "\n")
-            self.file.flush()
+            try:
+                self.file.write(line + "\n")
+                self.file.flush()
+            except OSError as e:
+                self.file, self.write_failed = None, True
+                self._print(f"WARNING: cannot write the log file {self.path} ({e.strerror or e}); its lines go to stdout and stderr from here", sys.stderr)
+        if console or self.write_failed:
+            self._print(line, stream or (sys.stdout if console else sys.stderr))
+
+    @staticmethod
+    def _print(line: str, stream):
+        with contextlib.suppress(OSError):  # a closed or full console must not stop the run either
+            print(line, file=stream, flush=True)
 
 
 def environment_versions() -> str:
@@ -476,10 +525,11 @@ class Stage:
 
 def write_atomic(path: str | Path, data: bytes):
     """Write to a temporary file and rename it, so a crash never leaves a half-written file; on
-    any failure the temporary file is removed (a full disk must not fill up further)."""
+    any failure the temporary file is removed (a full disk must not fill up further). One that a
+    killed process left is named after its host and process, for remove_stale_temporaries."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(f".{path.name}.{platform.node()}-{os.getpid()}.tmp")
     try:
         with open(tmp, "wb") as f:
             f.write(data)
@@ -489,6 +539,25 @@ def write_atomic(path: str | Path, data: bytes):
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def remove_stale_temporaries(folder: Path) -> list[Path]:
+    """Remove the temporary files of write_atomic in `folder` whose process (on this host) is gone: a
+    SIGKILL during a write leaves one, as large as the file it was writing."""
+    removed = []
+    for tmp in folder.glob(".*.tmp") if folder.is_dir() else []:
+        prefix, _, pid = tmp.name[: -len(".tmp")].rpartition("-")
+        if not (prefix.endswith(f".{platform.node()}") and pid.isdigit() and int(pid) > 0):
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+                removed.append(tmp)
+        except OSError:  # alive, owned by another user
+            pass
+    return removed
 
 
 # ----------------------------------------------------------------------------- data: shards, loaders, documents
@@ -1708,9 +1777,11 @@ class WeightAverager:
         self.ema = [t.detach().float().clone() for t in self.live] if ema_decay > 0 else None
         self.swa_enabled, self.swa_every, self.swa_start_frac = swa_enabled, swa_every, swa_start_frac
         self.swa_sum, self.swa_count = None, 0
+        self.steps = 0  # training steps averaged so far
 
     @torch.no_grad()
     def update(self, step: int, lr_mul: float):
+        self.steps = step + 1
         live = [t.float() for t in self.live]
         if self.ema is not None:
             torch._foreach_lerp_(self.ema, live, 1.0 - self.ema_decay)
@@ -1728,6 +1799,10 @@ class WeightAverager:
         if self.ema is not None:
             return "ema", {n: e.to(t.dtype) for n, e, t in zip(self.names, self.ema, self.live)}
         return "raw", {n: t.detach().clone() for n, t in zip(self.names, self.live)}
+
+
+class TrainingDiverged(RuntimeError):
+    """A non-finite training loss: the weights are lost, and no resume command can help."""
 
 
 @dataclass
@@ -1823,10 +1898,11 @@ def train_progress_line(step: int, args: Hyperparameters, loss: Tensor, elapsed_
     return f"step:{step}/{args.iterations} train_loss:{loss.item():.4f} train_time:{elapsed_ms:.0f}ms step_avg:{elapsed_ms / step:.2f}ms tok_s:{tok_s:.0f}"
 
 
-def train_model(model: GPT, args: Hyperparameters, rt: Runtime, log: Logger, evaluate_fn) -> TrainResult:
+def train_model(model: GPT, args: Hyperparameters, rt: Runtime, log: Logger, evaluate_fn, progress: dict | None = None) -> TrainResult:
     """Warm-up (restored afterwards), the timed step loop, weight averaging and in-budget calibration.
 
-    On return `model` holds the exported (averaged) weights.
+    On return `model` holds the exported (averaged) weights; progress["averager"] holds them during
+    training, for a run that has to stop early.
     """
     accum = rt.grad_accum_steps
     if args.train_batch_tokens % (rt.world_size * accum * args.train_seq_len):
@@ -1899,6 +1975,8 @@ def train_model(model: GPT, args: Hyperparameters, rt: Runtime, log: Logger, eva
     reserve_s = gptq_reserve_seconds(model, args, rt, log, new_loader) if calibrate_in_budget and args.max_wallclock_seconds > 0 else 0.0
     budget_ms = 1000.0 * max(args.max_wallclock_seconds - reserve_s, 0.0) if args.max_wallclock_seconds > 0 else 0.0
     averager = WeightAverager(model, args.ema_decay, args.swa_enabled, args.swa_every, args.swa_start_frac)
+    if progress is not None:
+        progress["averager"] = averager
     training_ms, step, stop_after, qat_on = 0.0, 0, None, False
     timer = Stage("train", log, rt)
     t0 = timer.t0
@@ -1929,10 +2007,17 @@ def train_model(model: GPT, args: Hyperparameters, rt: Runtime, log: Logger, eva
         if args.train_log_every and (step % args.train_log_every == 0 or step == 1):
             elapsed_ms = training_ms + 1000.0 * (sync_time(rt) - t0)
             log(train_progress_line(step, args, loss, elapsed_ms))
-        reached_cap = torch.tensor(float(budget_ms > 0 and elapsed_ms >= budget_ms), device=rt.device)
+        # One collective and one host sync per step: the wall-clock cap, and a non-finite loss on any rank.
+        flags = torch.stack((torch.full((), float(budget_ms > 0 and elapsed_ms >= budget_ms), device=rt.device), (~loss.isfinite()).float()))
         if rt.distributed:
-            dist.all_reduce(reached_cap, op=dist.ReduceOp.MAX)
-        if stop_after is None and reached_cap.item() > 0:
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        reached_cap, diverged = flags.tolist()
+        if diverged:
+            raise TrainingDiverged(
+                f"train_loss is not finite at step {step} (nan or inf; {loss.item()} on rank {rt.rank}): training diverged and nothing can be kept; "
+                "lower the learning rates (MATRIX_LR, EMBED_LR, SCALAR_LR, ...) and train again"
+            )
+        if stop_after is None and reached_cap > 0:
             stop_after = step
     training_ms += 1000.0 * (sync_time(rt) - t0)
     timer.done()
@@ -3296,14 +3381,17 @@ def evaluate_artifact(path: Path, args: Hyperparameters, rt: Runtime, log: Logge
                 base = base_ledger.result()
                 log(f"ttt_base_same_docs val_bpb:{base.val_bpb:.8f} ttt_gain_bpb:{base.val_bpb - result.val_bpb:.6f}")
         if args.eval_dump and rt.is_master:
-            ledger.dump(f"{args.eval_dump}.{name}.npz")
+            try:
+                ledger.dump(f"{args.eval_dump}.{name}.npz")
+            except OSError as e:  # a diagnostic: the score goes on without it
+                log(f"WARNING: eval_dump {args.eval_dump}.{name}.npz not written ({e.strerror or e}); the evaluation goes on")
+    log(f"eval_compiles_during_timed_eval graphs:{forward_graphs() - graphs} (0: every graph compiled in the warm-up)")
     final = results[names[-1]]
     # The official baseline's score line, which community tools read: it repeats the last path's score.
     log(f"final_int8_zlib_roundtrip_exact val_loss:{final.val_loss:.8f} val_bpb:{final.val_bpb:.8f}")
     total_s = sync_time(rt) - t_start - warmup_s
     projected = total_s * rt.world_size / 8
     log(f"eval_time_total:{1000.0 * total_s:.0f}ms projected_8gpu_s:{projected:.1f} fits_600s:{'yes' if projected <= 600 else 'no'}")
-    log(f"eval_compiles_during_timed_eval graphs:{forward_graphs() - graphs} (0: every graph compiled in the warm-up)")
     audits = []
     if args.eval_audit:
         timer = Stage("audit", log, rt)
@@ -3321,8 +3409,12 @@ def quantization_scheme(args: Hyperparameters) -> str:
     return f"int{max(args.quant_bits_attn, args.quant_bits_mlp)}_{args.artifact_compressor}"
 
 
+def fresh_run_id() -> str:
+    return f"{time.strftime('%Y%m%d_%H%M%S')}_{uuid.uuid4().hex[:6]}"
+
+
 def broadcast_run_id(args: Hyperparameters, rt: Runtime) -> str:
-    run_id = [args.run_id or f"{time.strftime('%Y%m%d_%H%M%S')}_{uuid.uuid4().hex[:6]}"]
+    run_id = [args.run_id or fresh_run_id()]
     if rt.distributed:
         dist.broadcast_object_list(run_id, src=0)
     return run_id[0]
@@ -3379,38 +3471,65 @@ def calibrate_after_training(model: GPT, hessians: dict | None, args: Hyperparam
 
 
 def load_trained_weights(model: GPT, path: str):
-    """QUANTIZE_ONLY: the plain state dict a run saved when it could not write its artifact."""
+    """QUANTIZE_ONLY: the plain state dict a stopped run saved; anything else is named, with what to pass instead."""
+    what, hint = f"QUANTIZE_ONLY={path}", "give QUANTIZE_ONLY the .weights.pt file a stopped run printed"
     try:
-        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-    except Exception as e:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError as e:
+        raise DataError(f"{what} cannot be read ({e.strerror or e}); {hint}") from None
+    if head == ARTIFACT_MAGIC:
+        raise DataError(f"{what} is an artifact, not trained weights: score it with EVAL_ONLY={path} instead")
+    if head != b"PK\x03\x04":  # torch.save writes a zip archive
+        raise DataError(f"{what} is not a file torch.save wrote; {hint}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:
+        state = None
+    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise DataError(f"{what} is a torch file but not a plain state dict of tensors; {hint}")
+    if not all(v.isfinite().all() for v in state.values() if v.is_floating_point()):
+        raise DataError(f"{what} holds weights that are not finite (a diverged run): nothing to quantize; train again with lower learning rates")
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
         detail = " ".join(str(e).split())[:300]
-        raise DataError(f"QUANTIZE_ONLY={path} cannot be loaded into the model these settings build ({detail}); use the file and the settings the failed run printed") from None
+        raise DataError(f"{what} cannot be loaded into the model these settings build ({detail}); use the file and the settings the stopped run printed") from None
 
 
-def keep_trained_weights(model: GPT, args: Hyperparameters, rt: Runtime, run_id: str, artifact_path: Path, error: Exception) -> str:
-    """After training, when no artifact could be made: save the averaged weights as a plain state dict
-    where they fit, and say how to quantize, write and evaluate them without retraining."""
-    reason = f"no artifact was written to {artifact_path} ({type(error).__name__}: {error})"
+def resume_command(args: Hyperparameters, rt: Runtime, **changes) -> str:
+    """This run's command line (its settings that differ from the defaults, and its launcher) with `changes`; None removes a setting."""
+    settings = {s.name: getattr(args, s.name.lower()) for s in SETTINGS if getattr(args, s.name.lower()) != s.default}
+    settings = {k: v for k, v in {**settings, **changes}.items() if v is not None}
+    env = " ".join(f"{k}={shlex.quote(str(int(v) if isinstance(v, bool) else v))}" for k, v in settings.items())
+    launcher = f"torchrun --standalone --nproc_per_node={rt.world_size}" if rt.distributed else "python3"
+    return f"{env} {launcher} {os.path.relpath(__file__)}"
+
+
+def keep_trained_weights(model: GPT, args: Hyperparameters, rt: Runtime, run_id: str, artifact_path: Path, reason: str) -> str:
+    """After a training step, when no artifact could be made: save the model's (averaged) weights as a plain
+    state dict where they fit, and say how to quantize, write and evaluate them without retraining."""
     if args.quantize_only:
         return f"{reason}; the weights are still in QUANTIZE_ONLY={args.quantize_only}: fix the cause and run the same command again"
     if not rt.is_master:
         return reason
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    if not all(v.isfinite().all() for v in state.values() if v.is_floating_point()):
+        return f"{reason}; the weights are not finite (training diverged), so they are not kept: lower the learning rates and train again"
     buffer = io.BytesIO()
-    torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, buffer)
+    torch.save(state, buffer)
     for folder in dict.fromkeys([Path(args.log_dir), artifact_path.parent, Path.cwd(), Path(tempfile.gettempdir())]):
         saved = folder / f"{run_id}.weights.pt"
         try:
+            set_aside(saved)
             write_atomic(saved, buffer.getvalue())
             break
         except OSError:
             continue
     else:
         return f"{reason}; the trained weights could not be saved anywhere either (no writable folder with room)"
-    settings = {s.name: getattr(args, s.name.lower()) for s in SETTINGS if getattr(args, s.name.lower()) != s.default}
-    settings.update(RUN_ID=run_id, QUANTIZE_ONLY=saved)
-    env = " ".join(f"{k}={shlex.quote(str(int(v) if isinstance(v, bool) else v))}" for k, v in settings.items())
-    launcher = f"torchrun --standalone --nproc_per_node={rt.world_size}" if rt.distributed else "python3"
-    return f"{reason}; the trained weights are saved in {saved}: fix the cause, then quantize, write and evaluate them without retraining: {env} {launcher} {os.path.relpath(__file__)}"
+    command = resume_command(args, rt, RUN_ID=run_id, QUANTIZE_ONLY=saved)
+    return f"{reason}; the trained weights are saved in {saved}: fix the cause, then quantize, write and evaluate them without retraining: {command}"
 
 
 def writable_problem(folder: Path, setting: str, room: int = 0) -> str | None:
@@ -3425,6 +3544,24 @@ def writable_problem(folder: Path, setting: str, room: int = 0) -> str | None:
     if free < room:
         return f"{setting}: {free} bytes free in {folder}, but the artifact may take {room}; free space or set {setting} to another disk"
     return None
+
+
+def model_size_problem(args: Hyperparameters, rt: Runtime) -> str | None:
+    """Why the model these settings build cannot train on this device (None if it may): its parameters are
+    counted on the meta device, before anything is allocated."""
+    with torch.device("meta"):
+        params = count_parameters(GPT(ModelConfig.from_args(args)))
+    try:
+        memory = torch.cuda.get_device_properties(rt.device).total_memory if rt.device.type == "cuda" else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # no sysconf: nothing to compare with
+        return None
+    need = 20 * params  # fp32 weights, gradients, optimizer state and weight average, at the least
+    if need <= memory:
+        return None
+    return (
+        f"the settings build a model of {params:,} parameters, which needs at least {need / 2**30:.1f} GiB to train, more than the "
+        f"{memory / 2**30:.1f} GiB of this {rt.device.type}; lower NUM_LAYERS, MODEL_DIM, MLP_MULT, VOCAB_SIZE or BIGRAM_VOCAB_SIZE"
+    )
 
 
 def loaded_weights_problem(args: Hyperparameters) -> str | None:
@@ -3470,15 +3607,23 @@ def preflight(args: Hyperparameters, rt: Runtime, artifact_path: Path, log: Logg
         check_artifact_packages(args)
     except SettingsError as e:
         problems.append(str(e))
+    size_problem = None if args.eval_only else model_size_problem(args, rt)
+    problems.append(size_problem)
     if rt.is_master:  # the only rank that writes or loads files
+        dump = Path(args.eval_dump)
+        for tmp in (t for folder in dict.fromkeys([Path(args.log_dir), artifact_path.parent] + [dump.parent] * bool(args.eval_dump)) for t in remove_stale_temporaries(folder)):
+            log(f"preflight: removed {tmp}, the temporary file of a write whose process was killed")
         problems.append(writable_problem(Path(args.log_dir), "LOG_DIR"))
-        if args.eval_dump:
-            problems.append(writable_problem(Path(args.eval_dump).parent, "EVAL_DUMP"))
+        if args.eval_dump and (dump.is_dir() or args.eval_dump.endswith("/")):
+            problems.append(f"EVAL_DUMP={args.eval_dump} is a folder; give a file prefix such as {dump / 'run'} (for run.standard.npz, ...)")
+        elif args.eval_dump:
+            problems.append(writable_problem(dump.parent, "EVAL_DUMP"))
         if not args.eval_only and artifact_path.is_dir():
             problems.append(f"ARTIFACT_PATH={artifact_path} is a folder; give a file name such as {artifact_path / 'model.pgz'}")
         elif not args.eval_only:
             problems.append(writable_problem(artifact_path.parent, "ARTIFACT_PATH" if args.artifact_path else "LOG_DIR", args.size_cap_bytes))
-        problems.append(loaded_weights_problem(args))
+        if size_problem is None:  # QUANTIZE_ONLY builds the model to load the weights into
+            problems.append(loaded_weights_problem(args))
     if rt.distributed:
         gathered = [None] * rt.world_size
         dist.all_gather_object(gathered, problems)
@@ -3505,6 +3650,8 @@ def run(args: Hyperparameters, rt: Runtime, run_id: str, log: Logger) -> bool:
     code_bytes = 0
     if rt.is_master:
         shipped = log_dir / f"{run_id}.train_gpt.py"
+        for earlier in [shipped] + [artifact_path] * (not args.eval_only):  # a rerun of a RUN_ID keeps the earlier run's files
+            set_aside(earlier)
         code_bytes = write_shipped_code(shipped, source, args.code_minify)
         log(f"shipped_code file:{shipped.name} bytes:{code_bytes} sha256:{hashlib.sha256(shipped.read_bytes()).hexdigest()}")
     backend = select_attention_backend(args.attn_backend, rt.device)
@@ -3524,24 +3671,35 @@ def run(args: Hyperparameters, rt: Runtime, run_id: str, log: Logger) -> bool:
         log(f"eval_only artifact:{artifact_path}")
     else:
         model = GPT(ModelConfig.from_args(args), backend).to(rt.device)
-        if args.quantize_only:
-            load_trained_weights(model, args.quantize_only)
-            log(f"quantize_only weights:{args.quantize_only} (no training)")
-            weights, hessians = "quantize_only", None
-        else:
-            log(f"model_params:{count_parameters(model)}")
-            train_result = train_model(model, args, rt, log, lambda m: evaluate_standard(m, val_tokens, tables, args, rt))
-            weights, hessians = train_result.exported_weights, train_result.hessians
+        progress = {}  # train_model's weight averager: what a run stopped during training keeps
         try:
+            if args.quantize_only:
+                load_trained_weights(model, args.quantize_only)
+                log(f"quantize_only weights:{args.quantize_only} (no training)")
+                weights, hessians = "quantize_only", None
+            else:
+                log(f"model_params:{count_parameters(model)}")
+                train_result = train_model(model, args, rt, log, lambda m: evaluate_standard(m, val_tokens, tables, args, rt), progress)
+                weights, hessians = train_result.exported_weights, train_result.hessians
             pre_quant = evaluate_standard(model, val_tokens, tables, args, rt)
             log(f"pre_quant weights:{weights} val_loss:{pre_quant.val_loss:.4f} val_bpb:{pre_quant.val_bpb:.4f}")
             hessians = calibrate_after_training(model, hessians, args, rt, log)
             size = quantize_and_write(model, hessians, args, rt, log, artifact_path, scheme, code_bytes)
-        except Exception as e:
-            log(traceback.format_exc().rstrip(), console=False)
-            raise ArtifactError(keep_trained_weights(model, args, rt, run_id, artifact_path, e)) from e
+        except BaseException as e:
+            averager = progress.get("averager")
+            if isinstance(e, TrainingDiverged) or not (args.quantize_only or averager and averager.steps):
+                raise  # nothing trained yet, or nothing worth keeping
+            where = f"no artifact was written to {artifact_path}"
+            if train_result is None and not args.quantize_only:
+                model.load_state_dict(averager.export()[1])
+                where = f"training stopped after step {averager.steps}/{args.iterations}"
+            stop(e, keep_trained_weights(model, args, rt, run_id, artifact_path, failure(e, where)), log)
         del model
-    results, audits = evaluate_artifact(artifact_path, args, rt, log, tables, val_tokens, scheme, backend)
+    try:
+        results, audits = evaluate_artifact(artifact_path, args, rt, log, tables, val_tokens, scheme, backend)
+    except BaseException as e:
+        command = resume_command(args, rt, RUN_ID=run_id, EVAL_ONLY=artifact_path, QUANTIZE_ONLY=None)
+        stop(e, f"{failure(e, 'the evaluation stopped')}; the artifact {artifact_path} is intact: score it without retraining: {command}", log)
     if pre_quant is not None:
         log(f"quant_gap_bpb:{results['standard'].val_bpb - pre_quant.val_bpb:.6f}")
     verdict = "NOT_RUN" if not audits else "PASS" if all(a.passed for a in audits) else "FAIL"
@@ -3561,10 +3719,35 @@ EXIT_ERROR, EXIT_INVALID_SUBMISSION = 1, 3  # and 128 + the signal's number afte
 
 
 class Interrupted(BaseException):
-    """SIGINT or SIGTERM: stop now, and say so as the log's last line."""
+    """SIGINT or SIGTERM: stop now, and say so as the log's last line (with `note`: what was kept)."""
+
+    note = ""
+
+
+class RunStopped(RuntimeError):
+    """A failure after the first training step; the message says what was kept and the command that goes on."""
+
+
+def failure(e: BaseException, where: str) -> str:
+    return where if isinstance(e, Interrupted) else f"{where} ({type(e).__name__}: {e})"
+
+
+def stop(e: BaseException, note: str, log: Logger):
+    """Re-raise a failure or an interrupt after the first training step with `note`: what was kept and how to go on."""
+    if isinstance(e, Interrupted):
+        e.note = note
+        raise e
+    log(traceback.format_exc().rstrip(), console=False)
+    raise RunStopped(note) from e
+
+
+def _ignore_signals():
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def _raise_interrupted(signum, frame):
+    _ignore_signals()  # a second signal (torchrun's SIGTERM after a Ctrl-C) must not cut short the saving of the weights
     raise Interrupted(signum)
 
 
@@ -3573,18 +3756,28 @@ def main():
         args = Hyperparameters()
         rt = setup_runtime()
     except SettingsError as e:
+        run_id = os.environ.get("RUN_ID", "")
+        if os.environ.get("RANK", "0") == "0":  # found before the log is opened: the reason still ends a log file where LOG_DIR allows
+            Logger(Path(os.environ.get("LOG_DIR", "logs")) / f"{run_id if run_id and _file_name(run_id) else fresh_run_id()}.txt")(f"error: {e}", console=False)
         sys.exit(f"error: {e}")
     run_id = broadcast_run_id(args, rt)
     log = Logger(Path(args.log_dir) / f"{run_id}.txt" if rt.is_master else None)
     code = EXIT_ERROR
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _raise_interrupted)
     try:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, _raise_interrupted)
-        code = 0 if run(args, rt, run_id, log) else EXIT_INVALID_SUBMISSION
+        try:
+            code = 0 if run(args, rt, run_id, log) else EXIT_INVALID_SUBMISSION
+            if rt.distributed:  # one exit code on every rank: rank 0's, which alone knows the artifact's size
+                verdict = [code]
+                dist.broadcast_object_list(verdict, src=0)
+                code = verdict[0]
+        finally:  # torchrun stops the other ranks (SIGTERM) once one exits: that must not cut their last lines or change their exit code
+            _ignore_signals()
     except Interrupted as e:
-        log(f"interrupted: {signal.Signals(e.args[0]).name}; the run stopped here", stream=sys.stderr)
+        log(f"interrupted: {signal.Signals(e.args[0]).name}; the run stopped here{'; ' + e.note if e.note else ''}", stream=sys.stderr)
         code = 128 + e.args[0]
-    except (SettingsError, DataError, ArtifactError, LeakageError) as e:
+    except (SettingsError, DataError, ArtifactError, LeakageError, TrainingDiverged, RunStopped) as e:
         for line in str(e).splitlines():
             log(f"error: {line}", stream=sys.stderr)
     except Exception as e:  # a bug or a crash: the traceback goes to stderr as usual, and the reason ends the log

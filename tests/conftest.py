@@ -34,7 +34,7 @@ def tiny_args(**overrides) -> train_gpt.Hyperparameters:
 
 def clean_env(**extra) -> dict:
     """The current environment without the script's settings, anything it would take for a misspelt one, or torchrun's variables."""
-    ours = {s.name for s in train_gpt.SETTINGS} | {"WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"}
+    ours = {s.name for s in train_gpt.SETTINGS} | {"WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}
     env = {k: v for k, v in os.environ.items() if k not in ours and not train_gpt.misspelt_setting(k)}
     env.update({k: str(v) for k, v in extra.items()})
     env["OMP_NUM_THREADS"] = "1"

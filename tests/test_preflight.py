@@ -448,7 +448,7 @@ def test_a_failed_artifact_write_keeps_the_weights_and_the_printed_command_finis
 
     monkeypatch.setattr(train_gpt, "train_model", train_while_the_disk_fills)
     log = Recorder()
-    with pytest.raises(train_gpt.ArtifactError) as info:
+    with pytest.raises(train_gpt.RunStopped) as info:
         train_gpt.run(args, train_gpt.Runtime(), "full", log)
     message = str(info.value)
     weights = tmp_path / "logs" / "full.weights.pt"
@@ -486,7 +486,10 @@ def test_a_signal_ends_the_log_with_its_name(tmp_path, synthetic_data, tiny_toke
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == code
-    assert log.read_text().splitlines()[-1] == err.strip() == f"interrupted: {sig.name}; the run stopped here"
+    last = log.read_text().splitlines()[-1]
+    assert last == err.strip() and last.startswith(f"interrupted: {sig.name}; the run stopped here; training stopped after step "), last
+    weights = tmp_path / "logs" / "run.weights.pt"
+    assert f"the trained weights are saved in {weights}: " in last and weights.is_file(), "the averaged weights of the last step are kept"
 
 
 def test_an_unexpected_crash_ends_the_log_with_its_reason(tmp_path, synthetic_data, tiny_tokenizer, monkeypatch):

@@ -100,7 +100,7 @@ def test_keyword_overrides_win_over_the_environment():
         ({"NUM_LAYERS": "2.5"}, ["NUM_LAYERS"]),
         ({"TIE_EMBEDDINGS": "maybe"}, ["TIE_EMBEDDINGS"]),
         ({"MATRIX_LR": "nan"}, ["MATRIX_LR"]),
-        ({"NUM_LAYERS": "0"}, ["NUM_LAYERS", "> 0"]),
+        ({"NUM_LAYERS": "0"}, ["NUM_LAYERS", "in [1, 1024]"]),
         ({"EVAL_STRIDE": "4096"}, ["EVAL_STRIDE", "EVAL_SEQ_LEN"]),
         ({"NUM_KV_HEADS": "3"}, ["NUM_KV_HEADS", "NUM_HEADS"]),
         ({"EMA_DECAY": "1"}, ["EMA_DECAY"]),
@@ -109,6 +109,12 @@ def test_keyword_overrides_win_over_the_environment():
         ({"TTT_STPES": "2"}, ["TTT_STPES", "TTT_STEPS"]),
         ({"MATRX_LR": "0.1"}, ["MATRX_LR", "MATRIX_LR"]),  # a near miss, whatever its prefix
         ({"MAX_JOBS": "4"}, []),  # unrelated: ignored
+        ({"ITERS": "5"}, ["ITERS", "ITERATIONS"]),  # an abbreviation
+        ({"SEQ_LEN": "64"}, ["SEQ_LEN", "TRAIN_SEQ_LEN"]),  # the ending of settings
+        ({"RUN_ID": "../../x"}, ["RUN_ID", "plain file name"]),
+        ({"MATRIX_LR": "1e99"}, ["MATRIX_LR", "in [0, 10]"]),
+        ({"NUM_LAYERS": "1e99"}, ["NUM_LAYERS", "in [1, 1024]"]),
+        ({"GATE_WINDOW": "1024"}, ["GATE_WINDOW", "MODEL_DIM=512"]),
     ],
     ids=lambda v: "_".join(f"{k}={x}" for k, x in v.items()) if isinstance(v, dict) else None,
 )
@@ -134,6 +140,8 @@ MISSPELT = {  # variable -> the setting the message suggests
     "DATA_PTH": "DATA_PATH", "RUNID": "RUN_ID", "LOGDIR": "LOG_DIR", "SIZE_CAP": "SIZE_CAP_BYTES", "MIN_LRS": "MIN_LR",
     "num_layers": "NUM_LAYERS", "model_dim": "MODEL_DIM", "max_wallclock_seconds": "MAX_WALLCLOCK_SECONDS", "Eval_Only": "EVAL_ONLY",
     "TTT_STPES": "TTT_STEPS", "EMA_DECAY_RATE": "EMA_DECAY", "GPTQ_FOO": None,
+    "ITERS": "ITERATIONS", "SEQ_LEN": "TRAIN_SEQ_LEN", "SEQLEN": "TRAIN_SEQ_LEN", "BATCH_TOKENS": "TRAIN_BATCH_TOKENS", "LAYERS": "NUM_LAYERS",
+    "SEEDS": "SEED", "NUM_ITERS": "ITERATIONS", "MAX_SEQ_LEN": "TRAIN_SEQ_LEN", "WARMUP": "WARMUP_STEPS", "STEPS": "WARMUP_STEPS", "LR": "EMBED_LR", "TTT": "TTT_ENABLED",
 }
 UNRELATED = [  # variables users really have set
     "MAX_JOBS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "LOG_LEVEL", "DATA_DIR", "MODEL_NAME", "NUM_WORKERS", "RUN_NAME", "LOG_FILE",
@@ -167,32 +175,42 @@ def test_world_size_must_divide_8(monkeypatch):
         assert train_gpt.Runtime(world_size=world).grad_accum_steps == accum
 
 
-def test_command_line_errors_are_one_line_each_without_traceback(tmp_path):
+def test_command_line_errors_are_one_line_each_without_traceback_and_end_the_log(tmp_path):
+    """Settings errors are found before the log is opened: the reason still ends a log file where LOG_DIR allows one."""
     (tmp_path / "a_file").write_text("not a folder")
-    missing = {"DATA_PATH": str(tmp_path / "none"), "TOKENIZER_PATH": str(tmp_path / "none.model"), "LOG_DIR": str(tmp_path / "logs"), "RUN_ID": "t"}
+    missing = {"DATA_PATH": str(tmp_path / "none"), "TOKENIZER_PATH": str(tmp_path / "none.model")}
     cases = {
         "malformed": ({"NUM_LAYERS": "abc"}, "NUM_LAYERS"),
         "typo": ({"TTT_STPES": "2"}, "TTT_STEPS"),
         "near_miss": ({"MODEL_DIMS": "256"}, "MODEL_DIM"),
         "lower_case": ({"num_layers": "2"}, "NUM_LAYERS"),
+        "ending": ({"SEQ_LEN": "64"}, "TRAIN_SEQ_LEN"),
+        "run_id_outside_log_dir": ({"RUN_ID": "../../x"}, "RUN_ID='../../x' must be a plain file name"),
         "world_size": ({"WORLD_SIZE": "3"}, "WORLD_SIZE=3"),
         "world_size_not_a_number": ({"WORLD_SIZE": "eight"}, "WORLD_SIZE='eight'"),
+        "stale_world_size": ({"WORLD_SIZE": "2", "RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}, "not started by torchrun"),
         "missing_data": (missing, "cached_challenge_fineweb.py"),
         "log_dir_is_a_file": ({**missing, "LOG_DIR": str(tmp_path / "a_file")}, "LOG_DIR"),
         "tokenizer_not_sentencepiece": ({**missing, "TOKENIZER_PATH": str(REPO / "README.md")}, "not a SentencePiece model"),
     }
     procs = {
-        name: subprocess.Popen([sys.executable, str(REPO / "train_gpt.py")], cwd=tmp_path, env=clean_env(**env), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        name: subprocess.Popen(
+            [sys.executable, str(REPO / "train_gpt.py")], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env=clean_env(**{"LOG_DIR": tmp_path / name, "RUN_ID": name, **env}),
+        )
         for name, (env, _) in cases.items()
     }
     for name, proc in procs.items():
-        _, err = proc.communicate(timeout=120)
+        _, err = proc.communicate(timeout=300)  # a dozen processes importing torch at once
         expected = cases[name][1]
         assert proc.returncode == 1, name
         assert "Traceback" not in err, f"{name}: {err}"
         lines = err.strip().splitlines()
         assert lines and all(line.startswith("error: ") for line in lines), f"{name}: {err!r}"
         assert any(expected in line for line in lines), f"{name}: {err}"
+        if name != "log_dir_is_a_file":
+            (log,) = (tmp_path / name).glob("*.txt")  # RUN_ID=../../x: a fresh id
+            assert log.read_text().splitlines()[-1] == lines[-1], name
 
 
 # ----------------------------------------------------------------------------- the training loop
@@ -369,7 +387,7 @@ def test_two_gloo_processes_train_like_one(synthetic_data, tmp_path):
     procs = []
     for name, world, rank in (("single", 1, 0), ("dist", 2, 0), ("dist", 2, 1)):
         config = json.dumps({"env": env, "out": str(tmp_path / f"{name}.pt")})
-        penv = clean_env(WORLD_SIZE=world, RANK=rank, LOCAL_RANK=rank, MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+        penv = clean_env(WORLD_SIZE=world, RANK=rank, LOCAL_RANK=rank, LOCAL_WORLD_SIZE=world, MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
         procs.append(subprocess.Popen([sys.executable, str(script), config], env=penv, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     for p in procs:
         out, _ = p.communicate(timeout=180)
