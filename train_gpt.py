@@ -141,6 +141,7 @@ SETTINGS = (
     Setting("LOOP_ENABLE_FRAC", 0.35, "recurrence switches on at this fraction of the training budget", _fraction, "in [0, 1]"),
     Setting("PARALLEL_RESIDUAL_START", 8, "blocks from this index on run attention and MLP on two residual lanes (-1 = off)", lambda v: v >= -1, ">= -1"),
     Setting("DOC_ISOLATION", True, "attention stays inside each document (BOS-delimited) in training and every evaluation path"),
+    Setting("EMBED_BF16", True, "on GPUs the token embedding is stored and trained in bf16, as the record's, so the residual stream is bf16 (CPU: fp32)"),
     Setting("LN_SCALE", True, "scale each block's normalized input by 1/sqrt(block + 1)"),
     Setting("ORTHO_INIT", True, "orthogonal init of the Q, K, V and MLP input projections"),
     Setting("BIGRAM_VOCAB_SIZE", 0, "rows of the hashed (previous, current) token embedding (0 = off)", lambda v: v == 0 or 2 <= v <= 2**24, "0 or in [2, 16777216]"),
@@ -975,6 +976,7 @@ class ModelConfig:
     unet_skips: bool
     skip_gates: bool
     qat_bits: dict  # bits of the fake quantization per role (attn, mlp, other); 0 = QAT off, nothing computed
+    embed_bf16: bool = False  # an older artifact's config has no such field
 
     @classmethod
     def from_args(cls, args: Hyperparameters) -> "ModelConfig":
@@ -1483,6 +1485,8 @@ class GPT(nn.Module):
 
     def embed(self, idx: Tensor) -> Tensor:
         x = self.tok_emb(idx)
+        if self.cfg.embed_bf16 and x.is_cuda:  # the record's bf16 embedding: the residual stream is bf16 from here
+            x = x.bfloat16()
         if self.bigram is not None:
             x = x + self.bigram(idx).to(x.dtype)
         if self.smear is not None and self.smear.mode == "input":
@@ -1916,6 +1920,8 @@ def train_model(model: GPT, args: Hyperparameters, rt: Runtime, log: Logger, eva
     # One graph per step (two: recurrence off and on); cu_seqlens is the one dynamic size, marked in train_step.
     # flash-attn 2 before its torch custom ops cannot be traced in one graph: it alone may break it.
     train_forward = compiled(model, args, rt, fullgraph=model.attn_backend != "fa2")
+    if model.cfg.embed_bf16 and rt.device.type == "cuda":
+        model.tok_emb.to(torch.bfloat16)  # before the optimizers: AdamW keeps its state in the weight's dtype, as the record's
     optimizers = build_optimizers(model, args, rt)
     muon = next((o for o in optimizers if isinstance(o, Muon)), None)
     muon_params = {id(p) for p in muon.param_groups[0]["params"]} if muon is not None else set()
