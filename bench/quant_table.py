@@ -32,7 +32,7 @@ import train_gpt as tg  # noqa: E402
 
 HEADER = tg._ARTIFACT_HEADER.size
 STREAM_HEADER = tg._STREAM_HEADER.size
-OLD_PACKING = dict(  # format 1 on main before issue 9: search clip, int8 RTN embedding, fp32 controls, one zstd stream, raw source counted
+OLD_PACKING = dict(  # format 1 on main before issue 9: search clip, int8 RTN embedding, one zstd stream, raw source counted (controls fp16; they were fp32)
     QUANT_CLIP="search", QUANT_BITS_EMBED="8", GPTQ_EMBED="0", LQER_RANK="0", QUANT_CONTROL_INT8="", ARTIFACT_COMPRESSOR="zstd",
     ARTIFACT_GROUPING="single", ARTIFACT_PACKING="auto", ARTIFACT_TRANSPOSE="0", ARTIFACT_REORDER_ROWS="0",
 )
@@ -47,7 +47,8 @@ def quantizer_variants(args: tg.Hyperparameters, k_scales: list[float], search_b
     ks = {f"QUANT_CLIP_K_{r}": getattr(args, f"quant_clip_k_{r.lower()}") for r in ("ATTN", "MLP", "EMBED", "OTHER")}
     variants = [("old packing (format 1)", OLD_PACKING), ("defaults", {})]
     variants += [("GPTQ_EMBED=0", {"GPTQ_EMBED": "0"}), ("LQER_RANK=0", {"LQER_RANK": "0"}), ("QUANT_BITS_EMBED=8", {"QUANT_BITS_EMBED": "8"})]
-    variants += [(f"QUANT_CONTROL_INT8={c or '(none)'}", {"QUANT_CONTROL_INT8": c}) for c in ("", "all") if c != args.quant_control_int8]
+    variants += [(f"LQER_A_REFIT={int(not args.lqer_a_refit)}", {"LQER_A_REFIT": str(int(not args.lqer_a_refit))})]
+    variants += [(f"QUANT_CONTROL_INT8={c or '(none)'}", {"QUANT_CONTROL_INT8": c}) for c in ("", "out_gate", "all") if c != args.quant_control_int8]
     variants += [(f"sdclip k x{f:g}", {"QUANT_CLIP": "sdclip", **{n: str(k * f) for n, k in ks.items()}}) for f in k_scales]
     for bits in search_bits:
         variants.append((f"search int{bits}/int{bits + 1} emb", {"QUANT_CLIP": "search", "QUANT_BITS_ATTN": str(bits), "QUANT_BITS_MLP": str(bits), "QUANT_BITS_EMBED": str(bits + 1)}))
@@ -152,6 +153,7 @@ def main():
     parser.add_argument("--search-bits", type=int, nargs="+", default=[4, 5, 6], help="search-clip points: attention/MLP bits (embedding one more)")
     parser.add_argument("--compressors", nargs="+", default=[c for c in tg.COMPRESSORS if tg.compressor_installed(c)], choices=tg.COMPRESSORS)
     parser.add_argument("--layouts", nargs="+", default=LAYOUTS, choices=LAYOUTS, help="packing layouts: grouping,transpose,row order,values")
+    parser.add_argument("--variants", nargs="+", help="quantizer rows to run, by the start of their label (default: all)")
     opts = parser.parse_args()
     args = tg.Hyperparameters()
     rt = tg.setup_runtime()
@@ -180,6 +182,8 @@ def main():
         if "quant" in opts.tables:
             rows = []
             for label, overrides in quantizer_variants(args, opts.k_scales, opts.search_bits):
+                if opts.variants and not label.startswith(tuple(opts.variants)):
+                    continue
                 row = export_and_score(model, hessians, base, overrides, rt, tables, val_tokens, code_bytes, Path(tmp))
                 rows.append((label, row))
                 print(f"done {label}: {row['artifact']:,} bytes, bpb {row['bpb']:.4f}", flush=True)

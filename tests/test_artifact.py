@@ -61,14 +61,15 @@ def test_round_to_nearest_error_bounds_per_bit_width(mode):
 
 def test_clip_modes_choose_the_documented_scale():
     w = heavy_tailed(seed=1)
-    w[0] = torch.where(torch.arange(w.size(1)) % 2 == 0, 1.0, -1.0)  # std 1 (population), absmax 1
+    w[0] = torch.where(torch.arange(w.size(1)) % 2 == 0, 1.0, -1.0)  # std about 1, absmax 1
     for bits in BITS:
         qmax = 2 ** (bits - 1) - 1
         k = 2.5
         sd = T.row_scales(w, bits, "sdclip", k)
-        expect = k * w.std(dim=1, keepdim=True, correction=0) / qmax
-        torch.testing.assert_close(sd, expect.half().float())
-        assert sd[0].item() == pytest.approx(k / qmax, rel=1e-3), "k * std beyond absmax is kept: a coarser grid, not absmax"
+        expect = k * w.std(dim=1, keepdim=True) / qmax  # the sample std (n - 1), as the record's SDClip
+        assert torch.equal(sd, expect.half().float())
+        assert not torch.equal(sd, (k * w.std(dim=1, keepdim=True, correction=0) / qmax).half().float())
+        assert sd[0].item() == pytest.approx(k / qmax, rel=3e-3), "k * std beyond absmax is kept: a coarser grid, not absmax"
         # search: never worse per row than the plain absmax clip (one of its candidates), usually better
         search = T.row_scales(w, bits, "search", k)
         absmax = (w.abs().amax(dim=1, keepdim=True) / qmax).half().float()
@@ -112,7 +113,7 @@ def test_sdclip_takes_each_roles_k_and_trades_error_for_bytes():
     qstate = T.quantize_state_dict(state, args, None)
     for name, k, bits in (("blocks.1.attn.c_q.weight", 3.0, 6), ("blocks.2.mlp.fc.weight", 5.0, 5), ("tok_emb.weight", 7.0, 7)):
         w = state[name].float()
-        expect = (k * w.std(dim=1, keepdim=True, correction=0) / (2 ** (bits - 1) - 1)).half()
+        expect = (k * w.std(dim=1, keepdim=True) / (2 ** (bits - 1) - 1)).half()
         assert torch.equal(qstate[name].scale, expect), name
         assert qstate[name].bits == bits
     # a larger k: a coarser grid, fewer bits per value, more error; inside the clip the error stays under half a step
@@ -383,10 +384,14 @@ def test_pack_unpack_bits_round_trip(bits):
 
 
 def sample_qstate(seed=0, **overrides):
-    """A randomized tiny model with mixed bit widths, int8 control tensors and low-rank corrections, its args and its round-to-nearest qstate."""
+    """A randomized tiny model with mixed bit widths, int8 and fp16 control tensors and low-rank corrections, its
+    args and its round-to-nearest qstate; skip_weights in fp32, as format-2 files written before the controls
+    went to fp16 hold them (still read)."""
     args = tiny_args(**{**dict(QUANT_BITS_ATTN=5, QUANT_BITS_MLP=6, QUANT_BITS_EMBED=7, QUANT_BITS_OTHER=3, QUANT_CONTROL_INT8=CONTROLS_INT8, LQER_RANK=2, **ALL_Q), **overrides})
     model = randomize(T.GPT(T.ModelConfig.from_args(args)), seed)
-    return model, args, T.quantize_state_dict(model.state_dict(), args, None)
+    qstate = T.quantize_state_dict(model.state_dict(), args, None)
+    qstate["skip_weights"] = model.skip_weights.detach().float()
+    return model, args, qstate
 
 
 CONTROLS_INT8 = "out_gate,skip_gates,attn_scale,lane_post,smear.scale"  # 2-D, 1-D, 3-D and 0-D control tensors
@@ -416,7 +421,7 @@ def decode_file_bytes(blob: bytes):
 def test_every_packing_round_trips_losslessly(compressor):
     model, args, qstate = sample_qstate()
     kinds = {type(v).__name__ if isinstance(v, T.QuantizedTensor) else str(v.dtype) for v in qstate.values()}
-    assert kinds == {"QuantizedTensor", "torch.float32"}
+    assert kinds == {"QuantizedTensor", "torch.float16", "torch.float32"}
     assert {v.bits for v in qstate.values() if isinstance(v, T.QuantizedTensor)} == {3, 5, 6, 7, 8}
     assert sum(v.correction is not None for v in qstate.values() if isinstance(v, T.QuantizedTensor)) == 3
     layouts = itertools.product(("role", "single"), ("int8", "bitpack", "auto"), (False, True), (False, True))
@@ -436,7 +441,7 @@ def test_role_grouping_puts_each_kind_of_matrix_in_its_own_stream():
     _, streams = T.encode_artifact(qstate, model.cfg, T.Packing("zstd", "role", "int8", True, True))
     names = [s.name for s in streams]
     assert names[0] == "manifest"
-    expected = {"control", "tok_emb", "bigram.table", "bigram.proj", "attn.c_q", "attn.c_k", "attn.c_v", "attn.proj", "mlp.fc", "mlp.proj", "scales", "row_orders", "lqer", "fp32"}
+    expected = {"control", "tok_emb", "bigram.table", "bigram.proj", "attn.c_q", "attn.c_k", "attn.c_v", "attn.proj", "mlp.fc", "mlp.proj", "scales", "row_orders", "lqer", "fp16", "fp32"}
     assert set(names[1:]) == expected and len(names) == len(set(names))
     counts = {s.name: s.numel for s in streams}
     assert counts["mlp.fc"] == sum(qstate[f"blocks.{i}.mlp.fc.weight"].q.numel() for i in range(4)), "one stream holds the matrix of every layer"
@@ -477,10 +482,11 @@ def test_int8_control_tensors_round_trip_within_half_a_step():
         assert back.shape == state[name].shape
         step = v.scale.float().reshape(-1).max().item()
         assert (back - state[name]).abs().max().item() <= step / 2 * (1 + 1e-3), name
-    untouched = [n for n in state if T.is_control(n) and n not in names]
-    assert untouched and all(qstate[n].dtype == torch.float32 and torch.equal(qstate[n], state[n]) for n in untouched)
-    fp32 = T.quantize_state_dict(state, tiny_args(QUANT_CONTROL_INT8="", LQER_RANK=0, **ALL_Q), None)
-    sizes = [len(T.encode_artifact(q, model.cfg, T.Packing("zstd", "role", "int8", True, True))[0]) for q in (fp32, T.quantize_state_dict(state, tiny_args(QUANT_CONTROL_INT8=CONTROLS_INT8, LQER_RANK=0, **ALL_Q), None))]
+    untouched = [n for n in state if T.is_control(n) and n not in names and n != "skip_weights"]
+    assert untouched and all(qstate[n].dtype == torch.float16 and torch.equal(qstate[n], state[n].half()) for n in untouched)
+    fp16 = T.quantize_state_dict(state, tiny_args(QUANT_CONTROL_INT8="", LQER_RANK=0, **ALL_Q), None)
+    assert all(fp16[n].dtype == torch.float16 for n in state if T.is_control(n))
+    sizes = [len(T.encode_artifact(q, model.cfg, T.Packing("zstd", "role", "int8", True, True))[0]) for q in (fp16, T.quantize_state_dict(state, tiny_args(QUANT_CONTROL_INT8=CONTROLS_INT8, LQER_RANK=0, **ALL_Q), None))]
     assert sizes[1] < sizes[0], f"int8 control tensors must save bytes: {sizes}"
     with pytest.raises(T.SettingsError, match="CONTROL_PARAMETER_NAMES"):
         tiny_args(QUANT_CONTROL_INT8="out_gate,tok_emb")
@@ -504,7 +510,8 @@ def test_lqer_reduces_the_error_of_the_worst_tensors_and_is_applied_on_reload(tm
         c = corrected[name].correction
         assert torch.equal(corrected[name].q, plain[name].q), "the correction is added on top; the values stay"
         assert c.a.shape == (state[name].size(0), 4) and c.b.shape == (4, state[name].size(1))
-        assert int(c.a.abs().max()) <= 1 and int(c.b.abs().max()) <= 7 and c.b_scale.shape == (4, -(-state[name].size(1) // 8))
+        assert -2 <= int(c.a.min()) and int(c.a.max()) <= 1 and -8 <= int(c.b.min()) and int(c.b.max()) <= 7  # the grids [-2, 1] and [-8, 7]
+        assert c.b_scale.shape == (4, -(-state[name].size(1) // 8))
         after = torch.linalg.norm(state[name].float() - corrected[name].dequantize()).item()
         assert after < 0.97 * errors[name], (name, errors[name], after)
     path = tmp_path / "lqer.pgz"
