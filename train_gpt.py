@@ -187,7 +187,8 @@ SETTINGS = (
     Setting("ARTIFACT_GROUPING", "role", "role = one compressed stream per kind of tensor across layers (attn.c_q, mlp.fc, ...), scales, fp16 and fp32; single = one stream for all", ("role", "single")),
     Setting("ARTIFACT_PACKING", "int8", "quantized values in int8 containers, bit-packed, or auto = the smaller after compression, per stream", ("auto", "int8", "bitpack")),
     Setting("ARTIFACT_TRANSPOSE", True, "store each quantized matrix column by column"),
-    Setting("ARTIFACT_REORDER_ROWS", True, "store the rows of each quantized matrix in nearest-neighbour order (the order is stored)"),
+    Setting("ARTIFACT_REORDER_ROWS", "tok_emb,attn.c_q,mlp.fc", "store the rows of these kinds of quantized matrix in nearest-neighbour order (the order is stored): a comma list, all, or empty (none)",
+            lambda v: v == "all" or _items(v) <= set(MATRIX_GROUPS), "all or a comma list from MATRIX_GROUPS in train_gpt.py"),
     Setting("CODE_MINIFY", True, "minify the source (python-minifier) before compressing it into the shipped train_gpt.py"),
     Setting("SIZE_CAP_BYTES", 16000000, "cap on code bytes + artifact bytes", _positive, "> 0"),
     # evaluation
@@ -2003,7 +2004,7 @@ class Packing:
     grouping: str  # role / single
     values: str  # int8 / bitpack / auto
     transpose: bool
-    reorder_rows: bool
+    reorder_rows: str  # the value groups whose rows are reordered: a comma list, all, or empty
 
     @classmethod
     def from_args(cls, args: Hyperparameters) -> "Packing":
@@ -2026,6 +2027,9 @@ class StreamReport:
     numel: int  # quantized values in it
 
 
+MATRIX_GROUPS = ("tok_emb", "lm_head", "bigram.table", "bigram.proj", "attn.c_q", "attn.c_k", "attn.c_v", "attn.proj", "mlp.fc", "mlp.proj")
+
+
 def value_group(name: str) -> str:
     """The stream of a quantized tensor's values under ARTIFACT_GROUPING=role: one kind of matrix across
     layers (blocks.3.attn.c_q.weight -> attn.c_q), the control tensors together."""
@@ -2044,7 +2048,7 @@ def _section_length(section: object, values: str) -> int:
     return sum((v.size * bits + 7) // 8 if values == "bitpack" else v.size for v, bits in section)
 
 
-def artifact_sections(qstate: dict[str, object], transpose: bool, reorder_rows: bool) -> tuple[list[dict], dict[str, object]]:
+def artifact_sections(qstate: dict[str, object], transpose: bool, reorder_rows: str) -> tuple[list[dict], dict[str, object]]:
     """Manifest entries and the file's sections: per value group the (values, bits) of its tensors (rows
     reordered, columns first if transposed), then bytes of row scales, row orders, LQER factors, fp16, fp32."""
     entries, groups = [], {}
@@ -2058,7 +2062,7 @@ def artifact_sections(qstate: dict[str, object], transpose: bool, reorder_rows: 
         rows, cols = v.q.shape
         entry = {"name": name, "kind": "q", "group": value_group(name), "shape": list(v.q.shape if v.shape is None else v.shape), "rows": rows, "cols": cols, "bits": v.bits}
         q = v.q
-        if reorder_rows and rows > 2 and not is_control(name):
+        if rows > 2 and not is_control(name) and (reorder_rows == "all" or entry["group"] in _items(reorder_rows)):
             order = similarity_order(q)
             q = q[order]
             floats["row_orders"].append(order.numpy().astype(_order_dtype(rows)).tobytes())

@@ -428,7 +428,7 @@ def test_every_packing_round_trips_losslessly(compressor):
     if compressor != "zstd":  # every layout once with the fast compressor; two opposite ones with the slow ones
         layouts = [("role", "auto", True, True), ("single", "int8", False, False)]
     for grouping, values, transpose, reorder in layouts:
-        blob, streams = T.encode_artifact(qstate, model.cfg, T.Packing(compressor, grouping, values, transpose, reorder))
+        blob, streams = T.encode_artifact(qstate, model.cfg, T.Packing(compressor, grouping, values, transpose, "all" if reorder else ""))
         config, back = decode_file_bytes(blob)
         assert config == model.cfg
         assert_same_qstate(qstate, back)
@@ -438,7 +438,7 @@ def test_every_packing_round_trips_losslessly(compressor):
 
 def test_role_grouping_puts_each_kind_of_matrix_in_its_own_stream():
     model, args, qstate = sample_qstate(seed=3)
-    _, streams = T.encode_artifact(qstate, model.cfg, T.Packing("zstd", "role", "int8", True, True))
+    _, streams = T.encode_artifact(qstate, model.cfg, T.Packing("zstd", "role", "int8", True, "all"))
     names = [s.name for s in streams]
     assert names[0] == "manifest"
     expected = {"control", "tok_emb", "bigram.table", "bigram.proj", "attn.c_q", "attn.c_k", "attn.c_v", "attn.proj", "mlp.fc", "mlp.proj", "scales", "row_orders", "lqer", "fp16", "fp32"}
@@ -446,7 +446,7 @@ def test_role_grouping_puts_each_kind_of_matrix_in_its_own_stream():
     counts = {s.name: s.numel for s in streams}
     assert counts["mlp.fc"] == sum(qstate[f"blocks.{i}.mlp.fc.weight"].q.numel() for i in range(4)), "one stream holds the matrix of every layer"
     assert counts["scales"] == 0 and counts["tok_emb"] == qstate["tok_emb.weight"].q.numel()
-    _, single = T.encode_artifact(qstate, model.cfg, T.Packing("zstd", "single", "int8", True, True))
+    _, single = T.encode_artifact(qstate, model.cfg, T.Packing("zstd", "single", "int8", True, "all"))
     assert [s.name for s in single] == ["manifest", "all"] and single[1].numel == sum(counts.values())
 
 
@@ -454,7 +454,7 @@ def test_small_tensors_stay_in_fp16():
     model, args, qstate = sample_qstate(QUANT_FLOAT_MAX_NUMEL=65536)  # the default: block matrices stay fp16
     assert any(v.dtype == torch.float16 for v in qstate.values() if not isinstance(v, T.QuantizedTensor))
     for grouping in ("role", "single"):
-        assert_same_qstate(qstate, decode_file_bytes(T.encode_artifact(qstate, model.cfg, T.Packing("zstd", grouping, "auto", True, True))[0])[1])
+        assert_same_qstate(qstate, decode_file_bytes(T.encode_artifact(qstate, model.cfg, T.Packing("zstd", grouping, "auto", True, "all"))[0])[1])
 
 
 def test_similarity_order_is_a_permutation_that_chains_near_rows():
@@ -486,7 +486,7 @@ def test_int8_control_tensors_round_trip_within_half_a_step():
     assert untouched and all(qstate[n].dtype == torch.float16 and torch.equal(qstate[n], state[n].half()) for n in untouched)
     fp16 = T.quantize_state_dict(state, tiny_args(QUANT_CONTROL_INT8="", LQER_RANK=0, **ALL_Q), None)
     assert all(fp16[n].dtype == torch.float16 for n in state if T.is_control(n))
-    sizes = [len(T.encode_artifact(q, model.cfg, T.Packing("zstd", "role", "int8", True, True))[0]) for q in (fp16, T.quantize_state_dict(state, tiny_args(QUANT_CONTROL_INT8=CONTROLS_INT8, LQER_RANK=0, **ALL_Q), None))]
+    sizes = [len(T.encode_artifact(q, model.cfg, T.Packing("zstd", "role", "int8", True, "all"))[0]) for q in (fp16, T.quantize_state_dict(state, tiny_args(QUANT_CONTROL_INT8=CONTROLS_INT8, LQER_RANK=0, **ALL_Q), None))]
     assert sizes[1] < sizes[0], f"int8 control tensors must save bytes: {sizes}"
     with pytest.raises(T.SettingsError, match="CONTROL_PARAMETER_NAMES"):
         tiny_args(QUANT_CONTROL_INT8="out_gate,tok_emb")
@@ -555,8 +555,8 @@ def test_auto_keeps_the_smallest_compressor_and_layout_of_each_stream():
     fixed = {}
     for c in T.COMPRESSORS:
         for values in ("int8", "bitpack"):
-            fixed[c, values] = {s.name: s.bytes for s in T.encode_artifact(qstate, model.cfg, T.Packing(c, "role", values, True, False))[1]}
-    blob, streams = T.encode_artifact(qstate, model.cfg, T.Packing("auto", "role", "auto", True, False))
+            fixed[c, values] = {s.name: s.bytes for s in T.encode_artifact(qstate, model.cfg, T.Packing(c, "role", values, True, ""))[1]}
+    blob, streams = T.encode_artifact(qstate, model.cfg, T.Packing("auto", "role", "auto", True, ""))
     for s in streams:
         sizes = {key: found[s.name] for key, found in fixed.items()}
         assert s.bytes == min(sizes.values()), (s.name, s.bytes, sizes)
@@ -573,7 +573,7 @@ def test_a_missing_compressor_module_is_named_when_reading(tmp_path, monkeypatch
     monkeypatch.setattr(T, "compressor_installed", lambda c: c != "zpaq")
     with pytest.raises(T.ArtifactError, match="pip install zpaq"):
         T.read_artifact(path)
-    assert "zpaq" not in T.Packing("auto", "role", "int8", True, True).compressors, "auto uses only the installed compressors"
+    assert "zpaq" not in T.Packing("auto", "role", "int8", True, "all").compressors, "auto uses only the installed compressors"
 
 
 @pytest.fixture

@@ -8,10 +8,12 @@ plain PyTorch and NumPy, are called here), torch.compile as the identity and an 
 
 import functools
 import importlib.util
+import json
 import os
 import re
 import sys
 import types
+from dataclasses import replace
 from types import SimpleNamespace
 from unittest import mock
 
@@ -186,3 +188,32 @@ def test_row_order_is_the_records_l1_chain_with_its_ties():
     q[10] = q[20] = q[30]  # equal rows: equal distances, the first index wins
     for m in (q, torch.zeros(7, 5, dtype=torch.int8)):
         assert np.array_equal(T.similarity_order(m).numpy(), rec._similarity_sort_l1(m.numpy()).astype(np.int64))
+
+
+def test_the_value_streams_hold_the_records_per_group_bytes(monkeypatch):
+    """With the default layout, each kind of matrix's stream decompresses to the bytes the record's
+    _serialize_pergroup hands its compressor (lrzip, replaced here by the identity): layers in order,
+    each matrix transposed, the rows of tok_emb, attn.c_q and mlp.fc (only) in the record's L1 order."""
+    rec = record()
+    overrides = dict(VOCAB_SIZE=512, MODEL_DIM=320, MLP_MULT=2, BIGRAM_VOCAB_SIZE=0, GATE_WINDOW=12)  # c_q 320 x 320: quantized
+    model = tiny_model(seed=3, **overrides)
+    state = model.state_dict()
+    args = tiny_args(**overrides)
+    qstate = T.quantize_state_dict(state, args, None)  # round-to-nearest: the layout is what is compared
+    result = {}
+    for name, v in qstate.items():  # our integers in the record's naming
+        if isinstance(v, T.QuantizedTensor) and not T.is_control(name):
+            result[name + ".q"] = v.q
+    monkeypatch.setattr(rec, "_lrzip_compress", lambda data, tmpdir, label: data)
+    record_streams = rec._unpack_streams(rec._serialize_pergroup(result, {}, args.num_layers, None))
+    record_groups = {key.removeprefix("_").removesuffix(".weight.q"): data for key, data in zip(rec._GROUP_ORDER, record_streams)}
+    blob, _ = T.encode_artifact(qstate, model.cfg, replace(T.Packing.from_args(args), compressor="zstd"))  # the default layout
+    raw_manifest, *streams = T._read_streams(blob[T._ARTIFACT_HEADER.size :])
+    manifest = json.loads(raw_manifest)
+    ours = {spec["sections"][0]: data for spec, data in zip(manifest["streams"], streams)}
+    groups = {T.value_group(n.removesuffix(".q")) for n in result}
+    assert groups == {"tok_emb", "attn.c_q", "attn.proj", "mlp.fc", "mlp.proj"}
+    for group in groups:
+        assert ours[group] == record_groups[group], group
+    entries = {e["name"]: e for e in manifest["tensors"]}
+    assert {T.value_group(n) for n, e in entries.items() if e.get("ordered")} == {"tok_emb", "attn.c_q", "mlp.fc"}
