@@ -173,7 +173,7 @@ SETTINGS = (
     Setting("LQER_A_BITS", 2, "bits of the correction's left factor A = U S (one scale; values in [-2^(b-1), 2^(b-1) - 1], scale max / (2^(b-1) - 0.5))", lambda v: 2 <= v <= 8, "in [2, 8]"),
     Setting("LQER_B_BITS", 4, "bits of the correction's right factor B = V^T (one scale per LQER_GROUP columns, the same grid as A)", lambda v: 2 <= v <= 8, "in [2, 8]"),
     Setting("LQER_GROUP", 64, "columns of B sharing one scale", _positive, "> 0"),
-    Setting("LQER_A_REFIT", False, "fit A by least squares to B as quantized, instead of A = U S"),
+    Setting("LQER_A_CLIP_SEARCH", False, "clip A at the fraction of its largest magnitude that fits the error best (else at the largest, as the record)"),
     Setting("GPTQ_ENABLED", True, "full-Hessian GPTQ (else round-to-nearest)"),
     Setting("GPTQ_EMBED", True, "GPTQ the tied embedding too, with the Hessian of the LM head's input (else round-to-nearest)"),
     Setting("GPTQ_CALIBRATION", "train", "train = batches read inside the training budget, self = model-generated text", ("train", "self")),
@@ -1694,6 +1694,7 @@ def train_model(model: GPT, args: Hyperparameters, rt: Runtime, log: Logger, eva
 # ----------------------------------------------------------------------------- artifact: quantization, GPTQ, packing, file format
 
 CLIP_QUANTILES = (0.999, 0.9995, 0.9999, 0.99999, 1.0)
+LQER_A_CLIP_FRACTIONS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0)  # of max |A|: the clips LQER_A_CLIP_SEARCH tries
 
 
 class ArtifactError(RuntimeError):
@@ -1872,9 +1873,10 @@ def lqer_grid(x: Tensor, amax: Tensor, bits: int) -> tuple[Tensor, Tensor]:
     return torch.clamp(torch.round(x / scale), -top, top - 1).to(torch.int8), scale
 
 
-def low_rank_correction(err: Tensor, rank: int, a_bits: int, b_bits: int, group: int, refit: bool = False) -> LowRankCorrection:
+def low_rank_correction(err: Tensor, rank: int, a_bits: int, b_bits: int, group: int, clip_search: bool = False) -> LowRankCorrection:
     """The error's top singular directions, err ~ A @ B with A = U S (one scale) and B = V^T (a scale per
-    `group` columns); with `refit`, A is fitted by least squares to B as quantized before it is quantized."""
+    `group` columns); with `clip_search`, A's grid ends at the fraction of max |A| that leaves the least
+    ||err - A B|| instead of at max |A| (the columns of small singular values keep more levels)."""
     rank = min(rank, *err.shape)
     cols = err.size(1)
     groups = -(-cols // group)
@@ -1883,9 +1885,9 @@ def low_rank_correction(err: Tensor, rank: int, a_bits: int, b_bits: int, group:
     b, b_scale = lqer_grid(padded, padded.abs().amax(dim=2, keepdim=True), b_bits)
     b, b_scale = b.view(rank, -1)[:, :cols], b_scale.squeeze(2)
     a_float = u[:, :rank] * s[:rank]
-    if refit:
-        a_float = torch.linalg.lstsq((b.float() * b_scale.repeat_interleave(group, dim=1)[:, :cols]).T, err.T).solution.T
-    a, a_scale = lqer_grid(a_float, a_float.abs().amax().reshape(1, 1), a_bits)
+    b_float = b.float() * b_scale.repeat_interleave(group, dim=1)[:, :cols]
+    fits = [lqer_grid(a_float, frac * a_float.abs().amax().reshape(1, 1), a_bits) for frac in (LQER_A_CLIP_FRACTIONS if clip_search else (1.0,))]
+    a, a_scale = min(fits, key=lambda fit: torch.linalg.norm(err - (fit[0].float() * fit[1]) @ b_float).item())
     return LowRankCorrection(a, a_scale.half(), b, b_scale.half(), a_bits, b_bits, group)
 
 
@@ -1897,7 +1899,7 @@ def add_low_rank_corrections(qstate: dict[str, object], state: dict[str, Tensor]
             errors[name] = torch.linalg.norm(state[name].detach().float().cpu() - v.dequantize()).item()
     for name in sorted(errors, key=errors.get, reverse=True)[: args.lqer_top_k]:
         err = state[name].detach().float().cpu() - qstate[name].dequantize()
-        correction = low_rank_correction(err, args.lqer_rank, args.lqer_a_bits, args.lqer_b_bits, args.lqer_group, args.lqer_a_refit)
+        correction = low_rank_correction(err, args.lqer_rank, args.lqer_a_bits, args.lqer_b_bits, args.lqer_group, args.lqer_a_clip_search)
         qstate[name] = replace(qstate[name], correction=correction)
         if log is not None:
             log(f"lqer {name} rank:{correction.a.size(1)} error:{errors[name]:.4f} -> {torch.linalg.norm(err - correction.delta()).item():.4f}")

@@ -47,7 +47,7 @@ def quantizer_variants(args: tg.Hyperparameters, k_scales: list[float], search_b
     ks = {f"QUANT_CLIP_K_{r}": getattr(args, f"quant_clip_k_{r.lower()}") for r in ("ATTN", "MLP", "EMBED", "OTHER")}
     variants = [("old packing (format 1)", OLD_PACKING), ("defaults", {})]
     variants += [("GPTQ_EMBED=0", {"GPTQ_EMBED": "0"}), ("LQER_RANK=0", {"LQER_RANK": "0"}), ("QUANT_BITS_EMBED=8", {"QUANT_BITS_EMBED": "8"})]
-    variants += [(f"LQER_A_REFIT={int(not args.lqer_a_refit)}", {"LQER_A_REFIT": str(int(not args.lqer_a_refit))})]
+    variants += [(f"LQER_A_CLIP_SEARCH={int(not args.lqer_a_clip_search)}", {"LQER_A_CLIP_SEARCH": str(int(not args.lqer_a_clip_search))})]
     variants += [(f"QUANT_CONTROL_INT8={c or '(none)'}", {"QUANT_CONTROL_INT8": c}) for c in ("", "out_gate", "all") if c != args.quant_control_int8]
     variants += [(f"sdclip k x{f:g}", {"QUANT_CLIP": "sdclip", **{n: str(k * f) for n, k in ks.items()}}) for f in k_scales]
     for bits in search_bits:

@@ -522,6 +522,26 @@ def test_lqer_reduces_the_error_of_the_worst_tensors_and_is_applied_on_reload(tm
         assert not torch.equal(reloaded[name], plain[name].dequantize())
 
 
+def test_lqer_clip_search_fits_the_error_at_least_as_well_as_the_records_max_clip():
+    """LQER_A_CLIP_SEARCH: A's grid ends at the best of a few fractions of max |A| (1 = the record's clip is
+    one of them), so ||E - A B|| never grows, and shrinks where A's columns differ in scale (U S)."""
+    g = torch.Generator().manual_seed(0)
+    u = torch.linalg.qr(torch.randn(96, 4, generator=g)).Q
+    err = u * torch.tensor([20.0, 4.0, 2.0, 1.0]) @ torch.randn(4, 128, generator=g) / 10 + 0.01 * torch.randn(96, 128, generator=g)
+    plain, searched = (T.low_rank_correction(err, 4, 2, 4, 64, clip_search) for clip_search in (False, True))
+    assert torch.equal(plain.b, searched.b) and torch.equal(plain.b_scale, searched.b_scale), "the search moves A's scale only"
+    a_float = (lambda usv: usv[0][:, :4] * usv[1][:4])(torch.linalg.svd(err, full_matrices=False))
+    assert plain.a_scale.item() == (a_float.abs().max() / 1.5).half().item()
+    assert searched.a_scale.item() < plain.a_scale.item()
+    miss = [torch.linalg.norm(err - c.delta()).item() for c in (plain, searched)]
+    assert miss[1] < 0.9 * miss[0], miss
+    for bits in (2, 3):
+        w = heavy_tailed(rows=64, cols=128, seed=bits)
+        e = w - T.quantize_with_scale(w, T.row_scales(w, bits, "sdclip", 3.0), bits).float() * T.row_scales(w, bits, "sdclip", 3.0)
+        off, on = (torch.linalg.norm(e - T.low_rank_correction(e, 4, 2, 4, 64, flag).delta()).item() for flag in (False, True))
+        assert on <= off * (1 + 1e-6)
+
+
 # ----------------------------------------------------------------------------- the artifact file
 
 

@@ -84,7 +84,7 @@ def test_our_quantization_defaults_are_the_record_settings():
         h.attn_clip_sigmas, h.mlp_clip_sigmas, h.matrix_clip_sigmas, h.embed_clip_sigmas)
     assert ours.quant_clip == "sdclip" and ours.quant_float_max_numel == 65536 and ours.quant_control_int8 == "out_gate"
     assert (ours.lqer_rank, ours.lqer_top_k, ours.lqer_group) == (h.lqer_rank, h.lqer_top_k, h.lqer_asym_group)
-    assert (ours.lqer_a_bits, ours.lqer_b_bits, ours.lqer_a_refit) == (2, 4, False)  # the asymmetric pack: A in [-2, 1], B in [-8, 7]
+    assert (ours.lqer_a_bits, ours.lqer_b_bits, ours.lqer_a_clip_search) == (2, 4, False)  # the asymmetric pack: A in [-2, 1], B in [-8, 7]
     assert ours.gptq_enabled and ours.gptq_embed and ours.gptq_act_order and (ours.gptq_block_size, ours.gptq_damp) == (128, 0.01)
     assert ours.quant_prune_frac == 0.0
     # the record's rank 0 builds its Hessians from GPTQ_CALIBRATION_BATCHES of its share of a training batch (8 GPUs)
