@@ -106,7 +106,7 @@ def role_table(streams: list[tg.StreamReport]):
         print(f"| {s.name} | {s.numel:,} | {s.bytes:,} | {per_value} | {s.compressor} | {s.values} |")
 
 
-ROW_ORDERS = ("none", "tok_emb+attn.c_q+mlp.fc", "all")  # the groups whose rows are reordered, + for the setting's commas
+ROW_ORDERS = ("none", "tok_emb", "tok_emb+attn.c_q+mlp.fc", "all")  # the groups whose rows are reordered, + for the setting's commas
 LAYOUTS = [f"{g},{t},{r},{v}" for g, t, r, v in itertools.product(("single", "role"), (0, 1), ROW_ORDERS, ("int8", "bitpack"))]
 
 
