@@ -181,26 +181,27 @@ SETTINGS = (
     Setting("QUANT_BITS_ATTN", 6, "bits of attention matrices", lambda v: 2 <= v <= 8, "in [2, 8]"),
     Setting("QUANT_BITS_MLP", 6, "bits of MLP matrices", lambda v: 2 <= v <= 8, "in [2, 8]"),
     Setting("QUANT_BITS_EMBED", 7, "bits of the token embedding / LM head", lambda v: 2 <= v <= 8, "in [2, 8]"),
-    Setting("QUANT_BITS_OTHER", 8, "bits of other large matrices (BigramHash)", lambda v: 2 <= v <= 8, "in [2, 8]"),
+    Setting("QUANT_BITS_OTHER", 6, "bits of other large matrices (BigramHash)", lambda v: 2 <= v <= 8, "in [2, 8]"),
     Setting("QUANT_CLIP", "sdclip", "row clip: search = MSE-best of a few quantiles, sdclip = QUANT_CLIP_K_<role> * std(row) (a larger k: coarser grid, fewer bytes)", ("search", "sdclip")),
     Setting("QUANT_CLIP_K_ATTN", 13.0, "k of the sdclip clip of attention matrices", _positive, "> 0"),
     Setting("QUANT_CLIP_K_MLP", 11.5, "k of the sdclip clip of MLP matrices", _positive, "> 0"),
     Setting("QUANT_CLIP_K_EMBED", 14.0, "k of the sdclip clip of the token embedding / LM head", _positive, "> 0"),
-    Setting("QUANT_CLIP_K_OTHER", 14.0, "k of the sdclip clip of other large matrices (BigramHash)", _positive, "> 0"),
-    Setting("QUANT_FLOAT_MAX_NUMEL", 65536, "2-D tensors with fewer elements are stored in fp16, not quantized", _non_negative, ">= 0"),
-    Setting("QUANT_CONTROL_INT8", "all", "control tensors (gates, scales, mixes) stored as int8 with a scale per row instead of fp32: all, or a comma list of their names (empty = none)", lambda v: v == "all" or _items(v) <= set(CONTROL_PARAMETER_NAMES), "all or a comma list of names from CONTROL_PARAMETER_NAMES in train_gpt.py"),
+    Setting("QUANT_CLIP_K_OTHER", 12.85, "k of the sdclip clip of other large matrices (BigramHash)", _positive, "> 0"),
+    Setting("QUANT_FLOAT_MAX_NUMEL", 65536, "2-D tensors of at most this many elements are stored in fp16, not quantized", _non_negative, ">= 0"),
+    Setting("QUANT_CONTROL_INT8", "out_gate", "control tensors (gates, scales, mixes) stored as int8 with a scale per row (row max / 127) instead of fp16: all, or a comma list of their names (empty = none)", lambda v: v == "all" or _items(v) <= set(CONTROL_PARAMETER_NAMES), "all or a comma list of names from CONTROL_PARAMETER_NAMES in train_gpt.py"),
     Setting("QUANT_PRUNE_FRAC", 0.0, "zero this fraction of smallest-magnitude weights before quantizing", lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
     Setting("QUANT_FIT_TO_CAP", True, "if over SIZE_CAP_BYTES, raise pruning step by step until the artifact fits"),
     Setting("LQER_RANK", 4, "rank of the low-rank correction of the worst-quantized tensors (0 = off)", _non_negative, ">= 0"),
     Setting("LQER_TOP_K", 3, "how many tensors get the correction: those with the largest norm of W - W_q", _non_negative, ">= 0"),
-    Setting("LQER_A_BITS", 2, "bits of the correction's left factor A = U S (one scale)", lambda v: 2 <= v <= 8, "in [2, 8]"),
-    Setting("LQER_B_BITS", 4, "bits of the correction's right factor B = V^T (one scale per LQER_GROUP columns)", lambda v: 2 <= v <= 8, "in [2, 8]"),
+    Setting("LQER_A_BITS", 2, "bits of the correction's left factor A = U S (one scale; values in [-2^(b-1), 2^(b-1) - 1], scale max / (2^(b-1) - 0.5))", lambda v: 2 <= v <= 8, "in [2, 8]"),
+    Setting("LQER_B_BITS", 4, "bits of the correction's right factor B = V^T (one scale per LQER_GROUP columns, the same grid as A)", lambda v: 2 <= v <= 8, "in [2, 8]"),
     Setting("LQER_GROUP", 64, "columns of B sharing one scale", _positive, "> 0"),
+    Setting("LQER_A_CLIP_SEARCH", False, "clip A at the fraction of its largest magnitude that fits the error best (else at the largest, as the record)"),
     Setting("GPTQ_ENABLED", True, "full-Hessian GPTQ (else round-to-nearest)"),
     Setting("GPTQ_EMBED", True, "GPTQ the tied embedding too, with the Hessian of the LM head's input (else round-to-nearest)"),
     Setting("GPTQ_CALIBRATION", "train", "train = batches read inside the training budget, self = model-generated text", ("train", "self")),
     Setting("GPTQ_RESERVE_SECONDS", "auto", "training stops this much early so that calibration fits inside the cap; auto = 1.25 x the calibration time measured before training + 1 s", lambda v: v == "auto" or _seconds(v) is not None, "auto or seconds >= 0"),
-    Setting("GPTQ_CALIB_SEQS", 768, "calibration sequences of TRAIN_SEQ_LEN, all ranks together (the record's 16 x 48)", _positive, "> 0"),
+    Setting("GPTQ_CALIB_SEQS", 768, "calibration sequences of TRAIN_SEQ_LEN, all ranks together (the record: 16 batches of 48 on its rank 0)", _positive, "> 0"),
     Setting("GPTQ_CALIB_TEMPERATURE", 0.8, "sampling temperature of self-generated calibration text", _positive, "> 0"),
     Setting("GPTQ_BLOCK_SIZE", 128, "GPTQ column block size", _positive, "> 0"),
     Setting("GPTQ_DAMP", 0.01, "GPTQ damping as a fraction of mean diag(H)", _positive, "> 0"),
@@ -209,7 +210,8 @@ SETTINGS = (
     Setting("ARTIFACT_GROUPING", "role", "role = one compressed stream per kind of tensor across layers (attn.c_q, mlp.fc, ...), scales, fp16 and fp32; single = one stream for all", ("role", "single")),
     Setting("ARTIFACT_PACKING", "int8", "quantized values in int8 containers, bit-packed, or auto = the smaller after compression, per stream", ("auto", "int8", "bitpack")),
     Setting("ARTIFACT_TRANSPOSE", True, "store each quantized matrix column by column"),
-    Setting("ARTIFACT_REORDER_ROWS", True, "store the rows of each quantized matrix in nearest-neighbour order (the order is stored)"),
+    Setting("ARTIFACT_REORDER_ROWS", "tok_emb,attn.c_q,mlp.fc", "store the rows of these kinds of quantized matrix in nearest-neighbour order (the order is stored): a comma list, all, or empty (none)",
+            lambda v: v == "all" or _items(v) <= set(MATRIX_GROUPS), "all or a comma list from MATRIX_GROUPS in train_gpt.py"),
     Setting("CODE_MINIFY", True, "minify the source (python-minifier) before compressing it into the shipped train_gpt.py"),
     Setting("SIZE_CAP_BYTES", 16000000, "cap on code bytes + artifact bytes", _positive, "> 0"),
     # evaluation
@@ -2051,7 +2053,7 @@ def train_model(model: GPT, args: Hyperparameters, rt: Runtime, log: Logger, eva
 # ----------------------------------------------------------------------------- artifact: quantization, GPTQ, packing, file format
 
 CLIP_QUANTILES = (0.999, 0.9995, 0.9999, 0.99999, 1.0)
-LQER_A_CLIP_FRACTIONS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0)  # of max |A|: candidate clips of the correction's one-scale factor
+LQER_A_CLIP_FRACTIONS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0)  # of max |A|: the clips LQER_A_CLIP_SEARCH tries
 
 
 class ArtifactError(RuntimeError):
@@ -2059,12 +2061,12 @@ class ArtifactError(RuntimeError):
 
 
 def tensor_role(name: str, tensor: Tensor, float_max_numel: int = 65536) -> str:
-    """attn / mlp / embed / other for quantized matrices; control (fp32) or small (fp16) otherwise."""
+    """attn / mlp / embed / other for quantized matrices; control or small (fp16) otherwise."""
     if not tensor.is_floating_point() or tensor.ndim != 2 or is_control(name):
         return "control"
     if name.startswith(("tok_emb", "lm_head")):
         return "embed"
-    if tensor.numel() < float_max_numel:
+    if tensor.numel() <= float_max_numel:
         return "small"
     return "attn" if ".attn." in name else "mlp" if ".mlp." in name else "other"
 
@@ -2092,7 +2094,7 @@ def row_scales(w: Tensor, bits: int, mode: str, k: float) -> Tensor:
     qmax = 2 ** (bits - 1) - 1
     w = w.float()
     if mode == "sdclip":
-        return (k * w.std(dim=1, keepdim=True, correction=0) / qmax).clamp_min(2**-24).half().float()  # 2^-24: the smallest fp16 > 0
+        return (k * w.std(dim=1, keepdim=True) / qmax).clamp_min(2**-24).half().float()  # 2^-24: the smallest fp16 > 0
     best_scale, best_err = None, None
     quantiles = torch.quantile(w.abs(), torch.tensor(CLIP_QUANTILES, device=w.device), dim=1).T  # (rows, Q)
     for j in range(quantiles.size(1)):
@@ -2119,10 +2121,10 @@ def gptq_quantize(w: Tensor, H: Tensor, scale: Tensor, bits: int, block_size: in
     dead = torch.diag(H) == 0
     H[dead, dead] = 1.0
     W[:, dead] = 0.0
+    H += damp * torch.mean(torch.diag(H)) * torch.eye(n, device=W.device)
     perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(n, device=W.device)
     W, H = W[:, perm], H[perm][:, perm]
     keep = None if keep is None else keep[:, perm]
-    H += damp * torch.mean(torch.diag(H)) * torch.eye(n, device=W.device)
     Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
     qmax = 2 ** (bits - 1) - 1
     Q = torch.zeros_like(W, dtype=torch.int8)
@@ -2186,22 +2188,22 @@ class QuantizedTensor:
 
 
 def quantize_control(t: Tensor) -> QuantizedTensor:
-    """A gate or control tensor as int8 with an fp16 scale per row (a vector is one row): 4x fewer bytes than fp32."""
+    """A gate or control tensor as int8 in [-127, 127] with an fp16 scale per row, row max / 127 (a vector is one row)."""
     w = t.detach().float().cpu().reshape(t.shape[0] if t.ndim > 1 else 1, -1)
-    scale = row_scales(w, 8, "search", 0.0)
+    scale = (w.abs().amax(dim=1, keepdim=True) / 127).clamp_min(2**-24).half().float()
     return QuantizedTensor(quantize_with_scale(w, scale, 8), scale.half(), 8, None if t.ndim == 2 else tuple(t.shape))
 
 
 def quantize_state_dict(state: dict[str, Tensor], args: Hyperparameters, hessians: dict | None, log=None) -> dict[str, object]:
     """Each tensor by role: QuantizedTensor (GPTQ where a Hessian exists, else round-to-nearest; int8 for the
-    QUANT_CONTROL_INT8 tensors), fp16 or fp32; then the low-rank correction of the worst few."""
+    QUANT_CONTROL_INT8 tensors) or fp16; then the low-rank correction of the worst few."""
     bits_of, k_of = role_bits(args), role_clip_k(args)
     int8_controls = CONTROL_PARAMETER_NAMES if args.quant_control_int8 == "all" else _items(args.quant_control_int8)
     out = {}
     for name, t in state.items():
         role = tensor_role(name, t, args.quant_float_max_numel)
         if role == "control":
-            out[name] = quantize_control(t) if any(c in name for c in int8_controls) else t.detach().float().cpu()
+            out[name] = quantize_control(t) if any(c in name for c in int8_controls) else t.detach().half().cpu()
             continue
         if role == "small":
             out[name] = t.detach().half().cpu()
@@ -2222,27 +2224,29 @@ def quantize_state_dict(state: dict[str, Tensor], args: Hyperparameters, hessian
     return out
 
 
-def low_rank_correction(err: Tensor, rank: int, a_bits: int, b_bits: int, group: int) -> LowRankCorrection:
-    """The error's top singular directions: B = V^T quantized per group of columns, then A fitted to
-    that quantized B by least squares and quantized with the one scale that fits best."""
+def lqer_grid(x: Tensor, amax: Tensor, bits: int) -> tuple[Tensor, Tensor]:
+    """x on the grid {-2^(b-1), ..., 2^(b-1) - 1} * scale, scale = amax / (2^(b-1) - 0.5) in fp16: all 2^b
+    levels used, the largest |x| on an end of the grid ([-2, 1] at 2 bits, [-8, 7] at 4)."""
+    top = 2 ** (bits - 1)
+    scale = (amax / (top - 0.5)).clamp_min(2**-24).half().float()
+    return torch.clamp(torch.round(x / scale), -top, top - 1).to(torch.int8), scale
+
+
+def low_rank_correction(err: Tensor, rank: int, a_bits: int, b_bits: int, group: int, clip_search: bool = False) -> LowRankCorrection:
+    """The error's top singular directions, err ~ A @ B with A = U S (one scale) and B = V^T (a scale per
+    `group` columns); with `clip_search`, A's grid ends at the fraction of max |A| that leaves the least
+    ||err - A B|| instead of at max |A| (the columns of small singular values keep more levels)."""
     rank = min(rank, *err.shape)
     cols = err.size(1)
     groups = -(-cols // group)
-    vh = torch.linalg.svd(err, full_matrices=False).Vh[:rank]
-    padded = F.pad(vh, (0, groups * group - cols)).view(rank, groups, group)
-    b_scale = (padded.abs().amax(dim=2, keepdim=True) / (2 ** (b_bits - 1) - 1)).clamp_min(2**-24).half().float()
-    b = quantize_with_scale(padded, b_scale, b_bits).view(rank, -1)[:, :cols]
-    b_scale = b_scale.squeeze(2)
+    u, s, vh = torch.linalg.svd(err, full_matrices=False)
+    padded = F.pad(vh[:rank], (0, groups * group - cols)).view(rank, groups, group)
+    b, b_scale = lqer_grid(padded, padded.abs().amax(dim=2, keepdim=True), b_bits)
+    b, b_scale = b.view(rank, -1)[:, :cols], b_scale.squeeze(2)
+    a_float = u[:, :rank] * s[:rank]
     b_float = b.float() * b_scale.repeat_interleave(group, dim=1)[:, :cols]
-    a_float = torch.linalg.lstsq(b_float.T, err.T).solution.T
-    best = None
-    for frac in LQER_A_CLIP_FRACTIONS:
-        a_scale = (frac * a_float.abs().max() / (2 ** (a_bits - 1) - 1)).clamp_min(2**-24).half().float().reshape(1, 1)
-        a = quantize_with_scale(a_float, a_scale, a_bits)
-        miss = torch.linalg.norm(err - (a.float() * a_scale) @ b_float).item()
-        if best is None or miss < best[0]:
-            best = (miss, a, a_scale)
-    _, a, a_scale = best
+    fits = [lqer_grid(a_float, frac * a_float.abs().amax().reshape(1, 1), a_bits) for frac in (LQER_A_CLIP_FRACTIONS if clip_search else (1.0,))]
+    a, a_scale = min(fits, key=lambda fit: torch.linalg.norm(err - (fit[0].float() * fit[1]) @ b_float).item())
     return LowRankCorrection(a, a_scale.half(), b, b_scale.half(), a_bits, b_bits, group)
 
 
@@ -2254,7 +2258,7 @@ def add_low_rank_corrections(qstate: dict[str, object], state: dict[str, Tensor]
             errors[name] = torch.linalg.norm(state[name].detach().float().cpu() - v.dequantize()).item()
     for name in sorted(errors, key=errors.get, reverse=True)[: args.lqer_top_k]:
         err = state[name].detach().float().cpu() - qstate[name].dequantize()
-        correction = low_rank_correction(err, args.lqer_rank, args.lqer_a_bits, args.lqer_b_bits, args.lqer_group)
+        correction = low_rank_correction(err, args.lqer_rank, args.lqer_a_bits, args.lqer_b_bits, args.lqer_group, args.lqer_a_clip_search)
         qstate[name] = replace(qstate[name], correction=correction)
         if log is not None:
             log(f"lqer {name} rank:{correction.a.size(1)} error:{errors[name]:.4f} -> {torch.linalg.norm(err - correction.delta()).item():.4f}")
@@ -2293,14 +2297,13 @@ def unpack_bits(data: bytes, bits: int, count: int) -> np.ndarray:
 
 
 def similarity_order(q: Tensor) -> Tensor:
-    """A greedy nearest-neighbour chain through the rows (L2 on the values), from the smallest row:
-    rows that follow each other in the file are alike, which the compressors exploit."""
+    """A greedy nearest-neighbour chain through the rows (L1 distance of the values, ties to the lowest
+    row), from row 0: rows that follow each other in the file are alike, which the compressors exploit."""
     x = q.float()
-    norms = x.square().sum(dim=1)
-    dist = norms[:, None] + norms[None, :] - 2.0 * (x @ x.T)
+    dist = torch.cdist(x, x, p=1)  # sums of integers: exact in fp32
     visited = torch.zeros(x.size(0), dtype=torch.bool)
-    order = [int(torch.argmin(norms))]
-    visited[order[0]] = True
+    order = [0]
+    visited[0] = True
     for _ in range(x.size(0) - 1):
         order.append(int(torch.argmin(dist[order[-1]].masked_fill(visited, float("inf")))))
         visited[order[-1]] = True
@@ -2362,7 +2365,7 @@ class Packing:
     grouping: str  # role / single
     values: str  # int8 / bitpack / auto
     transpose: bool
-    reorder_rows: bool
+    reorder_rows: str  # the value groups whose rows are reordered: a comma list, all, or empty
 
     @classmethod
     def from_args(cls, args: Hyperparameters) -> "Packing":
@@ -2385,6 +2388,9 @@ class StreamReport:
     numel: int  # quantized values in it
 
 
+MATRIX_GROUPS = ("tok_emb", "lm_head", "bigram.table", "bigram.proj", "attn.c_q", "attn.c_k", "attn.c_v", "attn.proj", "mlp.fc", "mlp.proj")
+
+
 def value_group(name: str) -> str:
     """The stream of a quantized tensor's values under ARTIFACT_GROUPING=role: one kind of matrix across
     layers (blocks.3.attn.c_q.weight -> attn.c_q), the control tensors together."""
@@ -2403,7 +2409,7 @@ def _section_length(section: object, values: str) -> int:
     return sum((v.size * bits + 7) // 8 if values == "bitpack" else v.size for v, bits in section)
 
 
-def artifact_sections(qstate: dict[str, object], transpose: bool, reorder_rows: bool) -> tuple[list[dict], dict[str, object]]:
+def artifact_sections(qstate: dict[str, object], transpose: bool, reorder_rows: str) -> tuple[list[dict], dict[str, object]]:
     """Manifest entries and the file's sections: per value group the (values, bits) of its tensors (rows
     reordered, columns first if transposed), then bytes of row scales, row orders, LQER factors, fp16, fp32."""
     entries, groups = [], {}
@@ -2417,7 +2423,7 @@ def artifact_sections(qstate: dict[str, object], transpose: bool, reorder_rows: 
         rows, cols = v.q.shape
         entry = {"name": name, "kind": "q", "group": value_group(name), "shape": list(v.q.shape if v.shape is None else v.shape), "rows": rows, "cols": cols, "bits": v.bits}
         q = v.q
-        if reorder_rows and rows > 2 and not is_control(name):
+        if rows > 2 and not is_control(name) and (reorder_rows == "all" or entry["group"] in _items(reorder_rows)):
             order = similarity_order(q)
             q = q[order]
             floats["row_orders"].append(order.numpy().astype(_order_dtype(rows)).tobytes())

@@ -32,9 +32,9 @@ import train_gpt as tg  # noqa: E402
 
 HEADER = tg._ARTIFACT_HEADER.size
 STREAM_HEADER = tg._STREAM_HEADER.size
-OLD_PACKING = dict(  # format 1 on main before issue 9: search clip, int8 RTN embedding, fp32 controls, one zstd stream, raw source counted
+OLD_PACKING = dict(  # format 1 on main before issue 9: search clip, int8 RTN embedding, one zstd stream, raw source counted (controls fp16; they were fp32)
     QUANT_CLIP="search", QUANT_BITS_EMBED="8", GPTQ_EMBED="0", LQER_RANK="0", QUANT_CONTROL_INT8="", ARTIFACT_COMPRESSOR="zstd",
-    ARTIFACT_GROUPING="single", ARTIFACT_PACKING="auto", ARTIFACT_TRANSPOSE="0", ARTIFACT_REORDER_ROWS="0",
+    ARTIFACT_GROUPING="single", ARTIFACT_PACKING="auto", ARTIFACT_TRANSPOSE="0", ARTIFACT_REORDER_ROWS="",
 )
 
 
@@ -47,7 +47,8 @@ def quantizer_variants(args: tg.Hyperparameters, k_scales: list[float], search_b
     ks = {f"QUANT_CLIP_K_{r}": getattr(args, f"quant_clip_k_{r.lower()}") for r in ("ATTN", "MLP", "EMBED", "OTHER")}
     variants = [("old packing (format 1)", OLD_PACKING), ("defaults", {})]
     variants += [("GPTQ_EMBED=0", {"GPTQ_EMBED": "0"}), ("LQER_RANK=0", {"LQER_RANK": "0"}), ("QUANT_BITS_EMBED=8", {"QUANT_BITS_EMBED": "8"})]
-    variants += [(f"QUANT_CONTROL_INT8={c or '(none)'}", {"QUANT_CONTROL_INT8": c}) for c in ("", "all") if c != args.quant_control_int8]
+    variants += [(f"LQER_A_CLIP_SEARCH={int(not args.lqer_a_clip_search)}", {"LQER_A_CLIP_SEARCH": str(int(not args.lqer_a_clip_search))})]
+    variants += [(f"QUANT_CONTROL_INT8={c or '(none)'}", {"QUANT_CONTROL_INT8": c}) for c in ("", "out_gate", "all") if c != args.quant_control_int8]
     variants += [(f"sdclip k x{f:g}", {"QUANT_CLIP": "sdclip", **{n: str(k * f) for n, k in ks.items()}}) for f in k_scales]
     for bits in search_bits:
         variants.append((f"search int{bits}/int{bits + 1} emb", {"QUANT_CLIP": "search", "QUANT_BITS_ATTN": str(bits), "QUANT_BITS_MLP": str(bits), "QUANT_BITS_EMBED": str(bits + 1)}))
@@ -105,7 +106,8 @@ def role_table(streams: list[tg.StreamReport]):
         print(f"| {s.name} | {s.numel:,} | {s.bytes:,} | {per_value} | {s.compressor} | {s.values} |")
 
 
-LAYOUTS = [f"{g},{t},{r},{v}" for g, t, r, v in itertools.product(("single", "role"), (0, 1), (0, 1), ("int8", "bitpack"))]
+ROW_ORDERS = ("none", "tok_emb", "tok_emb+attn.c_q+mlp.fc", "all")  # the groups whose rows are reordered, + for the setting's commas
+LAYOUTS = [f"{g},{t},{r},{v}" for g, t, r, v in itertools.product(("single", "role"), (0, 1), ROW_ORDERS, ("int8", "bitpack"))]
 
 
 def packing_table(qstate, cfg, compressors: list[str], default: tg.Packing, layouts: list[str]):
@@ -115,8 +117,8 @@ def packing_table(qstate, cfg, compressors: list[str], default: tg.Packing, layo
     print("\n| grouping | transpose | row order | values | " + " | ".join(compressors) + " | auto (derived) |")
     print("| --- | --- | --- | --- | " + "---: | " * (len(compressors) + 1))
     times = {c: [0.0, 0.0, 0] for c in compressors}
-    for grouping, transpose, reorder, values in (layout.split(",") for layout in layouts):
-        transpose, reorder = transpose == "1", reorder == "1"
+    for grouping, transpose, row_order, values in (layout.split(",") for layout in layouts):
+        transpose, reorder = transpose == "1", "" if row_order == "none" else row_order.replace("+", ",")
         sizes, per_stream = {}, {}
         for c in compressors:
             t0 = time.perf_counter()
@@ -125,7 +127,7 @@ def packing_table(qstate, cfg, compressors: list[str], default: tg.Packing, layo
             _, back = tg.decode_artifact(blob[HEADER:])
             t2 = time.perf_counter()
             rebuilt = tg.dequantize_state_dict(back)
-            assert all(tg.torch.equal(rebuilt[n], reference[n]) for n in reference), (grouping, transpose, reorder, values, c)
+            assert all(tg.torch.equal(rebuilt[n], reference[n]) for n in reference), (grouping, transpose, row_order, values, c)
             times[c][0] += t1 - t0
             times[c][1] += t2 - t1
             times[c][2] += 1
@@ -137,7 +139,7 @@ def packing_table(qstate, cfg, compressors: list[str], default: tg.Packing, layo
             assert real == auto, f"a real auto run gave {real} bytes, the per-stream minimum {auto}"
         best = min(sizes.values())
         cells = " | ".join(f"**{sizes[c]:,}**" if sizes[c] == best else f"{sizes[c]:,}" for c in compressors)
-        print(f"| {grouping} | {int(transpose)} | {int(reorder)} | {values} | {cells} | {auto:,} |", flush=True)
+        print(f"| {grouping} | {int(transpose)} | {row_order} | {values} | {cells} | {auto:,} |", flush=True)
     print("\n| compressor | mean compress s | mean decompress s |")
     print("| --- | ---: | ---: |")
     for c, (comp, dec, n) in times.items():
@@ -151,7 +153,8 @@ def main():
     parser.add_argument("--k-scales", type=float, nargs="+", default=[0.5, 0.75, 1.0, 1.5, 2.0], help="SDClip sweep: every role's k times these")
     parser.add_argument("--search-bits", type=int, nargs="+", default=[4, 5, 6], help="search-clip points: attention/MLP bits (embedding one more)")
     parser.add_argument("--compressors", nargs="+", default=[c for c in tg.COMPRESSORS if tg.compressor_installed(c)], choices=tg.COMPRESSORS)
-    parser.add_argument("--layouts", nargs="+", default=LAYOUTS, choices=LAYOUTS, help="packing layouts: grouping,transpose,row order,values")
+    parser.add_argument("--layouts", nargs="+", default=LAYOUTS, choices=LAYOUTS, help="packing layouts: grouping,transpose,row order (none, all or groups joined by +),values")
+    parser.add_argument("--variants", nargs="+", help="quantizer rows to run, by the start of their label (default: all)")
     opts = parser.parse_args()
     args = tg.Hyperparameters()
     rt = tg.setup_runtime()
@@ -180,6 +183,8 @@ def main():
         if "quant" in opts.tables:
             rows = []
             for label, overrides in quantizer_variants(args, opts.k_scales, opts.search_bits):
+                if opts.variants and not label.startswith(tuple(opts.variants)):
+                    continue
                 row = export_and_score(model, hessians, base, overrides, rt, tables, val_tokens, code_bytes, Path(tmp))
                 rows.append((label, row))
                 print(f"done {label}: {row['artifact']:,} bytes, bpb {row['bpb']:.4f}", flush=True)

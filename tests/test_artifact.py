@@ -61,14 +61,15 @@ def test_round_to_nearest_error_bounds_per_bit_width(mode):
 
 def test_clip_modes_choose_the_documented_scale():
     w = heavy_tailed(seed=1)
-    w[0] = torch.where(torch.arange(w.size(1)) % 2 == 0, 1.0, -1.0)  # std 1 (population), absmax 1
+    w[0] = torch.where(torch.arange(w.size(1)) % 2 == 0, 1.0, -1.0)  # std about 1, absmax 1
     for bits in BITS:
         qmax = 2 ** (bits - 1) - 1
         k = 2.5
         sd = T.row_scales(w, bits, "sdclip", k)
-        expect = k * w.std(dim=1, keepdim=True, correction=0) / qmax
-        torch.testing.assert_close(sd, expect.half().float())
-        assert sd[0].item() == pytest.approx(k / qmax, rel=1e-3), "k * std beyond absmax is kept: a coarser grid, not absmax"
+        expect = k * w.std(dim=1, keepdim=True) / qmax  # the sample std (n - 1), as the record's SDClip
+        assert torch.equal(sd, expect.half().float())
+        assert not torch.equal(sd, (k * w.std(dim=1, keepdim=True, correction=0) / qmax).half().float())
+        assert sd[0].item() == pytest.approx(k / qmax, rel=3e-3), "k * std beyond absmax is kept: a coarser grid, not absmax"
         # search: never worse per row than the plain absmax clip (one of its candidates), usually better
         search = T.row_scales(w, bits, "search", k)
         absmax = (w.abs().amax(dim=1, keepdim=True) / qmax).half().float()
@@ -112,7 +113,7 @@ def test_sdclip_takes_each_roles_k_and_trades_error_for_bytes():
     qstate = T.quantize_state_dict(state, args, None)
     for name, k, bits in (("blocks.1.attn.c_q.weight", 3.0, 6), ("blocks.2.mlp.fc.weight", 5.0, 5), ("tok_emb.weight", 7.0, 7)):
         w = state[name].float()
-        expect = (k * w.std(dim=1, keepdim=True, correction=0) / (2 ** (bits - 1) - 1)).half()
+        expect = (k * w.std(dim=1, keepdim=True) / (2 ** (bits - 1) - 1)).half()
         assert torch.equal(qstate[name].scale, expect), name
         assert qstate[name].bits == bits
     # a larger k: a coarser grid, fewer bits per value, more error; inside the clip the error stays under half a step
@@ -383,10 +384,14 @@ def test_pack_unpack_bits_round_trip(bits):
 
 
 def sample_qstate(seed=0, **overrides):
-    """A randomized tiny model with mixed bit widths, int8 control tensors and low-rank corrections, its args and its round-to-nearest qstate."""
+    """A randomized tiny model with mixed bit widths, int8 and fp16 control tensors and low-rank corrections, its
+    args and its round-to-nearest qstate; skip_weights in fp32, as format-2 files written before the controls
+    went to fp16 hold them (still read)."""
     args = tiny_args(**{**dict(QUANT_BITS_ATTN=5, QUANT_BITS_MLP=6, QUANT_BITS_EMBED=7, QUANT_BITS_OTHER=3, QUANT_CONTROL_INT8=CONTROLS_INT8, LQER_RANK=2, **ALL_Q), **overrides})
     model = randomize(T.GPT(T.ModelConfig.from_args(args)), seed)
-    return model, args, T.quantize_state_dict(model.state_dict(), args, None)
+    qstate = T.quantize_state_dict(model.state_dict(), args, None)
+    qstate["skip_weights"] = model.skip_weights.detach().float()
+    return model, args, qstate
 
 
 CONTROLS_INT8 = "out_gate,skip_gates,attn_scale,lane_post,smear.scale"  # 2-D, 1-D, 3-D and 0-D control tensors
@@ -416,14 +421,14 @@ def decode_file_bytes(blob: bytes):
 def test_every_packing_round_trips_losslessly(compressor):
     model, args, qstate = sample_qstate()
     kinds = {type(v).__name__ if isinstance(v, T.QuantizedTensor) else str(v.dtype) for v in qstate.values()}
-    assert kinds == {"QuantizedTensor", "torch.float32"}
+    assert kinds == {"QuantizedTensor", "torch.float16", "torch.float32"}
     assert {v.bits for v in qstate.values() if isinstance(v, T.QuantizedTensor)} == {3, 5, 6, 7, 8}
     assert sum(v.correction is not None for v in qstate.values() if isinstance(v, T.QuantizedTensor)) == 3
     layouts = itertools.product(("role", "single"), ("int8", "bitpack", "auto"), (False, True), (False, True))
     if compressor != "zstd":  # every layout once with the fast compressor; two opposite ones with the slow ones
         layouts = [("role", "auto", True, True), ("single", "int8", False, False)]
     for grouping, values, transpose, reorder in layouts:
-        blob, streams = T.encode_artifact(qstate, model.cfg, T.Packing(compressor, grouping, values, transpose, reorder))
+        blob, streams = T.encode_artifact(qstate, model.cfg, T.Packing(compressor, grouping, values, transpose, "all" if reorder else ""))
         config, back = decode_file_bytes(blob)
         assert config == model.cfg
         assert_same_qstate(qstate, back)
@@ -433,15 +438,15 @@ def test_every_packing_round_trips_losslessly(compressor):
 
 def test_role_grouping_puts_each_kind_of_matrix_in_its_own_stream():
     model, args, qstate = sample_qstate(seed=3)
-    _, streams = T.encode_artifact(qstate, model.cfg, T.Packing("zstd", "role", "int8", True, True))
+    _, streams = T.encode_artifact(qstate, model.cfg, T.Packing("zstd", "role", "int8", True, "all"))
     names = [s.name for s in streams]
     assert names[0] == "manifest"
-    expected = {"control", "tok_emb", "bigram.table", "bigram.proj", "attn.c_q", "attn.c_k", "attn.c_v", "attn.proj", "mlp.fc", "mlp.proj", "scales", "row_orders", "lqer", "fp32"}
+    expected = {"control", "tok_emb", "bigram.table", "bigram.proj", "attn.c_q", "attn.c_k", "attn.c_v", "attn.proj", "mlp.fc", "mlp.proj", "scales", "row_orders", "lqer", "fp16", "fp32"}
     assert set(names[1:]) == expected and len(names) == len(set(names))
     counts = {s.name: s.numel for s in streams}
     assert counts["mlp.fc"] == sum(qstate[f"blocks.{i}.mlp.fc.weight"].q.numel() for i in range(4)), "one stream holds the matrix of every layer"
     assert counts["scales"] == 0 and counts["tok_emb"] == qstate["tok_emb.weight"].q.numel()
-    _, single = T.encode_artifact(qstate, model.cfg, T.Packing("zstd", "single", "int8", True, True))
+    _, single = T.encode_artifact(qstate, model.cfg, T.Packing("zstd", "single", "int8", True, "all"))
     assert [s.name for s in single] == ["manifest", "all"] and single[1].numel == sum(counts.values())
 
 
@@ -449,7 +454,7 @@ def test_small_tensors_stay_in_fp16():
     model, args, qstate = sample_qstate(QUANT_FLOAT_MAX_NUMEL=65536)  # the default: block matrices stay fp16
     assert any(v.dtype == torch.float16 for v in qstate.values() if not isinstance(v, T.QuantizedTensor))
     for grouping in ("role", "single"):
-        assert_same_qstate(qstate, decode_file_bytes(T.encode_artifact(qstate, model.cfg, T.Packing("zstd", grouping, "auto", True, True))[0])[1])
+        assert_same_qstate(qstate, decode_file_bytes(T.encode_artifact(qstate, model.cfg, T.Packing("zstd", grouping, "auto", True, "all"))[0])[1])
 
 
 def test_similarity_order_is_a_permutation_that_chains_near_rows():
@@ -477,10 +482,11 @@ def test_int8_control_tensors_round_trip_within_half_a_step():
         assert back.shape == state[name].shape
         step = v.scale.float().reshape(-1).max().item()
         assert (back - state[name]).abs().max().item() <= step / 2 * (1 + 1e-3), name
-    untouched = [n for n in state if T.is_control(n) and n not in names]
-    assert untouched and all(qstate[n].dtype == torch.float32 and torch.equal(qstate[n], state[n]) for n in untouched)
-    fp32 = T.quantize_state_dict(state, tiny_args(QUANT_CONTROL_INT8="", LQER_RANK=0, **ALL_Q), None)
-    sizes = [len(T.encode_artifact(q, model.cfg, T.Packing("zstd", "role", "int8", True, True))[0]) for q in (fp32, T.quantize_state_dict(state, tiny_args(QUANT_CONTROL_INT8=CONTROLS_INT8, LQER_RANK=0, **ALL_Q), None))]
+    untouched = [n for n in state if T.is_control(n) and n not in names and n != "skip_weights"]
+    assert untouched and all(qstate[n].dtype == torch.float16 and torch.equal(qstate[n], state[n].half()) for n in untouched)
+    fp16 = T.quantize_state_dict(state, tiny_args(QUANT_CONTROL_INT8="", LQER_RANK=0, **ALL_Q), None)
+    assert all(fp16[n].dtype == torch.float16 for n in state if T.is_control(n))
+    sizes = [len(T.encode_artifact(q, model.cfg, T.Packing("zstd", "role", "int8", True, "all"))[0]) for q in (fp16, T.quantize_state_dict(state, tiny_args(QUANT_CONTROL_INT8=CONTROLS_INT8, LQER_RANK=0, **ALL_Q), None))]
     assert sizes[1] < sizes[0], f"int8 control tensors must save bytes: {sizes}"
     with pytest.raises(T.SettingsError, match="CONTROL_PARAMETER_NAMES"):
         tiny_args(QUANT_CONTROL_INT8="out_gate,tok_emb")
@@ -504,7 +510,8 @@ def test_lqer_reduces_the_error_of_the_worst_tensors_and_is_applied_on_reload(tm
         c = corrected[name].correction
         assert torch.equal(corrected[name].q, plain[name].q), "the correction is added on top; the values stay"
         assert c.a.shape == (state[name].size(0), 4) and c.b.shape == (4, state[name].size(1))
-        assert int(c.a.abs().max()) <= 1 and int(c.b.abs().max()) <= 7 and c.b_scale.shape == (4, -(-state[name].size(1) // 8))
+        assert -2 <= int(c.a.min()) and int(c.a.max()) <= 1 and -8 <= int(c.b.min()) and int(c.b.max()) <= 7  # the grids [-2, 1] and [-8, 7]
+        assert c.b_scale.shape == (4, -(-state[name].size(1) // 8))
         after = torch.linalg.norm(state[name].float() - corrected[name].dequantize()).item()
         assert after < 0.97 * errors[name], (name, errors[name], after)
     path = tmp_path / "lqer.pgz"
@@ -513,6 +520,26 @@ def test_lqer_reduces_the_error_of_the_worst_tensors_and_is_applied_on_reload(tm
     for name in worst:
         assert torch.equal(reloaded[name], corrected[name].dequantize()), "the reload must apply the correction"
         assert not torch.equal(reloaded[name], plain[name].dequantize())
+
+
+def test_lqer_clip_search_fits_the_error_at_least_as_well_as_the_records_max_clip():
+    """LQER_A_CLIP_SEARCH: A's grid ends at the best of a few fractions of max |A| (1 = the record's clip is
+    one of them), so ||E - A B|| never grows, and shrinks where A's columns differ in scale (U S)."""
+    g = torch.Generator().manual_seed(0)
+    u = torch.linalg.qr(torch.randn(96, 4, generator=g)).Q
+    err = u * torch.tensor([20.0, 4.0, 2.0, 1.0]) @ torch.randn(4, 128, generator=g) / 10 + 0.01 * torch.randn(96, 128, generator=g)
+    plain, searched = (T.low_rank_correction(err, 4, 2, 4, 64, clip_search) for clip_search in (False, True))
+    assert torch.equal(plain.b, searched.b) and torch.equal(plain.b_scale, searched.b_scale), "the search moves A's scale only"
+    a_float = (lambda usv: usv[0][:, :4] * usv[1][:4])(torch.linalg.svd(err, full_matrices=False))
+    assert plain.a_scale.item() == (a_float.abs().max() / 1.5).half().item()
+    assert searched.a_scale.item() < plain.a_scale.item()
+    miss = [torch.linalg.norm(err - c.delta()).item() for c in (plain, searched)]
+    assert miss[1] < 0.9 * miss[0], miss
+    for bits in (2, 3):
+        w = heavy_tailed(rows=64, cols=128, seed=bits)
+        e = w - T.quantize_with_scale(w, T.row_scales(w, bits, "sdclip", 3.0), bits).float() * T.row_scales(w, bits, "sdclip", 3.0)
+        off, on = (torch.linalg.norm(e - T.low_rank_correction(e, 4, 2, 4, 64, flag).delta()).item() for flag in (False, True))
+        assert on <= off * (1 + 1e-6)
 
 
 # ----------------------------------------------------------------------------- the artifact file
@@ -548,8 +575,8 @@ def test_auto_keeps_the_smallest_compressor_and_layout_of_each_stream():
     fixed = {}
     for c in T.COMPRESSORS:
         for values in ("int8", "bitpack"):
-            fixed[c, values] = {s.name: s.bytes for s in T.encode_artifact(qstate, model.cfg, T.Packing(c, "role", values, True, False))[1]}
-    blob, streams = T.encode_artifact(qstate, model.cfg, T.Packing("auto", "role", "auto", True, False))
+            fixed[c, values] = {s.name: s.bytes for s in T.encode_artifact(qstate, model.cfg, T.Packing(c, "role", values, True, ""))[1]}
+    blob, streams = T.encode_artifact(qstate, model.cfg, T.Packing("auto", "role", "auto", True, ""))
     for s in streams:
         sizes = {key: found[s.name] for key, found in fixed.items()}
         assert s.bytes == min(sizes.values()), (s.name, s.bytes, sizes)
@@ -566,7 +593,7 @@ def test_a_missing_compressor_module_is_named_when_reading(tmp_path, monkeypatch
     monkeypatch.setattr(T, "compressor_installed", lambda c: c != "zpaq")
     with pytest.raises(T.ArtifactError, match="pip install zpaq"):
         T.read_artifact(path)
-    assert "zpaq" not in T.Packing("auto", "role", "int8", True, True).compressors, "auto uses only the installed compressors"
+    assert "zpaq" not in T.Packing("auto", "role", "int8", True, "all").compressors, "auto uses only the installed compressors"
 
 
 @pytest.fixture
