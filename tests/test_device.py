@@ -193,24 +193,8 @@ def test_every_scoring_path_on_the_device(device, path):
         if rt is device:
             assert on_device(ledger.nll) and ledger.without_distribution == 0
     (cpu, cpu_nll), (dev, dev_nll) = results
-    assert torch.allclose(cpu_nll, dev_nll, atol=1e-6) and math.isclose(cpu.val_bpb, dev.val_bpb, rel_tol=1e-6)
-
-
-def test_the_audit_on_the_device(device, tmp_path):
-    args = tiny_args(TTT_LR=0.05, TTT_PHASE_DOCS="3")
-    tables = toy_tables(64)
-    tokens = torch.from_numpy(synthetic_stream(10, seed=4).astype(np.int64)).to(device.device)
-    model = tiny_on(device)
-    model.requires_grad_(False)
-    weights = {k: v.clone() for k, v in model.state_dict().items()}
-    ledger = T.ScoreLedger(tokens, tables)
-    T.score_path("ttt", model, weights, tokens, ledger, args, device)
-
-    def score(toks, led, alone):
-        T.score_path("ttt", model, weights, toks, led, T.one_per_batch(args) if alone else args, device)
-
-    report = T.audit_path("ttt", score, tokens, tables, device, 64, args.ttt_chunk_size, ledger, args.eval_audit_tokens)
-    assert report.passed, report.line()
+    # the same arithmetic, though not always the same kernels (SDPA picks its CPU kernel by the device it is told)
+    assert torch.allclose(cpu_nll, dev_nll, rtol=1e-4, atol=1e-4) and math.isclose(cpu.val_bpb, dev.val_bpb, rel_tol=1e-5)
 
 
 # ----------------------------------------------------------------------------- the whole run
@@ -222,16 +206,16 @@ def write_run_data(folder):
 
 
 def test_the_whole_run_on_the_device(device, tmp_path, monkeypatch):
-    """run(): training (the loader, Muon, EMA, calibration inside the budget), GPTQ on Hessians from the
-    device, the artifact, its reload onto the device, every path and the audit, all with the model and
-    data on the device; the log ends with a valid submission."""
+    """run(): training (the loader, Muon, EMA, a validation pass, calibration inside the budget), GPTQ on
+    Hessians from the device, the artifact, its reload onto the device, the paths and the audit of the
+    scored one, all with the model and data on the device; the log ends with a valid submission."""
     write_run_data(tmp_path)
     monkeypatch.setattr(T, "load_tokenizer_tables", lambda path, vocab: toy_tables(vocab))
     monkeypatch.setattr(T, "tokenizer_mismatch", lambda data, tokenizer: None)
     monkeypatch.setattr(T, "is_caseops_tokenizer", lambda path: False)
     args = tiny_args(DATA_PATH=str(tmp_path), TOKENIZER_PATH=str(tmp_path / "none.model"), LOG_DIR=str(tmp_path / "logs"), ITERATIONS=4,
-                     TTT_LR=0.05, TTT_PHASE_DOCS="4", EVAL_STRIDE=8, CODE_MINIFY=0, ARTIFACT_COMPRESSOR="lzma", MAX_WALLCLOCK_SECONDS=60,
-                     GPTQ_RESERVE_SECONDS="auto", VAL_LOSS_EVERY=2)
+                     TTT_LR=0.05, TTT_PHASE_DOCS="4", EVAL_STRIDE=0, EVAL_AUDIT_TOKENS=128, CODE_MINIFY=0, ARTIFACT_COMPRESSOR="lzma",
+                     MAX_WALLCLOCK_SECONDS=60, GPTQ_RESERVE_SECONDS="auto", VAL_LOSS_EVERY=4)
     log = Recorder()
     valid = T.run(args, device, "device_run", log)
     text = "\n".join(log.lines)
