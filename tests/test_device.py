@@ -77,18 +77,20 @@ class EmulatedDevice(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         name = func.overloadpacket.__name__
-        on_device, on_host = [], []
+        on_device, on_host, on_meta = [], [], []
 
         def unwrap(t):
             if isinstance(t, OnDevice):
                 on_device.append(t)
                 return t.elem
             if isinstance(t, torch.Tensor):
-                assert t.device.type != DEVICE.type, f"{func}: a tensor of the stand-in device with no data (made outside the emulation)"
-                on_host.append(t)
+                (on_meta if t.device.type == DEVICE.type else on_host).append(t)
             return t
 
         args_, kwargs_ = tree_map(unwrap, (args, kwargs))
+        if on_meta:  # real meta tensors (shapes only, as the size check builds the model): theirs to run
+            assert not on_device, f"{func}: a tensor of the stand-in device with no data (made outside the emulation)"
+            return func(*args, **kwargs)
         target = kwargs.get("device")
         to_device = bool(on_device) if target is None else torch.device(target).type == DEVICE.type
         if target is not None:
