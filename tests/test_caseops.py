@@ -18,6 +18,7 @@ import sys
 import unicodedata
 from pathlib import Path
 from types import SimpleNamespace
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -66,11 +67,19 @@ def load_record_module(name: str):
     path = RECORD / f"{name}.py"
     if not path.is_file() or not RECORD_TOKENIZER.is_file():
         pytest.skip("../shared/fixtures/record_1855 is not beside the repository")
-    sys.path.insert(0, str(RECORD))  # prepare_caseops_data.py imports lossless_caps from beside it
     spec = importlib.util.spec_from_file_location(f"record_{name}", path)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    # prepare_caseops_data.py puts its folder first on sys.path to import lossless_caps; a path left
+    # there would make every later `import train_gpt` (spawned ranks included) load the record's.
+    with mock.patch.object(sys, "path", [str(RECORD), *sys.path]):
+        spec.loader.exec_module(module)
     return module
+
+
+def test_loading_the_records_data_script_leaves_sys_path_alone():
+    before = list(sys.path)
+    load_record_module("prepare_caseops_data")
+    assert sys.path == before
 
 
 @pytest.fixture(scope="module")
