@@ -7,6 +7,7 @@ Every setting is an environment variable; see the Hyperparameters class or READM
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import copy
 import difflib
@@ -22,6 +23,7 @@ import platform
 import shlex
 import shutil
 import signal
+import socket
 import struct
 import subprocess
 import sys
@@ -193,7 +195,10 @@ SETTINGS = (
     Setting("EVAL_SEQ_LEN", 2048, "window length of sliding-window evaluation", _positive, "> 0"),
     Setting("EVAL_STRIDE", 0, "sliding-window stride, a diagnostic path (0 = off; the record scores TTT only)", _non_negative, ">= 0"),
     Setting("EVAL_AUDIT", True, "audit the final path after its timed scoring; submission_valid:yes needs its PASS"),
-    Setting("EVAL_AUDIT_TOKENS", 8192, "validation tokens of the audit's probes (each path is rerun on them about ten times)", lambda v: v >= 64, ">= 64"),
+    Setting("EVAL_AUDIT_TOKENS", 8192, "validation tokens of the audit's probes (a fresh process reruns the path on them about a dozen times)", lambda v: v >= 64, ">= 64"),
+    Setting("EVAL_AUDIT_SAMPLES", 32, "positions drawn from the whole validation stream after scoring (seeded by the run's scores): each one's document or window is rescored from its phase's weights, as is and perturbed after it", _non_negative, ">= 0"),
+    Setting("EVAL_AUDIT_HELDOUT_TOKENS", 16777216, "tail of the last train shard that training never reads (at most a quarter of it): the audit compares the artifact's loss on it with its loss on as many validation tokens (0 = no check)", _non_negative, ">= 0"),
+    Setting("EVAL_AUDIT_PROBES", "", "set by the audit for its fresh process, not by users: score the probe streams this file lists instead of the validation set"),
     Setting("EVAL_DUMP", "", "write per-target records (position, nll, bytes) of each path to {EVAL_DUMP}.{path}.npz"),
     Setting("TTT_ENABLED", True, "score-first test-time training (the final path)"),
     Setting("TTT_MODE", "phased", "phased = per-document LoRA plus global SGD phases on documents already scored; lora = LoRA only", ("phased", "lora")),
@@ -594,19 +599,40 @@ def tokenizer_mismatch(data_path: str, tokenizer_path: str) -> str | None:
     )
 
 
-class TokenStream:
-    """Reads the train shards in order, forever, yielding contiguous spans."""
+def heldout_start(files: list[str], tokens: int) -> int:
+    """Where the audit's held-out text starts in the last train shard: the first document start in
+    its last `tokens` tokens (at most a quarter of the shard); the shard's size when `tokens` is 0.
+    Training and calibration never read from there on (the memorization check scores it)."""
+    size = shard_token_count(files[-1])
+    n = min(tokens, size // 4)
+    if not n:
+        return size
+    tail = np.memmap(files[-1], dtype="<u2", mode="r", offset=SHARD_HEADER_INTS * 4, shape=(size,))[size - n :]
+    starts = np.flatnonzero(tail == BOS_ID)
+    return size - n + (int(starts[0]) if starts.size else 0)
 
-    def __init__(self, pattern_files: list[str]):
-        self.files, self.file_idx, self.pos = pattern_files, 0, 0
-        self.tokens = load_data_shard(self.files[0])
+
+def heldout_tokens(files: list[str], tokens: int) -> np.ndarray:
+    return load_data_shard(files[-1])[heldout_start(files, tokens) :]
+
+
+class TokenStream:
+    """Reads the train shards in order, forever, yielding contiguous spans; the last shard up to `stop`."""
+
+    def __init__(self, pattern_files: list[str], stop: int | None = None):
+        self.files, self.file_idx, self.pos, self.stop = pattern_files, 0, 0, stop
+        self.tokens = self._load(0)
+
+    def _load(self, i: int) -> np.ndarray:
+        tokens = load_data_shard(self.files[i])
+        return tokens[: self.stop] if i == len(self.files) - 1 else tokens
 
     def take(self, n: int) -> np.ndarray:
         parts = []
         while n > 0:
             if self.pos >= self.tokens.size:
                 self.file_idx = (self.file_idx + 1) % len(self.files)
-                self.tokens, self.pos = load_data_shard(self.files[self.file_idx]), 0
+                self.tokens, self.pos = self._load(self.file_idx), 0
             k = min(n, self.tokens.size - self.pos)
             parts.append(self.tokens[self.pos : self.pos + k])
             self.pos, n = self.pos + k, n - k
@@ -620,9 +646,9 @@ class DistributedTokenLoader:
     tokens that 8 processes with 1 micro-step see.
     """
 
-    def __init__(self, data_path: str, rt: Runtime):
+    def __init__(self, data_path: str, rt: Runtime, heldout: int = 0):
         self.files, self.rt = shard_files(data_path, "train"), rt
-        self.stream = TokenStream(self.files)
+        self.stream = TokenStream(self.files, heldout_start(self.files, heldout))
 
     def next_batch(self, global_tokens: int, seq_len: int, grad_accum_steps: int) -> tuple[Tensor, Tensor]:
         local = global_tokens // (self.rt.world_size * grad_accum_steps)
@@ -1583,7 +1609,7 @@ def train_model(model: GPT, args: Hyperparameters, rt: Runtime, log: Logger, eva
     muon_params = {id(p) for p in muon.param_groups[0]["params"]} if muon is not None else set()
     other_params = [p for p in model.parameters() if id(p) not in muon_params]
     loop_switch = model.cfg.num_loops > 0 and args.loop_enable_frac > 0  # recurrence starts off and switches on
-    loader = DistributedTokenLoader(args.data_path, rt)
+    loader = DistributedTokenLoader(args.data_path, rt, args.eval_audit_heldout_tokens)
     calibrate_in_budget = args.gptq_enabled and args.gptq_calibration == "train"
     reserve_s = args.gptq_reserve_seconds if calibrate_in_budget and args.max_wallclock_seconds > 0 else 0.0
     budget_ms = 1000.0 * max(args.max_wallclock_seconds - reserve_s, 0.0) if args.max_wallclock_seconds > 0 else 0.0
@@ -1628,7 +1654,7 @@ def train_model(model: GPT, args: Hyperparameters, rt: Runtime, log: Logger, eva
         model.load_state_dict(initial_model)
         for o, st in zip(optimizers, initial_opts):
             o.load_state_dict(st)
-        loader = DistributedTokenLoader(args.data_path, rt)
+        loader = DistributedTokenLoader(args.data_path, rt, args.eval_audit_heldout_tokens)
         graphs = "recurrence off and on" if loop_switch else f"recurrence {'on' if model.looping else 'off'}"
         log(f"warmup_steps:{args.warmup_steps} done for {graphs} (untimed; weights, optimizer state and data position restored)")
 
@@ -2359,7 +2385,7 @@ class ScoreLedger:
         self._bytes = stream_target_bytes(tokens, tables.to(device))
         self._late = torch.zeros(self.num_targets, dtype=torch.bool, device=device)  # scored after the TTT deadline
         self.updates = 0  # optimizer steps, each checked by require_scored
-        self.audit, self.watch = audit, set(watch)
+        self.audit, self.watch, self.vocab_size = audit, set(watch), tables.base_bytes.numel()
         self.distributions: dict[int, Tensor] = {}  # audit: position -> log p over the vocabulary
         self.normalization_error = 0.0  # audit: max |log sum p| of the scored distributions
         self.nll_mismatch = 0.0  # audit: max |recorded nll - (-log p[target])|
@@ -2417,13 +2443,31 @@ class ScoreLedger:
         self.updates += 1
 
     def merge(self, rt: Runtime):
-        """Each rank scored its share; after this every rank holds all of them."""
+        """Each rank scored its share; after this every rank holds all of them (with audit=True, the
+        watched distributions and the normalization figures too)."""
         if rt.distributed:
             for t in (self._nll, self._count):
                 dist.all_reduce(t)
             late = self._late.to(torch.int32)
             dist.all_reduce(late)
             self._late = late > 0
+            if self.audit:
+                self._merge_audit()
+
+    def _merge_audit(self):
+        watch = sorted(self.watch)
+        shown = torch.zeros(len(watch), self.vocab_size + 1, device=self._nll.device)  # log p, then a 1 where this rank scored it
+        for i, p in enumerate(watch):
+            if p in self.distributions:
+                shown[i, :-1], shown[i, -1] = self.distributions[p], 1.0
+        worst = torch.tensor([self.normalization_error, self.nll_mismatch], device=shown.device)
+        hidden = torch.tensor([self.without_distribution], device=shown.device)
+        dist.all_reduce(shown)
+        dist.all_reduce(worst, op=dist.ReduceOp.MAX)
+        dist.all_reduce(hidden)
+        self.distributions = {p: shown[i, :-1] for i, p in enumerate(watch) if shown[i, -1] > 0}
+        self.normalization_error, self.nll_mismatch = worst.tolist()
+        self.without_distribution = int(hidden)
 
     def result(self) -> EvalResult:
         unscored, repeated = int((self._count == 0).sum()), int((self._count > 1).sum())
@@ -2557,6 +2601,14 @@ def adapter_lr(c: int, args: Hyperparameters) -> float:
 
 
 @dataclass
+class PhaseStart:
+    """What a phase's documents start from: recorded by the run, the audit rescores documents from it."""
+    first_doc: int
+    weights: dict[str, Tensor]
+    shared_A: list[Tensor] | None
+
+
+@dataclass
 class TTTStats:
     docs_adapted: int = 0
     docs_base: int = 0
@@ -2593,14 +2645,23 @@ class ScoreFirstTTT:
             g = torch.Generator(device=rt.device).manual_seed(args.seed * 1_000_003)
             self.shared_A = [torch.randn(m.A.shape[1:], generator=g, device=rt.device) / math.sqrt(m.A.size(1)) for m in self.adapters.loras()]
 
-    def __call__(self, model, tokens: Tensor, ledger: ScoreLedger, rt: Runtime, base_ledger: ScoreLedger | None = None, deadline: float | None = None, log=None) -> TTTStats:
-        """Score every target of `tokens` once into `ledger` (and, if given, the base model's scores into `base_ledger`)."""
+    def __call__(self, model, tokens: Tensor, ledger: ScoreLedger, rt: Runtime, base_ledger: ScoreLedger | None = None, deadline: float | None = None, log=None,
+                 phase_starts: list | None = None, only_docs: set[int] | None = None, shared_A: list[Tensor] | None = None) -> TTTStats:
+        """Score every target of `tokens` once into `ledger` (and, if given, the base model's scores into `base_ledger`).
+
+        The audit's hooks: `phase_starts` gets a PhaseStart (first document, weights, A) at each phase's
+        start; `only_docs` (indices into document_spans(tokens)) with `shared_A` scores those documents
+        alone from a recorded phase start (the weights are score_path's)."""
         args, stats = self.args, TTTStats()
         docs = document_spans(tokens)
         t_start, done, total = time.perf_counter(), 0, 0
         ranges = phase_ranges(len(docs), args)
+        self.shared_A = shared_A if shared_A is not None else self.shared_A
         for first, end, then_sgd in ranges:
-            phase = docs[first:end]
+            if phase_starts is not None:
+                state = getattr(model, "_orig_mod", model).state_dict()
+                phase_starts.append(PhaseStart(first, {k: v.detach().clone() for k, v in state.items()}, None if self.shared_A is None else [a.clone() for a in self.shared_A]))
+            phase = [docs[d] for d in range(first, end) if only_docs is None or d in only_docs]
             order = sorted(range(len(phase)), key=lambda i: (phase[i][1] - phase[i][0], i))
             mine = [phase[d] for d, r in zip(order, zigzag_ranks(len(order), rt.world_size)) if r == rt.rank]
             total += len(mine)
@@ -2741,11 +2802,15 @@ class ScoreFirstTTT:
 
 # ----------------------------------------------------------------------------- evaluation: legality audit
 
+AUDIT_PROBE_TIMEOUT_S = 3600  # the fresh process of the probes; a hang there must not hold the run forever
+MEMORIZATION_SIGMAS = 4.0  # validation may score better than the held-out text by this many standard errors
+
 
 @dataclass
 class AuditReport:
     path: str
     checks: dict  # name -> (passed, detail)
+    seconds: dict = field(default_factory=dict)  # part -> wall-clock seconds
 
     @property
     def passed(self) -> bool:
@@ -2756,23 +2821,28 @@ class AuditReport:
         return f"eval_audit path:{self.path} verdict:{'PASS' if self.passed else 'FAIL'} {parts}"
 
 
+def scramble_(tokens: Tensor, start: int, end: int, vocab_size: int, seed: int, keep_documents: bool = True):
+    """Replace tokens[start:end] in place by random ones; keep_documents: the BOS tokens among them stay."""
+    part = tokens[start:end]
+    repl = torch.randint(2, vocab_size, part.shape, generator=torch.Generator().manual_seed(seed)).to(tokens.device)
+    tokens[start:end] = torch.where(part == BOS_ID, part, repl) if keep_documents else repl
+
+
 def perturb_after(tokens: Tensor, t: int, vocab_size: int, seed: int = 0, keep_documents: bool = True) -> Tensor:
     """A copy whose tokens after index t are replaced at random. keep_documents: BOS tokens stay, so
     documents keep their bounds; else the BOS go too and the document holding t runs to the end."""
-    g = torch.Generator().manual_seed(seed)
-    tail = tokens[t + 1 :]
-    repl = torch.randint(2, vocab_size, tail.shape, generator=g).to(tokens.device)
     out = tokens.clone()
-    out[t + 1 :] = torch.where(tail == BOS_ID, tail, repl) if keep_documents else repl
+    scramble_(out, t + 1, tokens.numel(), vocab_size, seed, keep_documents)
     return out
 
 
 def audit_cut_points(tokens: Tensor, chunk: int) -> list[int]:
-    """Cuts t (tokens after index t change) where leaks hide: inside a chunk and at a chunk's end in
-    the second chunk of a document long enough to be adapted over several chunks, at a document's
-    BOS, and at N/2 + 1 (a window end for power-of-two windows is N/2)."""
+    """Cuts t (tokens after index t change) where leaks hide: t = 1 (whatever is fitted on the stream
+    given sees a different stream), inside a chunk and at a chunk's end in the second chunk of a
+    document long enough to be adapted over several chunks, at a document's BOS, and at N/2 + 1 (a
+    window end for power-of-two windows is N/2)."""
     n = tokens.numel()
-    cuts = {n // 2 + 1}
+    cuts = {1, n // 2 + 1}
     for s, e in document_spans(tokens):
         if e - s > 3 * chunk and s + 2 * chunk < n - 2:
             cuts |= {s + chunk + chunk // 2, s + 2 * chunk}
@@ -2783,12 +2853,113 @@ def audit_cut_points(tokens: Tensor, chunk: int) -> list[int]:
     return sorted(c for c in cuts if 0 < c < n - 2)
 
 
+def probe_targets(name: str, tokens: Tensor, args: Hyperparameters) -> int:
+    """How many targets the probe covers: about EVAL_AUDIT_TOKENS, ending where one of the run's own
+    units ends (a window of its plan; a document for TTT), so that the probe scores every position
+    with exactly the context the run gave it."""
+    n = tokens.numel() - 1
+    limit = min(args.eval_audit_tokens, n + 1) - 1
+    if name == "ttt":
+        bos = torch.nonzero(tokens[1 : limit + 1] == BOS_ID).flatten()
+        return limit if limit == n or not bos.numel() else int(bos[-1]) + 1
+    window, stride = path_windows(name, args)
+    step = min(stride, window)
+    end = min(window, n)
+    while end < n and min(end + step, n) <= limit:
+        end = min(end + step, n)
+    return end
+
+
+def window_containing(p: int, num_targets: int, window: int, stride: int) -> tuple[int, int, int]:
+    """The window (a, s, e) of window_plan(num_targets, window, stride) that scores target position p."""
+    first, step = min(window, num_targets), min(stride, window)
+    if p <= first:
+        return 0, 0, first
+    k = -(-(p - first) // step)
+    s, e = first + (k - 1) * step, min(first + k * step, num_targets)
+    return (s if stride >= window else max(0, e - window)), s, e
+
+
+def probe_streams(probe: Tensor, cuts: list[int], vocab_size: int) -> list[Tensor]:
+    """The probe's perturbed copies (at each cut, without and with the document boundaries), then the
+    probe. The fresh process reads them in this order as its validation shards, so what a script
+    fits on its validation data at start-up sees the earliest cut first, not the run's tokens."""
+    return [perturb_after(probe, t, vocab_size, seed=t, keep_documents=keep) for t in cuts for keep in (False, True)] + [probe]
+
+
+def probe_jobs(num_streams: int) -> list[tuple[int, bool]]:
+    """(stream, alone): each perturbed copy alone, then the probe alone twice (the noise floor) and as the run batches it."""
+    return [(i, True) for i in range(num_streams)] + [(num_streams - 1, True), (num_streams - 1, False)]
+
+
+def score_probes(score, streams: list[Tensor], jobs: list, tables: ByteTables, watch: list[int], rt: Runtime) -> list[dict]:
+    """Each job scored by `score(tokens, ledger, alone)` into an audit ledger merged over the ranks;
+    a LeakageError ends the list with its message."""
+    out = []
+    for i, alone in jobs:
+        ledger = ScoreLedger(streams[i], tables, audit=True, watch=tuple(watch))
+        try:
+            score(streams[i], ledger, alone)
+            ledger.merge(rt)
+            ledger.result()
+        except LeakageError as e:
+            return out + [{"error": str(e)}]
+        out.append({"nll": ledger.nll.cpu(), "late": ledger.late.cpu(), "updates": ledger.updates, "distributions": {p: d.cpu() for p, d in ledger.distributions.items()},
+                    "normalization": ledger.normalization_error, "mismatch": ledger.nll_mismatch, "unshown": ledger.without_distribution})
+    return out
+
+
+def probe_noise(results: list[dict]) -> tuple[float, float]:
+    """(run-to-run noise of the probe alone, how much batching it as the run does moves it)."""
+    *_, reference, again, as_run = results
+    return float((reference["nll"] - again["nll"]).abs().max()), float((as_run["nll"] - reference["nll"]).abs().max())
+
+
+def probe_checks(results: list[dict], cuts: list[int], full_ledger: ScoreLedger | None) -> dict:
+    """exactly_once, causal, prefix, normalized and score_before_update from the probes' results (see audit_path)."""
+    if results and "error" in results[-1]:  # the ledger stopped the scorer: charge the check whose rule it broke
+        error = results[-1]["error"]
+        return {"score_before_update" if "before it was scored" in error else "exactly_once": (False, error)}
+    *perturbed, reference, again, as_run = results
+    floor, regroup = probe_noise(results)
+    tolerance = 4.0 * floor
+    checks = {}
+    if full_ledger is not None:
+        once = int((full_ledger.count == 1).sum())
+        checks["exactly_once"] = (once == full_ledger.num_targets, f"{once}/{full_ledger.num_targets} probes_ok")
+    else:
+        checks["exactly_once"] = (True, "probes")
+    worst_before, worst_dist, all_moved = 0.0, 0.0, True
+    for (t, _), ledger in zip([(t, keep) for t in cuts for keep in (False, True)], perturbed):
+        worst_before = max(worst_before, float((reference["nll"][:t] - ledger["nll"][:t]).abs().max()))
+        a, b = reference["distributions"].get(t + 1), ledger["distributions"].get(t + 1)
+        if a is not None and b is not None:
+            worst_dist = max(worst_dist, float((a - b).abs().max()))
+        all_moved &= bool((reference["nll"][t:] != ledger["nll"][t:]).any())
+    shown = all(t + 1 in r["distributions"] for r in results for t in cuts)
+    causal_ok = worst_before <= tolerance and worst_dist <= tolerance and all_moved and shown
+    checks["causal"] = (causal_ok, f"cuts:{','.join(map(str, cuts))} max_change_upto_t:{worst_before:.3g} max_dlogp_at_t+1:{worst_dist:.3g} "
+                                   f"later_moved:{all_moved} tolerance:{tolerance:.3g}")
+    if full_ledger is not None:
+        prefix_tolerance = 4.0 * regroup + tolerance
+        n = as_run["nll"].numel()
+        comparable = ~full_ledger.late[:n].cpu()  # documents after the TTT deadline depend on timing only
+        gap = float((full_ledger.nll[:n].cpu() - as_run["nll"])[comparable].abs().max())
+        checks["prefix"] = (gap <= prefix_tolerance, f"max_diff_vs_file:{gap:.3g} tolerance:{prefix_tolerance:.3g} positions:{int(comparable.sum())}")
+    norm, mismatch = max(r["normalization"] for r in results), max(r["mismatch"] for r in results)
+    hidden = sum(r["unshown"] for r in results)
+    checks["normalized"] = (norm <= 1e-4 and mismatch <= 1e-4 and hidden == 0, f"max_abs_log_sum_p:{norm:.2g} nll_vs_distribution:{mismatch:.2g} unshown:{hidden}")
+    checks["score_before_update"] = (True, f"updates:{reference['updates']} all_on_scored_positions")
+    return checks
+
+
 def audit_path(name: str, score, tokens: Tensor, tables: ByteTables, rt: Runtime, vocab_size: int, chunk: int,
                full_ledger: ScoreLedger | None = None, probe_tokens: int = 8192) -> AuditReport:
-    """The legality checks on one evaluation path. `score(tokens, ledger, alone)` must run the path
-    as the run does, from the artifact file (a fresh model and scorer each call); alone=True with
-    every batch of one document or window, so that no shape, and so no rounding, of a document's
-    computation depends on any other document.
+    """The probe checks of one evaluation path, scored here by `score(tokens, ledger, alone)`, which
+    must run the path as the run does from the artifact's weights (a fresh scorer each call);
+    alone=True with every batch of one document or window, so that no shape, and so no rounding,
+    of a document's computation depends on any other document. (The run's audit scores the same
+    probes in a fresh process: audit_final_path.) The probe is the first `probe_tokens` tokens.
 
     exactly_once: every target of the run scored once (and of every probe).
     causal: at several cuts t, with the tokens after t replaced (keeping and removing the document
@@ -2796,63 +2967,273 @@ def audit_path(name: str, score, tokens: Tensor, tables: ByteTables, rt: Runtime
       changed) do not move beyond the run-to-run noise of the same probe (0 on CPU), while some
       later score does. Catches reading ahead, training before scoring, fitting on the tokens
       given, and schedules or routing that depend on where a document ends.
-    prefix: the run's scores on the probe's positions equal a probe scored from the file alone with
-      the run's batch sizes, within a few times how much regrouping alone moves them: anything
-      fitted or changed in memory outside the entry point shows here.
+    prefix: the run's scores on the probe's positions equal the probe scored with the run's batch
+      sizes, within a few times how much regrouping alone moves them.
     normalized: every distribution scored in the probes sums to 1 and the recorded nll is its value
       at the target. score_before_update: every update was on scored positions (the ledger stops it).
     """
-    checks = {}
     probe = tokens[: min(probe_tokens, tokens.numel())]
     cuts = audit_cut_points(probe, chunk)
-    runs = []
+    streams = probe_streams(probe, cuts, vocab_size)
+    results = score_probes(score, streams, probe_jobs(len(streams)), tables, [t + 1 for t in cuts], rt)
+    return AuditReport(name, probe_checks(results, cuts, full_ledger))
 
-    def run(toks, alone=True):
-        ledger = ScoreLedger(toks, tables, audit=True, watch=tuple(t + 1 for t in cuts))
-        score(toks, ledger, alone)
+
+def weights_sha256(weights: dict[str, Tensor]) -> str:
+    h = hashlib.sha256()
+    for k in sorted(weights):
+        h.update(k.encode())
+        h.update(weights[k].detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def score_probe_jobs(name: str, forward, weights: dict[str, Tensor], streams: list[Tensor], jobs: list, watch: list[int], args: Hyperparameters, rt: Runtime, tables: ByteTables) -> dict:
+    """What the fresh process finds: each job scored through score_path, and the hash of the weights it loaded."""
+
+    def score(toks, ledger, alone):
+        score_path(name, forward, weights, toks, ledger, one_per_batch(args) if alone else args, rt)
+
+    return {"results": score_probes(score, streams, jobs, tables, watch, rt), "weights_sha256": weights_sha256(weights)}
+
+
+def score_probe_file(name: str, forward, weights: dict[str, Tensor], args: Hyperparameters, rt: Runtime, tables: ByteTables):
+    """The audit's fresh process (EVAL_AUDIT_PROBES): each validation shard is one probe stream; score
+    the jobs the file lists and write what this rank found."""
+    spec = json.loads(Path(args.eval_audit_probes).read_text())
+    streams = [torch.from_numpy(load_data_shard(f).astype(np.int64)).to(rt.device) for f in shard_files(args.data_path, "val")]
+    buffer = io.BytesIO()
+    torch.save(score_probe_jobs(name, forward, weights, streams, spec["jobs"], spec["watch"], args, rt, tables), buffer)
+    write_atomic(f"{spec['out']}.{rt.rank}", buffer.getvalue())
+
+
+def probe_environment(args: Hyperparameters, overrides: dict[str, str]) -> dict[str, str]:
+    """The fresh process's environment: this run's settings and other variables (not torchrun's: the
+    fresh processes form a group of their own), then `overrides`."""
+    launcher = {"WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_PORT"}
+    env = {k: v for k, v in os.environ.items() if k not in launcher and not k.startswith("TORCHELASTIC_") and not misspelt_setting(k)}
+    env.update({k: str(int(v) if isinstance(v, bool) else v) for k, v in args.as_dict().items()})
+    return {**env, **overrides}
+
+
+def write_probe_data(folder: Path, streams: list[Tensor], jobs: list, watch: list[int], tables: ByteTables, args: Hyperparameters) -> Path:
+    """A DATA_PATH whose validation shards are the probe streams (with byte sidecars where the run has
+    them), one train shard for the preflight, the tokenizer fingerprint; and the jobs file."""
+    data = folder / "data"
+    data.mkdir(parents=True)
+    for i, stream in enumerate(streams):
+        shard, tokens = data / f"fineweb_val_{i:06d}.bin", stream.cpu().numpy()
+        write_data_shard(shard, tokens)
+        if tables.sidecar_bytes is not None:
+            write_data_shard(byte_sidecar_path(str(shard)), np.where(tokens == BOS_ID, 0, tables.sidecar_bytes[: tokens.size].cpu().numpy()))
+    train = shard_files(args.data_path, "train")[0]
+    os.symlink(os.path.abspath(train), data / os.path.basename(train))
+    if (Path(args.data_path) / TOKENIZER_FINGERPRINT).is_file():
+        shutil.copy(Path(args.data_path) / TOKENIZER_FINGERPRINT, data / TOKENIZER_FINGERPRINT)
+    jobs_file = folder / "probes.json"
+    jobs_file.write_text(json.dumps({"jobs": jobs, "watch": watch, "out": str(folder / "results")}))
+    return jobs_file
+
+
+def run_probe_process(streams: list[Tensor], jobs: list, watch: list[int], args: Hyperparameters, rt: Runtime, tables: ByteTables, artifact: Path, code: Path):
+    """Score the probe jobs in a fresh process of the shipped code, one per rank in a group of their
+    own: EVAL_ONLY on the artifact with the probe streams as its validation shards, so anything the
+    script fits on validation data at import or start-up is fitted anew there. Returns (results,
+    sha256 of the weights it loaded, None) the same on every rank, or (None, None, why it failed)."""
+    port = [0]
+    if rt.is_master:
+        with socket.socket() as s:
+            s.bind(("", 0))
+            port[0] = s.getsockname()[1]
+    if rt.distributed:
+        dist.broadcast_object_list(port, src=0)
+    found, problem = None, None
+    with tempfile.TemporaryDirectory(prefix="eval_audit_") as tmp:
+        folder = Path(tmp)
+        overrides = dict(EVAL_ONLY=str(Path(artifact).resolve()), DATA_PATH=str(folder / "data"), LOG_DIR=str(folder / "logs"), RUN_ID="eval_audit_probes",
+                         EVAL_AUDIT_PROBES=str(write_probe_data(folder, streams, jobs, watch, tables, args)), EVAL_DUMP="", VAL_MAX_TOKENS="0", QUANTIZE_ONLY="", ARTIFACT_PATH="")
+        if rt.distributed:
+            overrides.update(WORLD_SIZE=str(rt.world_size), RANK=str(rt.rank), LOCAL_RANK=str(rt.local_rank), MASTER_ADDR=os.environ.get("MASTER_ADDR", "127.0.0.1"), MASTER_PORT=str(port[0]))
+        with open(folder / "output.txt", "w+") as output:
+            try:
+                code_rc = subprocess.run([sys.executable, str(code)], env=probe_environment(args, overrides), stdout=output, stderr=subprocess.STDOUT, timeout=AUDIT_PROBE_TIMEOUT_S).returncode
+            except subprocess.TimeoutExpired:
+                code_rc = f"timeout after {AUDIT_PROBE_TIMEOUT_S}s"
+            output.seek(0)
+            last = (output.read().strip().splitlines() or [""])[-1][-300:]
+        results = folder / f"results.{rt.rank}"
+        if results.is_file():
+            found = torch.load(results, weights_only=True)
+        else:
+            problem = f"the probe process of rank {rt.rank} ended ({code_rc}) without results: {last}"
+    problems = [problem]
+    if rt.distributed:
+        problems = [None] * rt.world_size
+        dist.all_gather_object(problems, problem)
+        shared = [found]
+        dist.broadcast_object_list(shared, src=0)
+        found = shared[0]
+    problem = next((p for p in problems if p), None)
+    return (None, None, problem) if problem else (found["results"], found["weights_sha256"], None)
+
+
+def ledger_seed(ledger: ScoreLedger) -> int:
+    """A seed from every score of the run: the script cannot know it before it has scored everything."""
+    return int.from_bytes(hashlib.sha256(ledger.nll.cpu().numpy().tobytes()).digest()[:8], "little")
+
+
+def rescore_documents(forward, tokens: Tensor, picks: list, phase_starts: list[PhaseStart], late: Tensor, args: Hyperparameters, rt: Runtime, tables: ByteTables):
+    """Each picked document (index, start, end, p) scored by TTT from its phase's recorded start, with
+    the run's batch size, once as it is and once with its tokens after p - 1 replaced; documents the
+    run scored after the deadline get the base model (TTT_LR=0). Returns both merged ledgers."""
+    perturbed = tokens.clone()
+    for d, s, e, p in picks:
+        scramble_(perturbed, p, e, args.vocab_size, seed=p)
+    groups = {}
+    for d, s, e, p in picks:
+        phase = max(i for i, start in enumerate(phase_starts) if start.first_doc <= d)
+        groups.setdefault((phase, bool(late[s])), set()).add(d)
+    ledgers = [ScoreLedger(tokens, tables), ScoreLedger(perturbed, tables, audit=True, watch=tuple(p for *_, p in picks))]
+    for (phase, after_deadline), docs in sorted(groups.items()):
+        alone = copy.copy(args)
+        alone.ttt_mode, alone.ttt_lr = "lora", 0.0 if after_deadline else args.ttt_lr
+        start = phase_starts[phase]
+        for stream, ledger in zip((tokens, perturbed), ledgers):
+            score_path("ttt", forward, start.weights, stream, ledger, alone, rt, only_docs=docs, shared_A=start.shared_A)
+    for ledger in ledgers:
         ledger.merge(rt)
-        ledger.result()
-        runs.append(ledger)
-        return ledger
+    return ledgers
 
-    try:
-        reference, again = run(probe), run(probe)
-        as_run = run(probe, alone=False) if full_ledger is not None else None
-        perturbed = [(t, run(perturb_after(probe, t, vocab_size, seed=t, keep_documents=keep))) for t in cuts for keep in (True, False)]
-    except LeakageError as e:  # the ledger stopped the scorer: charge the check whose rule it broke
-        rule = "score_before_update" if "before it was scored" in str(e) else "exactly_once"
-        checks[rule] = (False, str(e))
-        return AuditReport(name, checks)
-    floor = float((reference.nll - again.nll).abs().max())
-    tolerance = 4.0 * floor
-    if full_ledger is not None:
-        once = int((full_ledger.count == 1).sum())
-        checks["exactly_once"] = (once == full_ledger.num_targets, f"{once}/{full_ledger.num_targets} probes_ok")
+
+@torch.no_grad()
+def rescore_windows(forward, tokens: Tensor, picks: list, args: Hyperparameters, rt: Runtime) -> list[tuple[Tensor, Tensor, Tensor]]:
+    """Each picked window (a, s, e, p) scored again in batches of the run's size, as it is and with its
+    tokens after p - 1 replaced: per window the nll of targets a+1..e, the perturbed copy's, and the
+    perturbed copy's log p at p."""
+    out = []
+    per_batch = max(1, args.val_batch_size // (max(e - a for a, s, e, p in picks) * rt.world_size))
+    for i in range(0, len(picks), per_batch):
+        batch = picks[i : i + per_batch]
+        for length in sorted({e - a for a, s, e, p in batch}):
+            same = [w for w in batch if w[2] - w[0] == length]
+            rows = same if len(same) > 1 else same * 2  # never a batch of one: its own compiled graph
+            x = torch.stack([tokens[a : a + length + 1] for a, s, e, p in rows])
+            y = x.clone()
+            for row, (a, s, e, p) in zip(y, rows):
+                scramble_(row, p - a, length + 1, args.vocab_size, seed=p)
+            plain, changed = log_probs(forward, x[:, :-1]), log_probs(forward, y[:, :-1])
+            for k, (a, s, e, p) in enumerate(same):
+                out.append((-plain[k].gather(-1, x[k, 1:, None])[:, 0].double(), -changed[k].gather(-1, y[k, 1:, None])[:, 0].double(), changed[k, p - a - 1]))
+    return out
+
+
+def sampled_check(name: str, forward, weights: dict[str, Tensor], tokens: Tensor, full_ledger: ScoreLedger, phase_starts: list[PhaseStart],
+                  args: Hyperparameters, rt: Runtime, tables: ByteTables, floor: float, regroup: float) -> tuple[bool, str]:
+    """EVAL_AUDIT_SAMPLES positions drawn from the whole stream with a seed from the run's scores; the
+    document (TTT) or window holding each is rescored from what the run started it from (the
+    artifact's weights, or its phase's recorded start), as is and perturbed after the position
+    before. Its scores must equal the run's (within the probes' regrouping noise) and, up to that
+    position and in the distribution at it, not move when the tokens after it change (within their
+    run-to-run noise): a leak keyed on position, document or phase shows in one or the other."""
+    seed = ledger_seed(full_ledger)
+    positions = torch.randint(1, full_ledger.num_targets + 1, (args.eval_audit_samples,), generator=torch.Generator().manual_seed(seed)).tolist()
+    run, picks, versus_run, upto_t = full_ledger.nll, {}, 0.0, 0.0
+    if name == "ttt":
+        docs = document_spans(tokens)
+        ends = [e for _, e in docs]
+        for p in positions:
+            d = bisect.bisect_left(ends, p)
+            picks.setdefault(d, (d, *docs[d], p))
+        plain, changed = rescore_documents(forward, tokens, sorted(picks.values()), phase_starts, full_ledger.late, args, rt, tables)
+        U, P = plain.nll, changed.nll
+        for d, s, e, p in picks.values():
+            logp = changed.distributions.get(p)
+            at_p = math.inf if logp is None else abs(float(U[p - 1] + logp[tokens[p]]))
+            versus_run = max(versus_run, float((U[s:e] - run[s:e]).abs().max()))
+            upto_t = max(upto_t, at_p, float((U[s : p - 1] - P[s : p - 1]).abs().max()) if p - 1 > s else 0.0)
+        starts = " phase_starts:" + ",".join(f"{ps.first_doc}@{weights_sha256(ps.weights)[:12]}" for ps in phase_starts)
     else:
-        checks["exactly_once"] = (True, "probes")
-    worst_before, worst_dist, all_moved = 0.0, 0.0, True
-    for t, ledger in perturbed:
-        worst_before = max(worst_before, float((reference.nll[:t] - ledger.nll[:t]).abs().max()) if t else 0.0)
-        a, b = reference.distributions.get(t + 1), ledger.distributions.get(t + 1)
-        if a is not None and b is not None:
-            worst_dist = max(worst_dist, float((a - b).abs().max()))
-        all_moved &= bool((reference.nll[t:] != ledger.nll[t:]).any())
-    shown = all(t + 1 in r.distributions for r in runs for t in cuts)
-    causal_ok = worst_before <= tolerance and worst_dist <= tolerance and all_moved and shown
-    checks["causal"] = (causal_ok, f"cuts:{','.join(map(str, cuts))} max_change_upto_t:{worst_before:.3g} max_dlogp_at_t+1:{worst_dist:.3g} "
-                                   f"later_moved:{all_moved} tolerance:{tolerance:.3g}")
-    if full_ledger is not None:
-        regroup = float((as_run.nll - reference.nll).abs().max())
-        prefix_tolerance = 4.0 * regroup + tolerance
-        comparable = ~full_ledger.late[: reference.num_targets]  # documents after the TTT deadline depend on timing only
-        gap = float((full_ledger.nll[: reference.num_targets] - as_run.nll)[comparable].abs().max())
-        checks["prefix"] = (gap <= prefix_tolerance, f"max_diff_vs_file:{gap:.3g} tolerance:{prefix_tolerance:.3g} positions:{int(comparable.sum())}")
-    norm = max(r.normalization_error for r in runs)
-    mismatch = max(r.nll_mismatch for r in runs)
-    hidden = sum(r.without_distribution for r in runs)
-    checks["normalized"] = (norm <= 1e-4 and mismatch <= 1e-4 and hidden == 0, f"max_abs_log_sum_p:{norm:.2g} nll_vs_distribution:{mismatch:.2g} unshown:{hidden}")
-    checks["score_before_update"] = (True, f"updates:{reference.updates} all_on_scored_positions")
-    return AuditReport(name, checks)
+        getattr(forward, "_orig_mod", forward).load_state_dict(weights)
+        for p in positions:
+            picks.setdefault(window_containing(p, full_ledger.num_targets, *path_windows(name, args)), p)
+        picks = {w: (*w, p) for w, p in picks.items()}
+        for (a, s, e, p), (plain, changed, logp) in zip(picks.values(), rescore_windows(forward, tokens, list(picks.values()), args, rt)):
+            versus_run = max(versus_run, float((plain[s - a : e - a] - run[s:e]).abs().max()))
+            upto_t = max(upto_t, abs(float(plain[p - a - 1] + logp[tokens[p]])), float((plain[s - a : p - a - 1] - changed[s - a : p - a - 1]).abs().max()) if p - 1 > s else 0.0)
+        starts = ""
+    tolerance, run_tolerance = 4.0 * floor, 4.0 * (regroup + floor)
+    return (versus_run <= run_tolerance and upto_t <= tolerance,
+            f"positions:{len(positions)} units:{len(picks)} seed:{seed:016x} max_diff_vs_run:{versus_run:.3g} max_change_upto_t:{upto_t:.3g} "
+            f"tolerance:{run_tolerance:.3g}/{tolerance:.3g}{starts}")
+
+
+def mean_and_variance(tokens: Tensor, nll: Tensor) -> tuple[float, float]:
+    """The mean nll per token and its variance with documents as the sampling unit (tokens of one
+    document are not independent): D / (D - 1) * sum_d (S_d - n_d * mean)^2 / N^2."""
+    doc = torch.cumsum(torch.cat([torch.zeros(1, dtype=torch.long, device=tokens.device), (tokens[1:-1] == BOS_ID).long()]), 0)
+    sums = torch.zeros(int(doc[-1]) + 1, dtype=torch.float64, device=nll.device).index_add_(0, doc, nll)
+    counts = torch.bincount(doc).double()
+    mean, docs = float(sums.sum() / nll.numel()), sums.numel()
+    return mean, float(((sums - counts * mean) ** 2).sum()) / nll.numel() ** 2 * docs / max(docs - 1, 1) if docs > 1 else math.inf
+
+
+def memorization_check(forward, weights: dict[str, Tensor], tokens: Tensor, args: Hyperparameters, rt: Runtime, tables: ByteTables) -> tuple[bool, str]:
+    """The artifact's base model on the held-out training text and on as many validation tokens:
+    validation may not score better by more than MEMORIZATION_SIGMAS standard errors of the
+    difference (documents as the unit), which weights that saw the validation set do (#1423)."""
+    if not args.eval_audit_heldout_tokens:
+        return False, "off: EVAL_AUDIT_HELDOUT_TOKENS=0"
+    held = heldout_tokens(shard_files(args.data_path, "train"), args.eval_audit_heldout_tokens)
+    n = min(held.size, tokens.numel())
+    stats = []
+    for stream in (tokens[:n], torch.from_numpy(held[:n].astype(np.int64)).to(tokens.device)):
+        ledger = ScoreLedger(stream, tables)
+        score_path("standard", forward, weights, stream, ledger, args, rt)
+        ledger.merge(rt)
+        stats.append(mean_and_variance(stream, ledger.nll))
+    (val, val_var), (heldout, heldout_var) = stats
+    gap, noise = heldout - val, math.sqrt(val_var + heldout_var)
+    return gap <= MEMORIZATION_SIGMAS * noise, f"val_nll:{val:.4f} heldout_nll:{heldout:.4f} gap:{gap:.4f} noise:{noise:.4f} limit:{MEMORIZATION_SIGMAS:g}x tokens:{n}"
+
+
+def agree_across_ranks(checks: dict, rt: Runtime) -> dict:
+    """One verdict for all ranks: rank 0's checks on every rank, failed if any rank found otherwise."""
+    if not rt.distributed:
+        return checks
+    gathered = [None] * rt.world_size
+    dist.all_gather_object(gathered, checks)
+    differ = [r for r, c in enumerate(gathered) if c != gathered[0]]
+    return {**gathered[0], **({"ranks_agree": (False, f"ranks {differ} found otherwise than rank 0")} if differ else {})}
+
+
+def audit_final_path(name: str, artifact: Path, args: Hyperparameters, rt: Runtime, tables: ByteTables, tokens: Tensor, full_ledger: ScoreLedger,
+                     forward, weights: dict[str, Tensor], phase_starts: list[PhaseStart], code: Path, probe_runner=None) -> AuditReport:
+    """The audit of the scored path, after its timed scoring: the probe checks (audit_path) on a
+    probe aligned with the run's units, scored by a fresh process of the shipped code from the
+    artifact file (`probe_runner`, by default run_probe_process), plus the file's weights being
+    the run's; then here, on every rank alike, the sampled rescoring and the memorization check."""
+    probe = tokens[: probe_targets(name, tokens, args) + 1]
+    cuts = audit_cut_points(probe, args.ttt_chunk_size)
+    streams = probe_streams(probe, cuts, args.vocab_size)
+    runner = probe_runner or (lambda *a: run_probe_process(*a, artifact, code))
+    seconds, t0 = {}, sync_time(rt)
+    results, file_sha, problem = runner(streams, probe_jobs(len(streams)), [t + 1 for t in cuts], args, rt, tables)
+    seconds["probes"], t0 = sync_time(rt) - t0, sync_time(rt)
+    floor = regroup = 0.0
+    if problem:
+        checks = {"probes": (False, problem)}
+    else:
+        checks = probe_checks(results, cuts, full_ledger)
+        floor, regroup = probe_noise(results) if "error" not in results[-1] else (0.0, 0.0)
+        run_sha = weights_sha256(weights)
+        checks["weights"] = (run_sha == file_sha, f"run:{run_sha[:16]} file:{file_sha[:16]}")
+    try:
+        checks["sampled"] = sampled_check(name, forward, weights, tokens, full_ledger, phase_starts, args, rt, tables, floor, regroup)
+    except LeakageError as e:
+        checks["score_before_update"] = (False, str(e))
+    seconds["sampled"], t0 = sync_time(rt) - t0, sync_time(rt)
+    checks["memorization"] = memorization_check(forward, weights, tokens, args, rt, tables)
+    seconds["memorization"] = sync_time(rt) - t0
+    return AuditReport(name, agree_across_ranks(checks, rt), seconds)
 
 
 # ----------------------------------------------------------------------------- evaluation: the paths and the report
@@ -2881,8 +3262,12 @@ def score_path(name: str, model, weights: dict[str, Tensor], tokens: Tensor, led
     getattr(model, "_orig_mod", model).load_state_dict(weights)
     if name == "ttt":
         return ScoreFirstTTT(getattr(model, "_orig_mod", model).cfg, args, rt)(model, tokens, ledger, rt, **ttt_options)
-    window, stride = (args.train_seq_len, args.train_seq_len) if name == "standard" else (args.eval_seq_len, args.eval_stride)
-    return score_windows(model, tokens, ledger, rt, window, stride, args.val_batch_size)
+    return score_windows(model, tokens, ledger, rt, *path_windows(name, args), args.val_batch_size)
+
+
+def path_windows(name: str, args: Hyperparameters) -> tuple[int, int]:
+    """(window, stride) of a window path."""
+    return (args.train_seq_len, args.train_seq_len) if name == "standard" else (args.eval_seq_len, args.eval_stride)
 
 
 def dummy_token_stream(length: int, vocab_size: int, doc_len: int, device) -> Tensor:
@@ -2927,23 +3312,13 @@ def warm_up_paths(forward, weights, names: list[str], args: Hyperparameters, rt:
         score_path(name, forward, weights, dummy, ScoreLedger(dummy, tables), warm_args, rt)
 
 
-def audit_final_path(name: str, artifact: Path, args: Hyperparameters, rt: Runtime, tables: ByteTables, tokens: Tensor, full_ledger: ScoreLedger, backend: str) -> AuditReport:
-    """The audit of the scored path, from the artifact file alone (not the run's model) and through score_path."""
-    model = load_model_from_artifact(artifact, rt.device, backend)
-    model.requires_grad_(False)
-    weights = {k: v.clone() for k, v in model.state_dict().items()}
-    forward = compile_for_eval(model, args, rt)
-
-    def score(toks, ledger, alone):
-        score_path(name, forward, weights, toks, ledger, one_per_batch(args) if alone else args, rt)
-
-    return audit_path(name, score, tokens, tables, rt, model.cfg.vocab_size, args.ttt_chunk_size, full_ledger, args.eval_audit_tokens)
-
-
-def evaluate_artifact(path: Path, args: Hyperparameters, rt: Runtime, log: Logger, tables: ByteTables, val_tokens: Tensor, scheme: str, backend: str) -> tuple[dict, list]:
+def evaluate_artifact(path: Path, args: Hyperparameters, rt: Runtime, log: Logger, tables: ByteTables, val_tokens: Tensor, scheme: str, backend: str,
+                      code: Path | None = None) -> tuple[dict, list]:
     """Everything after training. Timed, as the evaluation: load the artifact and score each path
     (every path from the artifact's weights). Untimed and logged apart: the compile warm-up on
-    dummy tokens, and afterwards the audit of the final path."""
+    dummy tokens, and afterwards the audit of the final path (its fresh process runs `code`, the
+    shipped train_gpt.py; by default this file). In that fresh process (EVAL_AUDIT_PROBES) only the
+    final path is warmed up, and the probes are scored instead of the paths."""
     t_start = sync_time(rt)
     model = load_model_from_artifact(path, rt.device, backend)
     model.requires_grad_(False)
@@ -2954,16 +3329,19 @@ def evaluate_artifact(path: Path, args: Hyperparameters, rt: Runtime, log: Logge
     warmup_s = 0.0
     if forward is not model:
         t0 = sync_time(rt)
-        warm_up_paths(forward, weights, names, args, rt, tables, model.cfg.vocab_size)
+        warm_up_paths(forward, weights, names[-1:] if args.eval_audit_probes else names, args, rt, tables, model.cfg.vocab_size)
         warmup_s = sync_time(rt) - t0
         log(f"eval_compile_warmup:{1000.0 * warmup_s:.0f}ms (dummy tokens, not counted in eval_time_total)")
+    if args.eval_audit_probes:
+        score_probe_file(names[-1], forward, weights, args, rt, tables)
+        return {}, []
     deadline = ttt_deadline(t_start + warmup_s, args.ttt_deadline_seconds, rt.world_size)
-    results, ledgers = {}, {}
+    results, ledgers, phase_starts = {}, {}, []
     for name in names:
         ledger = ScoreLedger(val_tokens, tables)
         base_ledger = ScoreLedger(val_tokens, tables) if name == "ttt" and args.ttt_report_base else None
         t0 = sync_time(rt)
-        options = dict(base_ledger=base_ledger, deadline=deadline, log=log) if name == "ttt" else {}
+        options = dict(base_ledger=base_ledger, deadline=deadline, log=log, phase_starts=phase_starts if args.eval_audit else None) if name == "ttt" else {}
         stats = score_path(name, forward, weights, val_tokens, ledger, args, rt, **options)
         ledger.merge(rt)
         result = ledger.result()
@@ -2992,9 +3370,11 @@ def evaluate_artifact(path: Path, args: Hyperparameters, rt: Runtime, log: Logge
     audits = []
     if args.eval_audit:
         t0 = sync_time(rt)
-        report = audit_final_path(names[-1], path, args, rt, tables, val_tokens, ledgers[names[-1]], backend)
+        report = audit_final_path(names[-1], path, args, rt, tables, val_tokens, ledgers[names[-1]], forward, weights, phase_starts, code or Path(__file__))
         log(report.line())
-        log(f"eval_audit_time:{1000.0 * (sync_time(rt) - t0):.0f}ms (after the timed evaluation)")
+        audit_s = sync_time(rt) - t0
+        parts = " ".join(f"{part}:{1000.0 * s:.0f}ms" for part, s in report.seconds.items())
+        log(f"eval_audit_time:{1000.0 * audit_s:.0f}ms ratio_to_eval:{audit_s / total_s:.2f} {parts} (after the timed evaluation)")
         audits.append(report)
     return results, audits
 
@@ -3055,7 +3435,7 @@ def calibrate_after_training(model: GPT, hessians: dict | None, args: Hyperparam
     if args.gptq_calibration == "self":
         batches = generate_calibration_batches(model, args.gptq_calib_seqs, args.train_seq_len, args.gptq_calib_temperature, rt, args.seed)
     else:
-        batches = train_batches_for_calibration(DistributedTokenLoader(args.data_path, rt), args, rt)
+        batches = train_batches_for_calibration(DistributedTokenLoader(args.data_path, rt, args.eval_audit_heldout_tokens), args, rt)
     hessians = collect_hessians(model, batches, rt)
     log(f"gptq_calibration source:{args.gptq_calibration} seqs:{args.gptq_calib_seqs} time:{1000.0 * (sync_time(rt) - t0):.0f}ms")
     return hessians
@@ -3199,6 +3579,10 @@ def run(args: Hyperparameters, rt: Runtime, run_id: str, log: Logger) -> bool:
     log(f"val_tokens:{val_tokens.numel()} targets:{val_tokens.numel() - 1}")
     byte_source = "sidecar (fineweb_val_bytes_*.bin, original UTF-8 bytes)" if tables.sidecar_bytes is not None else "official (tokenizer tables)"
     log(f"bpb_bytes:{int(stream_target_bytes(val_tokens, tables).sum())} source:{byte_source}")
+    if args.eval_audit_heldout_tokens:
+        train_files = shard_files(args.data_path, "train")
+        start = heldout_start(train_files, args.eval_audit_heldout_tokens)
+        log(f"audit_heldout shard:{Path(train_files[-1]).name} from_token:{start} tokens:{shard_token_count(train_files[-1]) - start} (never trained on)")
     scheme = quantization_scheme(args)
     pre_quant, train_result, size = None, None, None
     if args.eval_only:
@@ -3222,7 +3606,9 @@ def run(args: Hyperparameters, rt: Runtime, run_id: str, log: Logger) -> bool:
             log(traceback.format_exc().rstrip(), console=False)
             raise ArtifactError(keep_trained_weights(model, args, rt, run_id, artifact_path, e)) from e
         del model
-    results, audits = evaluate_artifact(artifact_path, args, rt, log, tables, val_tokens, scheme, backend)
+    results, audits = evaluate_artifact(artifact_path, args, rt, log, tables, val_tokens, scheme, backend, log_dir / f"{run_id}.train_gpt.py")
+    if args.eval_audit_probes:  # the audit's fresh process: its probes are written, nothing to report
+        return True
     if pre_quant is not None:
         log(f"quant_gap_bpb:{results['standard'].val_bpb - pre_quant.val_bpb:.6f}")
     verdict = "NOT_RUN" if not audits else "PASS" if all(a.passed for a in audits) else "FAIL"
