@@ -603,17 +603,20 @@ def heldout_start(files: list[str], tokens: int) -> int:
     """Where the audit's held-out text starts in the last train shard: the first document start in
     its last `tokens` tokens (at most a quarter of the shard); the shard's size when `tokens` is 0.
     Training and calibration never read from there on (the memorization check scores it)."""
-    size = shard_token_count(files[-1])
-    n = min(tokens, size // 4)
+    shard = mapped_shard(files[-1])
+    n = min(tokens, shard.size // 4)
     if not n:
-        return size
-    tail = np.memmap(files[-1], dtype="<u2", mode="r", offset=SHARD_HEADER_INTS * 4, shape=(size,))[size - n :]
-    starts = np.flatnonzero(tail == BOS_ID)
-    return size - n + (int(starts[0]) if starts.size else 0)
+        return shard.size
+    starts = np.flatnonzero(shard[shard.size - n :] == BOS_ID)
+    return shard.size - n + (int(starts[0]) if starts.size else 0)
 
 
 def heldout_tokens(files: list[str], tokens: int) -> np.ndarray:
-    return load_data_shard(files[-1])[heldout_start(files, tokens) :]
+    return np.array(mapped_shard(files[-1])[heldout_start(files, tokens) :])
+
+
+def mapped_shard(path: str) -> np.ndarray:
+    return np.memmap(path, dtype="<u2", mode="r", offset=SHARD_HEADER_INTS * 4, shape=(shard_token_count(path),))
 
 
 class TokenStream:
@@ -2517,21 +2520,28 @@ def window_plan(num_targets: int, window: int, stride: int) -> list[tuple[int, i
     return plan
 
 
+def window_batches(plan: list[tuple[int, int, int]], window: int, batch_tokens: int, rank: int, world_size: int) -> list[list[tuple[int, int, int]]]:
+    """The batches of windows `rank` scores, in order: its round-robin share of the plan, grouped by length
+    (the audit replays some of them exactly)."""
+    by_length: dict[int, list] = {}
+    for w in plan[rank::world_size]:
+        by_length.setdefault(w[2] - w[0], []).append(w)
+    size = max(1, batch_tokens // (window * world_size))
+    return [ws[i : i + size] for ws in by_length.values() for i in range(0, len(ws), size)]
+
+
+def window_inputs(tokens: Tensor, batch: list[tuple[int, int, int]]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Inputs, targets, target positions and the mask of scored targets of a batch of windows of one length."""
+    chunk = torch.tensor(batch, device=tokens.device)
+    idx = chunk[:, 0:1] + torch.arange(batch[0][2] - batch[0][0], device=tokens.device)  # (B, length) token indices of the inputs
+    return tokens[idx], tokens[idx + 1], idx + 1, idx + 1 > chunk[:, 1:2]
+
+
 @torch.no_grad()
 def score_windows(model, tokens: Tensor, ledger: ScoreLedger, rt: Runtime, window: int, stride: int, batch_tokens: int):
     """Standard (stride = window) and sliding-window scoring; windows are dealt round-robin to ranks."""
-    plan = window_plan(tokens.numel() - 1, window, stride)[rt.rank :: rt.world_size]
-    by_length: dict[int, list] = {}
-    for w in plan:
-        by_length.setdefault(w[2] - w[0], []).append(w)
-    batch_seqs = max(1, batch_tokens // (window * rt.world_size))
-    for length, windows in by_length.items():
-        offsets = torch.arange(length, device=tokens.device)
-        for i in range(0, len(windows), batch_seqs):
-            chunk = torch.tensor(windows[i : i + batch_seqs], device=tokens.device)
-            a, s = chunk[:, 0:1], chunk[:, 1:2]
-            idx = a + offsets  # (B, length) token indices of the inputs
-            ledger.score(model, tokens[idx], tokens[idx + 1], idx + 1, idx + 1 > s)
+    for batch in window_batches(window_plan(tokens.numel() - 1, window, stride), window, batch_tokens, rt.rank, rt.world_size):
+        ledger.score(model, *window_inputs(tokens, batch))
 
 
 # ----------------------------------------------------------------------------- evaluation: score-first TTT (per-document LoRA, phased global SGD)
@@ -2609,6 +2619,15 @@ class PhaseStart:
 
 
 @dataclass
+class Replay:
+    """The audit's replay of some of a run's TTT batches: those holding one of `docs` (indices into
+    document_spans), from the run's PhaseStarts; `late`: the documents the run scored after its deadline."""
+    starts: list[PhaseStart]
+    docs: set[int]
+    late: set[int]
+
+
+@dataclass
 class TTTStats:
     docs_adapted: int = 0
     docs_base: int = 0
@@ -2646,40 +2665,43 @@ class ScoreFirstTTT:
             self.shared_A = [torch.randn(m.A.shape[1:], generator=g, device=rt.device) / math.sqrt(m.A.size(1)) for m in self.adapters.loras()]
 
     def __call__(self, model, tokens: Tensor, ledger: ScoreLedger, rt: Runtime, base_ledger: ScoreLedger | None = None, deadline: float | None = None, log=None,
-                 phase_starts: list | None = None, only_docs: set[int] | None = None, shared_A: list[Tensor] | None = None) -> TTTStats:
+                 phase_starts: list | None = None, replay: Replay | None = None) -> TTTStats:
         """Score every target of `tokens` once into `ledger` (and, if given, the base model's scores into `base_ledger`).
 
-        The audit's hooks: `phase_starts` gets a PhaseStart (first document, weights, A) at each phase's
-        start; `only_docs` (indices into document_spans(tokens)) with `shared_A` scores those documents
-        alone from a recorded phase start (the weights are score_path's)."""
+        The audit's hooks: `phase_starts` gets a PhaseStart at each phase's start; `replay` computes
+        only the batches holding one of its documents, as the run computed them, each phase from its
+        recorded start (no SGD phase; a batch is late where the run's was)."""
         args, stats = self.args, TTTStats()
         docs = document_spans(tokens)
         t_start, done, total = time.perf_counter(), 0, 0
         ranges = phase_ranges(len(docs), args)
-        self.shared_A = shared_A if shared_A is not None else self.shared_A
-        for first, end, then_sgd in ranges:
+        for p, (first, end, then_sgd) in enumerate(ranges):
+            if replay is not None:
+                getattr(model, "_orig_mod", model).load_state_dict(replay.starts[p].weights)
+                self.shared_A = replay.starts[p].shared_A
             if phase_starts is not None:
                 state = getattr(model, "_orig_mod", model).state_dict()
                 phase_starts.append(PhaseStart(first, {k: v.detach().clone() for k, v in state.items()}, None if self.shared_A is None else [a.clone() for a in self.shared_A]))
-            phase = [docs[d] for d in range(first, end) if only_docs is None or d in only_docs]
-            order = sorted(range(len(phase)), key=lambda i: (phase[i][1] - phase[i][0], i))
-            mine = [phase[d] for d, r in zip(order, zigzag_ranks(len(order), rt.world_size)) if r == rt.rank]
+            order = sorted(range(first, end), key=lambda d: (docs[d][1] - docs[d][0], d))
+            mine = [d for d, r in zip(order, zigzag_ranks(len(order), rt.world_size)) if r == rt.rank]
             total += len(mine)
             A_sum = [torch.zeros_like(a) for a in self.shared_A] if self.shared_A is not None else None
             batches = _batched(mine, args.ttt_batch_size)
             for k, batch in enumerate(batches):
-                late = deadline is not None and time.perf_counter() > deadline
+                if replay is not None and replay.docs.isdisjoint(batch):
+                    continue
+                late = not replay.late.isdisjoint(batch) if replay is not None else deadline is not None and time.perf_counter() > deadline
                 adapt = args.ttt_lr > 0 and not late
                 stats.docs_after_deadline += len(batch) if late else 0
                 stats.docs_adapted += len(batch) if adapt else 0
                 stats.docs_base += len(batch) if not adapt and not late else 0
-                self.score_batch(model, tokens, ledger, batch, adapt, late, base_ledger, stats, A_sum)
+                self.score_batch(model, tokens, ledger, [docs[d] for d in batch], adapt, late, base_ledger, stats, A_sum)
                 done += len(batch)
                 if log is not None and ((k + 1) % max(1, len(batches) // 4) == 0 or k + 1 == len(batches)):
                     elapsed = time.perf_counter() - t_start
                     log(f"ttt_progress phase:{stats.phases + 1}/{sum(r[2] for r in ranges) + 1} docs:{done}/{len(docs)} rank_docs:{done}/{total}+ "
                         f"elapsed:{elapsed:.1f}s computed_per_scored:{stats.tokens_computed / max(stats.tokens_scored, 1):.1f}")
-            if then_sgd:
+            if then_sgd and replay is None:
                 self.global_sgd(model, tokens, docs[end - 1][1], ledger, rt, stats)
                 stats.phases += 1
                 if A_sum is not None:
@@ -3081,89 +3103,71 @@ def ledger_seed(ledger: ScoreLedger) -> int:
     return int.from_bytes(hashlib.sha256(ledger.nll.cpu().numpy().tobytes()).digest()[:8], "little")
 
 
-def rescore_documents(forward, tokens: Tensor, picks: list, phase_starts: list[PhaseStart], late: Tensor, args: Hyperparameters, rt: Runtime, tables: ByteTables):
-    """Each picked document (index, start, end, p) scored by TTT from its phase's recorded start, with
-    the run's batch size, once as it is and once with its tokens after p - 1 replaced; documents the
-    run scored after the deadline get the base model (TTT_LR=0). Returns both merged ledgers."""
-    perturbed = tokens.clone()
-    for d, s, e, p in picks:
-        scramble_(perturbed, p, e, args.vocab_size, seed=p)
-    groups = {}
-    for d, s, e, p in picks:
-        phase = max(i for i, start in enumerate(phase_starts) if start.first_doc <= d)
-        groups.setdefault((phase, bool(late[s])), set()).add(d)
-    ledgers = [ScoreLedger(tokens, tables), ScoreLedger(perturbed, tables, audit=True, watch=tuple(p for *_, p in picks))]
-    for (phase, after_deadline), docs in sorted(groups.items()):
-        alone = copy.copy(args)
-        alone.ttt_mode, alone.ttt_lr = "lora", 0.0 if after_deadline else args.ttt_lr
-        start = phase_starts[phase]
-        for stream, ledger in zip((tokens, perturbed), ledgers):
-            score_path("ttt", forward, start.weights, stream, ledger, alone, rt, only_docs=docs, shared_A=start.shared_A)
-    for ledger in ledgers:
-        ledger.merge(rt)
-    return ledgers
-
-
-@torch.no_grad()
-def rescore_windows(forward, tokens: Tensor, picks: list, args: Hyperparameters, rt: Runtime) -> list[tuple[Tensor, Tensor, Tensor]]:
-    """Each picked window (a, s, e, p) scored again in batches of the run's size, as it is and with its
-    tokens after p - 1 replaced: per window the nll of targets a+1..e, the perturbed copy's, and the
-    perturbed copy's log p at p."""
-    out = []
-    per_batch = max(1, args.val_batch_size // (max(e - a for a, s, e, p in picks) * rt.world_size))
-    for i in range(0, len(picks), per_batch):
-        batch = picks[i : i + per_batch]
-        for length in sorted({e - a for a, s, e, p in batch}):
-            same = [w for w in batch if w[2] - w[0] == length]
-            rows = same if len(same) > 1 else same * 2  # never a batch of one: its own compiled graph
-            x = torch.stack([tokens[a : a + length + 1] for a, s, e, p in rows])
-            y = x.clone()
-            for row, (a, s, e, p) in zip(y, rows):
-                scramble_(row, p - a, length + 1, args.vocab_size, seed=p)
-            plain, changed = log_probs(forward, x[:, :-1]), log_probs(forward, y[:, :-1])
-            for k, (a, s, e, p) in enumerate(same):
-                out.append((-plain[k].gather(-1, x[k, 1:, None])[:, 0].double(), -changed[k].gather(-1, y[k, 1:, None])[:, 0].double(), changed[k, p - a - 1]))
-    return out
-
-
 def sampled_check(name: str, forward, weights: dict[str, Tensor], tokens: Tensor, full_ledger: ScoreLedger, phase_starts: list[PhaseStart],
-                  args: Hyperparameters, rt: Runtime, tables: ByteTables, floor: float, regroup: float) -> tuple[bool, str]:
+                  args: Hyperparameters, rt: Runtime, tables: ByteTables, floor: float) -> tuple[bool, str]:
     """EVAL_AUDIT_SAMPLES positions drawn from the whole stream with a seed from the run's scores; the
-    document (TTT) or window holding each is rescored from what the run started it from (the
-    artifact's weights, or its phase's recorded start), as is and perturbed after the position
-    before. Its scores must equal the run's (within the probes' regrouping noise) and, up to that
-    position and in the distribution at it, not move when the tokens after it change (within their
-    run-to-run noise): a leak keyed on position, document or phase shows in one or the other."""
+    batch that scored each (TTT: of documents, from its phase's recorded start; else of windows) is
+    computed again exactly as the run computed it, as is and with the tokens of the position's
+    document or window after the position before it replaced. The first must give the run's scores
+    (every target of the batch); the second, up to that position and in the distribution at it, must
+    not move. Both within the probes' run-to-run noise: a leak keyed on position, document or phase
+    shows in one or the other."""
+    if not args.eval_audit_samples:
+        return False, "off: EVAL_AUDIT_SAMPLES=0"
     seed = ledger_seed(full_ledger)
     positions = torch.randint(1, full_ledger.num_targets + 1, (args.eval_audit_samples,), generator=torch.Generator().manual_seed(seed)).tolist()
-    run, picks, versus_run, upto_t = full_ledger.nll, {}, 0.0, 0.0
+    run, versus_run, upto_t, units, extra = full_ledger.nll, 0.0, 0.0, 0, ""
     if name == "ttt":
         docs = document_spans(tokens)
         ends = [e for _, e in docs]
+        picks = {}
         for p in positions:
             d = bisect.bisect_left(ends, p)
-            picks.setdefault(d, (d, *docs[d], p))
-        plain, changed = rescore_documents(forward, tokens, sorted(picks.values()), phase_starts, full_ledger.late, args, rt, tables)
-        U, P = plain.nll, changed.nll
-        for d, s, e, p in picks.values():
+            picks.setdefault(d, (*docs[d], p))
+        perturbed = tokens.clone()
+        for s, e, p in picks.values():
+            scramble_(perturbed, p, e, args.vocab_size, seed=p)
+        starts = torch.tensor([s for s, _ in docs], device=tokens.device)
+        replay = Replay(phase_starts, set(picks), set(torch.nonzero(full_ledger.late[starts]).flatten().tolist()))
+        plain, changed = ScoreLedger(tokens, tables), ScoreLedger(perturbed, tables, audit=True, watch=tuple(p for *_, p in picks.values()))
+        for stream, ledger in ((tokens, plain), (perturbed, changed)):
+            score_path("ttt", forward, weights, stream, ledger, args, rt, replay=replay)
+            ledger.merge(rt)
+        U, P, scored = plain.nll, changed.nll, plain.count > 0
+        versus_run, units = float((U - run)[scored].abs().max()), int(scored.sum())
+        for s, e, p in picks.values():
             logp = changed.distributions.get(p)
-            at_p = math.inf if logp is None else abs(float(U[p - 1] + logp[tokens[p]]))
-            versus_run = max(versus_run, float((U[s:e] - run[s:e]).abs().max()))
-            upto_t = max(upto_t, at_p, float((U[s : p - 1] - P[s : p - 1]).abs().max()) if p - 1 > s else 0.0)
-        starts = " phase_starts:" + ",".join(f"{ps.first_doc}@{weights_sha256(ps.weights)[:12]}" for ps in phase_starts)
+            upto_t = max(upto_t, math.inf if logp is None else abs(float(U[p - 1] + logp[tokens[p]])), float((U[s : p - 1] - P[s : p - 1]).abs().max()) if p - 1 > s else 0.0)
+        extra = " phase_starts:" + ",".join(f"{ps.first_doc}@{weights_sha256(ps.weights)[:12]}" for ps in phase_starts)
     else:
         getattr(forward, "_orig_mod", forward).load_state_dict(weights)
+        window, stride = path_windows(name, args)
+        picks = {}
         for p in positions:
-            picks.setdefault(window_containing(p, full_ledger.num_targets, *path_windows(name, args)), p)
-        picks = {w: (*w, p) for w, p in picks.items()}
-        for (a, s, e, p), (plain, changed, logp) in zip(picks.values(), rescore_windows(forward, tokens, list(picks.values()), args, rt)):
-            versus_run = max(versus_run, float((plain[s - a : e - a] - run[s:e]).abs().max()))
-            upto_t = max(upto_t, abs(float(plain[p - a - 1] + logp[tokens[p]])), float((plain[s - a : p - a - 1] - changed[s - a : p - a - 1]).abs().max()) if p - 1 > s else 0.0)
-        starts = ""
-    tolerance, run_tolerance = 4.0 * floor, 4.0 * (regroup + floor)
-    return (versus_run <= run_tolerance and upto_t <= tolerance,
-            f"positions:{len(positions)} units:{len(picks)} seed:{seed:016x} max_diff_vs_run:{versus_run:.3g} max_change_upto_t:{upto_t:.3g} "
-            f"tolerance:{run_tolerance:.3g}/{tolerance:.3g}{starts}")
+            picks.setdefault(window_containing(p, full_ledger.num_targets, window, stride), p)
+        plan = window_plan(full_ledger.num_targets, window, stride)
+        for r in range(rt.world_size):  # every rank replays every picked batch
+            for batch in window_batches(plan, window, args.val_batch_size, r, rt.world_size):
+                rows = [i for i, w in enumerate(batch) if w in picks]
+                if not rows:
+                    continue
+                x, y, pos, mask = window_inputs(tokens, batch)
+                changed_x, changed_y = x.clone(), y.clone()
+                for i in rows:
+                    (a, s, e), p = batch[i], picks[batch[i]]
+                    segment = tokens[a : e + 1].clone()
+                    scramble_(segment, p - a, e + 1 - a, args.vocab_size, seed=p)
+                    changed_x[i], changed_y[i] = segment[:-1], segment[1:]
+                with torch.no_grad():
+                    plain, changed = log_probs(forward, x), log_probs(forward, changed_x)
+                U, P = (-lp.gather(-1, t.unsqueeze(-1)).squeeze(-1).double() for lp, t in ((plain, y), (changed, changed_y)))
+                versus_run, units = max(versus_run, float((U[mask] - run[pos[mask] - 1]).abs().max())), units + int(mask.sum())
+                for i in rows:
+                    (a, s, e), p = batch[i], picks[batch[i]]
+                    upto_t = max(upto_t, abs(float(U[i, p - a - 1] + changed[i, p - a - 1, y[i, p - a - 1]])), float((U[i, s - a : p - a - 1] - P[i, s - a : p - a - 1]).abs().max()) if p - 1 > s else 0.0)
+    tolerance = 4.0 * floor
+    return (versus_run <= tolerance and upto_t <= tolerance,
+            f"positions:{len(positions)} units:{len(picks)} seed:{seed:016x} replayed_targets:{units} max_diff_vs_run:{versus_run:.3g} max_change_upto_t:{upto_t:.3g} tolerance:{tolerance:.3g}{extra}")
 
 
 def mean_and_variance(tokens: Tensor, nll: Tensor) -> tuple[float, float]:
@@ -3210,7 +3214,7 @@ def audit_final_path(name: str, artifact: Path, args: Hyperparameters, rt: Runti
     """The audit of the scored path, after its timed scoring: the probe checks (audit_path) on a
     probe aligned with the run's units, scored by a fresh process of the shipped code from the
     artifact file (`probe_runner`, by default run_probe_process), plus the file's weights being
-    the run's; then here, on every rank alike, the sampled rescoring and the memorization check."""
+    the run's; then here, on every rank, the sampled replay and the memorization check."""
     probe = tokens[: probe_targets(name, tokens, args) + 1]
     cuts = audit_cut_points(probe, args.ttt_chunk_size)
     streams = probe_streams(probe, cuts, args.vocab_size)
@@ -3218,16 +3222,16 @@ def audit_final_path(name: str, artifact: Path, args: Hyperparameters, rt: Runti
     seconds, t0 = {}, sync_time(rt)
     results, file_sha, problem = runner(streams, probe_jobs(len(streams)), [t + 1 for t in cuts], args, rt, tables)
     seconds["probes"], t0 = sync_time(rt) - t0, sync_time(rt)
-    floor = regroup = 0.0
+    floor = 0.0
     if problem:
         checks = {"probes": (False, problem)}
     else:
         checks = probe_checks(results, cuts, full_ledger)
-        floor, regroup = probe_noise(results) if "error" not in results[-1] else (0.0, 0.0)
+        floor = probe_noise(results)[0] if "error" not in results[-1] else 0.0
         run_sha = weights_sha256(weights)
         checks["weights"] = (run_sha == file_sha, f"run:{run_sha[:16]} file:{file_sha[:16]}")
     try:
-        checks["sampled"] = sampled_check(name, forward, weights, tokens, full_ledger, phase_starts, args, rt, tables, floor, regroup)
+        checks["sampled"] = sampled_check(name, forward, weights, tokens, full_ledger, phase_starts, args, rt, tables, floor)
     except LeakageError as e:
         checks["score_before_update"] = (False, str(e))
     seconds["sampled"], t0 = sync_time(rt) - t0, sync_time(rt)
@@ -3620,6 +3624,10 @@ def run(args: Hyperparameters, rt: Runtime, run_id: str, log: Logger) -> bool:
         problems.append("train_time_over_600s")
     if verdict != "PASS":  # a score without its audit is not evidence of legality
         problems.append("audit_failed" if verdict == "FAIL" else "audit_not_run")
+    if rt.distributed:  # rank 0 holds the size report: its decision is every rank's, and so is the exit code
+        shared = [problems]
+        dist.broadcast_object_list(shared, src=0)
+        problems = shared[0]
     log(f"submission_valid:{'no reason:' + ','.join(problems) if problems else 'yes'}")
     return not problems
 

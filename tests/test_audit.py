@@ -46,9 +46,22 @@ def write_artifact(model, path):
     return path
 
 
+def trained_model(steps=150):
+    """The tiny model after some Adam steps on the synthetic training text: its predictions mean something."""
+    model, stream = tiny_model(0), torch.from_numpy(synthetic_stream(400, seed=1).astype(np.int64))
+    optimizer, g = torch.optim.Adam(model.parameters(), lr=3e-3), torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        starts = torch.randint(0, stream.numel() - 33, (8,), generator=g)
+        idx = starts[:, None] + torch.arange(33)
+        model(stream[idx[:, :-1]], stream[idx[:, 1:]]).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return model
+
+
 @pytest.fixture(scope="module")
 def artifact(tmp_path_factory):
-    return write_artifact(tiny_model(0), tmp_path_factory.mktemp("artifact") / "m.pgz")
+    return write_artifact(trained_model(), tmp_path_factory.mktemp("artifact") / "m.pgz")
 
 
 def in_process(artifact):
@@ -150,7 +163,7 @@ def audit_grid(data, artifact, rt) -> list[tuple[str, str]]:
 def test_every_path_passes_over_a_grid_of_settings(data, artifact):
     for settings, line in audit_grid(data, artifact, T.Runtime()):
         assert "verdict:PASS" in line, (settings, line)
-        assert re.search(r"sampled:ok\[positions:8 units:\d+ seed:[0-9a-f]{16} max_diff_vs_run:\S+ max_change_upto_t:0 ", line), (settings, line)
+        assert re.search(r"sampled:ok\[positions:8 units:\d+ seed:[0-9a-f]{16} replayed_targets:\d+ max_diff_vs_run:0 max_change_upto_t:0 ", line), (settings, line)
 
 
 def _grid_worker(rank, world, port, data, artifact, out):
@@ -287,23 +300,39 @@ def test_the_sample_is_drawn_from_the_runs_scores(data, artifact):
 # ----------------------------------------------------------------------------- the memorization check
 
 
-def test_weights_that_saw_the_validation_set_fail_the_memorization_check(data, artifact):
-    """#1423: one epoch of SGD on the validation tokens before quantizing. The honest artifact passes."""
-    args = audit_args(data, TTT_ENABLED=0, EVAL_STRIDE=0)
+def random_documents(count: int, seed: int) -> np.ndarray:
+    """Documents of random tokens: nothing in them is learnt but the documents themselves."""
+    rng = np.random.default_rng(seed)
+    return np.concatenate([np.concatenate([[T.BOS_ID], rng.integers(4, VOCAB, size=int(rng.integers(20, 60)))]) for _ in range(count)]).astype(np.uint16)
+
+
+@pytest.fixture(scope="module")
+def random_data(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("random_data")
+    T.write_data_shard(folder / "fineweb_train_000000.bin", random_documents(400, seed=1))
+    T.write_data_shard(folder / "fineweb_val_000000.bin", random_documents(100, seed=2))
+    return folder
+
+
+def test_weights_that_saw_the_validation_set_fail_the_memorization_check(random_data, tmp_path):
+    """#1423: one epoch of SGD on the validation tokens before quantizing. The weights before it pass."""
+    args = audit_args(random_data, TTT_ENABLED=0, EVAL_STRIDE=0)
     tokens = T.load_validation_tokens(args.data_path, VOCAB)
-    honest = T.load_model_from_artifact(artifact, torch.device("cpu"))
-    ok, detail = T.memorization_check(honest, {k: v.clone() for k, v in honest.state_dict().items()}, tokens, args, T.Runtime(), toy_tables(VOCAB))
-    assert ok, detail
-    cheat = tiny_model(0)
-    optimizer = torch.optim.SGD(cheat.parameters(), lr=0.05)
-    for a in range(0, tokens.numel() - 33, 32):
-        cheat(tokens[a : a + 32][None], tokens[a + 1 : a + 33][None]).backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    leaked = T.load_model_from_artifact(write_artifact(cheat, data.parent / "leaked.pgz"), torch.device("cpu"))
-    ok, detail = T.memorization_check(leaked, {k: v.clone() for k, v in leaked.state_dict().items()}, tokens, args, T.Runtime(), toy_tables(VOCAB))
-    assert not ok, detail
-    gap, noise = (float(re.search(rf"{k}:(\S+)", detail).group(1)) for k in ("gap", "noise"))
+    model = trained_model()
+    checks = []
+    for leak in (False, True):
+        if leak:
+            optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+            for a in range(0, tokens.numel() - 33, 32):
+                model(tokens[a : a + 32][None], tokens[a + 1 : a + 33][None]).backward()
+                optimizer.step()
+                optimizer.zero_grad()
+        scored = T.load_model_from_artifact(write_artifact(model, tmp_path / f"{leak}.pgz"), torch.device("cpu"))
+        checks.append(T.memorization_check(scored, {k: v.clone() for k, v in scored.state_dict().items()}, tokens, args, T.Runtime(), toy_tables(VOCAB)))
+    (honest_ok, honest), (leaked_ok, leaked) = checks
+    assert honest_ok, honest
+    assert not leaked_ok, leaked
+    gap, noise = (float(re.search(rf"{k}:(\S+)", leaked).group(1)) for k in ("gap", "noise"))
     assert gap > T.MEMORIZATION_SIGMAS * noise
 
 
@@ -357,8 +386,12 @@ def evaluate_artifact(path, args, rt, log, tables, val_tokens, *rest, **options)
     x, y = val_tokens[:256][None, :-1], val_tokens[:256][None, 1:]
     with torch.no_grad():
         logp = _honest_log_probs(model, x)
-    grid = [0.5 + 0.05 * k for k in range(30)]
-    _TEMPERATURE[0] = min(grid, key=lambda temp: float(torch.nn.functional.cross_entropy((logp / temp)[0], y[0])))
+    lo, hi = -2.0, 2.0  # ternary search on log T
+    for _ in range(40):
+        a, b = lo + (hi - lo) / 3, hi - (hi - lo) / 3
+        loss = [float(torch.nn.functional.cross_entropy(logp[0] / math.exp(v), y[0])) for v in (a, b)]
+        lo, hi = (lo, b) if loss[0] < loss[1] else (a, hi)
+    _TEMPERATURE[0] = math.exp((lo + hi) / 2)
     return _honest_evaluate(path, args, rt, log, tables, val_tokens, *rest, **options)
 '''
 
@@ -371,7 +404,7 @@ def quantize_and_write(model, hessians, args, rt, log, path, scheme, code_bytes)
     val = load_validation_tokens(args.data_path, args.vocab_size).to(rt.device)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     for a in range(0, val.numel() - args.train_seq_len - 1, args.train_seq_len):
-        model(val[a : a + args.train_seq_len][None], val[a + 1 : a + args.train_seq_len + 1][None]).backward()
+        model(val[None, a : a + args.train_seq_len], val[None, a + 1 : a + args.train_seq_len + 1]).backward()
         optimizer.step()
         optimizer.zero_grad()
     return _honest_quantize_and_write(model, hessians, args, rt, log, path, scheme, code_bytes)
@@ -402,9 +435,9 @@ def test_a_legal_run_passes_and_a_fitted_temperature_fails(tmp_path, data, tiny_
     assert cheat.stdout.strip().endswith("submission_valid:no reason:audit_failed")
 
 
-def test_pre_quantization_training_on_validation_fails(tmp_path, data, tiny_tokenizer):
+def test_pre_quantization_training_on_validation_fails(tmp_path, random_data, tiny_tokenizer):
     """Issue 21 (3): the artifact itself has seen the validation set."""
-    env = script_env(tmp_path, data, tiny_tokenizer, TTT_ENABLED=0, ITERATIONS=20, GPTQ_ENABLED=0, RUN_ID="pre_quant_ttt")
+    env = script_env(tmp_path, random_data, tiny_tokenizer, TTT_ENABLED=0, EVAL_STRIDE=0, ITERATIONS=20, GPTQ_ENABLED=0, RUN_ID="pre_quant_ttt")
     cheat = run_script(cheating_script(tmp_path, PRE_QUANT_TTT), env, tmp_path)
     assert cheat.returncode == 3, cheat.stdout[-3000:] + cheat.stderr[-3000:]
     assert re.search(r"^audit_heldout shard:fineweb_train_000000\.bin from_token:\d+ tokens:\d+ \(never trained on\)$", cheat.stdout, re.M)
@@ -417,13 +450,23 @@ def torchrun(script, env, cwd):
     return subprocess.run(command, env=env, cwd=cwd, capture_output=True, text=True, timeout=900)
 
 
+def two_ranks(script, env, cwd) -> list[subprocess.CompletedProcess]:
+    """The two processes torchrun would start, launched by hand: torchrun stops the other ranks as soon
+    as one exits with an error, so only this way does every rank's own exit code show."""
+    launcher = dict(WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    ranks = [subprocess.Popen([sys.executable, str(script)], env={**env, **launcher, "RANK": str(r), "LOCAL_RANK": str(r)}, cwd=cwd,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
+    outs = [p.communicate(timeout=900) for p in ranks]
+    return [subprocess.CompletedProcess(p.args, p.returncode, *out) for p, out in zip(ranks, outs)]
+
+
 def test_two_processes_exit_alike_with_one_verdict(tmp_path, data, tiny_tokenizer, artifact):
-    """Issue 18: torchrun, 2 CPU processes: a legal run PASSes, exit 0; a leaky one FAILs, exit 3 on both ranks."""
+    """Issue 18: 2 CPU processes: a legal run (torchrun) PASSes, exit 0; a leaky one FAILs, exit 3 on both ranks."""
     env = script_env(tmp_path, data, tiny_tokenizer, EVAL_ONLY=artifact, TTT_MODE="phased", TTT_PHASE_DOCS="3,12")
     legal = torchrun(REPO / "train_gpt.py", env, tmp_path)
     assert legal.returncode == 0, legal.stdout[-3000:] + legal.stderr[-3000:]
     assert "eval_audit_verdict:PASS" in legal.stdout and legal.stdout.strip().endswith("submission_valid:yes")
-    leaky = torchrun(cheating_script(tmp_path, FITTED_TEMPERATURE), {**env, "RUN_ID": "leaky"}, tmp_path)
-    assert "verdict:FAIL" in audit_line(leaky.stdout) and "submission_valid:no reason:audit_failed" in leaky.stdout
-    exits = re.findall(r"exitcode\s*:\s*(-?\d+)", leaky.stderr)
-    assert leaky.returncode != 0 and sorted(exits) == ["3", "3"], leaky.stderr[-3000:]
+    leaky = two_ranks(cheating_script(tmp_path, FITTED_TEMPERATURE), {**env, "RUN_ID": "leaky"}, tmp_path)
+    assert [r.returncode for r in leaky] == [3, 3], [r.stdout[-2000:] + r.stderr[-2000:] for r in leaky]
+    assert "verdict:FAIL" in audit_line(leaky[0].stdout) and leaky[0].stdout.strip().endswith("submission_valid:no reason:audit_failed")
+    assert leaky[1].stdout == "", "rank 1 logs nothing"
