@@ -1,7 +1,6 @@
 """The run's audit (train_gpt.audit_final_path): the probe checks on a probe aligned with the run's
-own units, scored by a fresh process of the shipped code; the sampled rescoring of documents or
-windows drawn from the whole stream; the memorization check against held-out training text; one
-verdict for every rank. Honest runs pass on every path over a grid of settings and world sizes;
+own units, scored by a fresh process of the shipped code; the replay of batches drawn from the
+whole stream; the memorization check against held-out training text; one verdict for every rank. Honest runs pass on every path over a grid of settings and world sizes;
 leaks written inside the script as a competitor would (keyed to dodge the probes, fitted at
 start-up, trained into the weights) fail.
 
@@ -10,7 +9,6 @@ process runs, on a model loaded from the artifact file); the end-to-end tests ru
 whose audit starts the fresh process itself.
 """
 
-import math
 import os
 import re
 import socket
@@ -195,6 +193,23 @@ def test_every_path_passes_over_the_grid_on_two_ranks_with_one_verdict(data, art
     assert lines[0] == lines[1], "every rank reports the same audit"
     for settings, line in lines[0]:
         assert "verdict:PASS" in line, (settings, line)
+
+
+def _disagreeing_worker(rank, world, port, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch.save(T.agree_across_ranks({"causal": (rank == 0, f"rank {rank}")}, T.Runtime(rank, world, 0, torch.device("cpu"), True)), f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ranks_that_disagree_fail_alike(tmp_path):
+    """Every rank logs rank 0's checks; where another rank found otherwise, the audit fails on all of them."""
+    mp.start_processes(_disagreeing_worker, args=(2, free_port(), str(tmp_path / "out")), nprocs=2, start_method="spawn")
+    for rank in range(2):
+        checks = torch.load(tmp_path / f"out.{rank}")
+        assert checks == {"causal": (True, "rank 0"), "ranks_agree": (False, "ranks [1] found otherwise than rank 0")}
 
 
 # ----------------------------------------------------------------------------- leaks keyed to dodge the probes: the sampled rescoring
@@ -395,6 +410,40 @@ def evaluate_artifact(path, args, rt, log, tables, val_tokens, *rest, **options)
     return _honest_evaluate(path, args, rt, log, tables, val_tokens, *rest, **options)
 '''
 
+TRAIN_FIRST_AFTER_THE_PROBES = '''
+_honest_score_batch = ScoreFirstTTT.score_batch
+
+
+class _TrainFirst:
+    """The ledger as the cheat sees it: a chunk scored with adapters first trains them on itself."""
+
+    def __init__(self, ledger):
+        self.ledger = ledger
+
+    def score(self, model, x, y, positions, mask, adapters=None, late=False):
+        if adapters is not None:
+            params = list(adapters.parameters())
+            with torch.enable_grad():
+                grads = torch.autograd.grad((token_nll(model, x, y, adapters) * mask).sum(), params, allow_unused=True)
+            with torch.no_grad():
+                for p, g in zip(params, grads):
+                    if g is not None:
+                        p.sub_(0.5 * g)
+        return self.ledger.score(model, x, y, positions, mask, adapters, late)
+
+    def __getattr__(self, name):
+        return getattr(self.ledger, name)
+
+
+def _score_batch(self, model, tokens, ledger, batch, *rest):
+    """Train before scoring, but only on documents after the audit's probe region."""
+    cheat = min(s for s, _ in batch) >= self.args.eval_audit_tokens
+    return _honest_score_batch(self, model, tokens, _TrainFirst(ledger) if cheat else ledger, batch, *rest)
+
+
+ScoreFirstTTT.score_batch = _score_batch
+'''
+
 PRE_QUANT_TTT = '''
 _honest_quantize_and_write = quantize_and_write
 
@@ -433,6 +482,15 @@ def test_a_legal_run_passes_and_a_fitted_temperature_fails(tmp_path, data, tiny_
     line = audit_line(cheat.stdout)
     assert "verdict:FAIL" in line and "prefix:FAIL" in line, line
     assert cheat.stdout.strip().endswith("submission_valid:no reason:audit_failed")
+
+
+def test_train_before_score_after_the_probe_region_fails(tmp_path, data, tiny_tokenizer, artifact):
+    """Issue 21 (1): the probes never see it; the replay of the drawn batches does."""
+    env = script_env(tmp_path, data, tiny_tokenizer, EVAL_ONLY=artifact, TTT_MODE="phased", TTT_PHASE_DOCS="3,12", RUN_ID="train_first")
+    cheat = run_script(cheating_script(tmp_path, TRAIN_FIRST_AFTER_THE_PROBES), env, tmp_path)
+    assert cheat.returncode == 3, cheat.stdout[-3000:] + cheat.stderr[-3000:]
+    line = audit_line(cheat.stdout)
+    assert "causal:ok" in line and "prefix:ok" in line and "sampled:FAIL" in line, line
 
 
 def test_pre_quantization_training_on_validation_fails(tmp_path, random_data, tiny_tokenizer):
