@@ -2909,19 +2909,31 @@ def probe_streams(probe: Tensor, cuts: list[int], vocab_size: int) -> list[Tenso
     return [perturb_after(probe, t, vocab_size, seed=t, keep_documents=keep) for t in cuts for keep in (False, True)] + [probe]
 
 
-def probe_jobs(num_streams: int) -> list[tuple[int, bool]]:
-    """(stream, alone): each perturbed copy alone, then the probe alone twice (the noise floor) and as the run batches it."""
-    return [(i, True) for i in range(num_streams)] + [(num_streams - 1, True), (num_streams - 1, False)]
+def probe_phases(name: str, probe: Tensor, args: Hyperparameters) -> str | None:
+    """TTT_PHASE_DOCS of the causal jobs when the run's phases all start beyond the probe: cuts at a
+    third and two thirds of its documents, so that the causal check crosses phase transitions too."""
+    docs = len(document_spans(probe))
+    if name != "ttt" or args.ttt_mode != "phased" or docs < 3 or any(d < docs for d in args.ttt_phase_list):
+        return None
+    return f"{docs // 3},{2 * docs // 3}"
+
+
+def probe_jobs(num_streams: int, phases: str | None = None) -> list[tuple[int, bool, str | None]]:
+    """(stream, alone, TTT_PHASE_DOCS or None for the run's): each perturbed copy alone, then the probe
+    alone twice (the noise floor), as the run batches it, and alone with the run's phases if not those."""
+    probe = num_streams - 1
+    jobs = [(i, True, phases) for i in range(num_streams)] + [(probe, True, phases), (probe, False, None)]
+    return jobs + ([(probe, True, None)] if phases else [])
 
 
 def score_probes(score, streams: list[Tensor], jobs: list, tables: ByteTables, watch: list[int], rt: Runtime) -> list[dict]:
-    """Each job scored by `score(tokens, ledger, alone)` into an audit ledger merged over the ranks;
-    a LeakageError ends the list with its message."""
+    """Each job scored by `score(tokens, ledger, alone, phases)` into an audit ledger merged over the
+    ranks; a LeakageError ends the list with its message."""
     out = []
-    for i, alone in jobs:
+    for i, alone, phases in jobs:
         ledger = ScoreLedger(streams[i], tables, audit=True, watch=tuple(watch))
         try:
-            score(streams[i], ledger, alone)
+            score(streams[i], ledger, alone, phases)
             ledger.merge(rt)
             ledger.result()
         except LeakageError as e:
@@ -2931,10 +2943,10 @@ def score_probes(score, streams: list[Tensor], jobs: list, tables: ByteTables, w
     return out
 
 
-def probe_noise(results: list[dict]) -> tuple[float, float]:
+def probe_noise(results: list[dict], cuts: list[int]) -> tuple[float, float]:
     """(run-to-run noise of the probe alone, how much batching it as the run does moves it)."""
-    *_, reference, again, as_run = results
-    return float((reference["nll"] - again["nll"]).abs().max()), float((as_run["nll"] - reference["nll"]).abs().max())
+    reference, again, as_run, *run_alone = results[2 * len(cuts) :]
+    return float((reference["nll"] - again["nll"]).abs().max()), float((as_run["nll"] - (run_alone or [reference])[0]["nll"]).abs().max())
 
 
 def probe_checks(results: list[dict], cuts: list[int], full_ledger: ScoreLedger | None) -> dict:
@@ -2942,8 +2954,8 @@ def probe_checks(results: list[dict], cuts: list[int], full_ledger: ScoreLedger 
     if results and "error" in results[-1]:  # the ledger stopped the scorer: charge the check whose rule it broke
         error = results[-1]["error"]
         return {"score_before_update" if "before it was scored" in error else "exactly_once": (False, error)}
-    *perturbed, reference, again, as_run = results
-    floor, regroup = probe_noise(results)
+    perturbed, (reference, again, as_run) = results[: 2 * len(cuts)], results[2 * len(cuts) : 2 * len(cuts) + 3]
+    floor, regroup = probe_noise(results, cuts)
     tolerance = 4.0 * floor
     checks = {}
     if full_ledger is not None:
@@ -2997,7 +3009,7 @@ def audit_path(name: str, score, tokens: Tensor, tables: ByteTables, rt: Runtime
     probe = tokens[: min(probe_tokens, tokens.numel())]
     cuts = audit_cut_points(probe, chunk)
     streams = probe_streams(probe, cuts, vocab_size)
-    results = score_probes(score, streams, probe_jobs(len(streams)), tables, [t + 1 for t in cuts], rt)
+    results = score_probes(lambda toks, ledger, alone, phases: score(toks, ledger, alone), streams, probe_jobs(len(streams)), tables, [t + 1 for t in cuts], rt)
     return AuditReport(name, probe_checks(results, cuts, full_ledger))
 
 
@@ -3012,8 +3024,12 @@ def weights_sha256(weights: dict[str, Tensor]) -> str:
 def score_probe_jobs(name: str, forward, weights: dict[str, Tensor], streams: list[Tensor], jobs: list, watch: list[int], args: Hyperparameters, rt: Runtime, tables: ByteTables) -> dict:
     """What the fresh process finds: each job scored through score_path, and the hash of the weights it loaded."""
 
-    def score(toks, ledger, alone):
-        score_path(name, forward, weights, toks, ledger, one_per_batch(args) if alone else args, rt)
+    def score(toks, ledger, alone, phases):
+        job = one_per_batch(args) if alone else args
+        if phases:
+            job = copy.copy(job)
+            job.ttt_phase_docs = phases
+        score_path(name, forward, weights, toks, ledger, job, rt)
 
     return {"results": score_probes(score, streams, jobs, tables, watch, rt), "weights_sha256": weights_sha256(weights)}
 
@@ -3220,14 +3236,14 @@ def audit_final_path(name: str, artifact: Path, args: Hyperparameters, rt: Runti
     streams = probe_streams(probe, cuts, args.vocab_size)
     runner = probe_runner or (lambda *a: run_probe_process(*a, artifact, code))
     seconds, t0 = {}, sync_time(rt)
-    results, file_sha, problem = runner(streams, probe_jobs(len(streams)), [t + 1 for t in cuts], args, rt, tables)
+    results, file_sha, problem = runner(streams, probe_jobs(len(streams), probe_phases(name, probe, args)), [t + 1 for t in cuts], args, rt, tables)
     seconds["probes"], t0 = sync_time(rt) - t0, sync_time(rt)
     floor = 0.0
     if problem:
         checks = {"probes": (False, problem)}
     else:
         checks = probe_checks(results, cuts, full_ledger)
-        floor = probe_noise(results)[0] if "error" not in results[-1] else 0.0
+        floor = probe_noise(results, cuts)[0] if "error" not in results[-1] else 0.0
         run_sha = weights_sha256(weights)
         checks["weights"] = (run_sha == file_sha, f"run:{run_sha[:16]} file:{file_sha[:16]}")
     try:

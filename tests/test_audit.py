@@ -284,6 +284,33 @@ def test_a_cheat_idle_when_rescored_shows_against_the_runs_scores(data, artifact
     assert float(re.search(r"max_diff_vs_run:(\S+)", report.checks["sampled"][1]).group(1)) > 0
 
 
+class Blind:
+    """A ledger whose require_scored lets everything through (the cheat does not tell it)."""
+
+    def __init__(self, ledger):
+        self.ledger = ledger
+
+    def require_scored(self, positions, rt=None):
+        pass
+
+    def __getattr__(self, name):
+        return getattr(self.ledger, name)
+
+
+def test_a_phase_that_trains_on_documents_not_yet_scored_fails(data, artifact, monkeypatch):
+    """Global SGD reaching 64 tokens past its cut. The run's phases start beyond the probe, so the
+    probe's causal jobs cut phases of their own; the replay starts each phase from what it recorded."""
+    honest = T.ScoreFirstTTT.global_sgd
+    monkeypatch.setattr(T.ScoreFirstTTT, "global_sgd", lambda self, model, tokens, end, ledger, rt, stats: honest(self, model, tokens, min(end + 64, tokens.numel() - 1), Blind(ledger), rt, stats))
+    args = audit_args(data, TTT_MODE="phased", TTT_PHASE_DOCS="20", TTT_PHASE_LR=0.05, EVAL_AUDIT_TOKENS=300)
+    tokens = T.load_validation_tokens(args.data_path, VOCAB)
+    probe = tokens[: T.probe_targets("ttt", tokens, args) + 1]
+    assert T.probe_phases("ttt", probe, args) == "2,4" and len(T.document_spans(probe)) < 20
+    report = run_and_audit(args, T.Runtime(), artifact)
+    assert report.checks["prefix"][0] and report.checks["sampled"][0]
+    assert_fails(report, "causal")
+
+
 def test_a_window_path_keyed_on_position_fails(data, artifact, monkeypatch):
     """Sliding windows whose target logit is raised past the probe region (the scorer reads the target there)."""
     honest = T.ScoreLedger.score
