@@ -7,6 +7,7 @@ Every setting is an environment variable; see the Hyperparameters class or READM
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import copy
 import difflib
@@ -23,6 +24,7 @@ import platform
 import shlex
 import shutil
 import signal
+import socket
 import struct
 import subprocess
 import sys
@@ -218,7 +220,10 @@ SETTINGS = (
     Setting("EVAL_SEQ_LEN", 2048, "window length of sliding-window evaluation", lambda v: 0 < v <= 2**20, "in [1, 1048576]"),
     Setting("EVAL_STRIDE", 0, "sliding-window stride, a diagnostic path (0 = off; the record scores TTT only)", _non_negative, ">= 0"),
     Setting("EVAL_AUDIT", True, "audit the final path after its timed scoring; submission_valid:yes needs its PASS"),
-    Setting("EVAL_AUDIT_TOKENS", 8192, "validation tokens of the audit's probes (each path is rerun on them about ten times)", lambda v: v >= 64, ">= 64"),
+    Setting("EVAL_AUDIT_TOKENS", 8192, "validation tokens of the audit's probes (a fresh process reruns the path on them about a dozen times)", lambda v: v >= 64, ">= 64"),
+    Setting("EVAL_AUDIT_SAMPLES", 32, "positions drawn from the whole validation stream after scoring (seeded by the run's scores): the batch that scored each is replayed as the run computed it, as is and perturbed after it (0 = off, which fails the audit)", _non_negative, ">= 0"),
+    Setting("EVAL_AUDIT_HELDOUT_TOKENS", 16777216, "tail of the last train shard that training never reads (at most a quarter of it): the audit compares the artifact's loss on it with its loss on as many validation tokens (0 = off, which fails the audit)", _non_negative, ">= 0"),
+    Setting("EVAL_AUDIT_PROBES", "", "set by the audit for its fresh process, not by users: score the probe streams this file lists instead of the validation set"),
     Setting("EVAL_DUMP", "", "write per-target records (position, nll, bytes) of each path to {EVAL_DUMP}.{path}.npz"),
     Setting("TTT_ENABLED", True, "score-first test-time training (the final path)"),
     Setting("TTT_MODE", "phased", "phased = per-document LoRA plus global SGD phases on documents already scored; lora = LoRA only", ("phased", "lora")),
@@ -760,6 +765,26 @@ def fitting_tokenizer(data_path: str, tokenizer_path: str, fits) -> str:
     return "the TOKENIZER_PATH and VOCAB_SIZE that made them"
 
 
+def heldout_start(files: list[str], tokens: int) -> int:
+    """Where the audit's held-out text starts in the last train shard: the first document start in
+    its last `tokens` tokens (at most a quarter of the shard); the shard's size when `tokens` is 0.
+    Training and calibration never read from there on (the memorization check scores it)."""
+    shard = mapped_shard(files[-1])
+    n = min(tokens, shard.size // 4)
+    if not n:
+        return shard.size
+    starts = np.flatnonzero(shard[shard.size - n :] == BOS_ID)
+    return shard.size - n + (int(starts[0]) if starts.size else 0)
+
+
+def heldout_tokens(files: list[str], tokens: int) -> np.ndarray:
+    return np.array(mapped_shard(files[-1])[heldout_start(files, tokens) :])
+
+
+def mapped_shard(path: str) -> np.ndarray:
+    return np.memmap(path, dtype="<u2", mode="r", offset=SHARD_HEADER_INTS * 4, shape=(shard_token_count(path),))
+
+
 class DistributedTokenLoader:
     """Training batches: each micro-step takes the next world_size * (local + 1) tokens of the training
     stream and rank r keeps the r-th span of local + 1 (inputs and the targets one token on), so 1
@@ -768,10 +793,12 @@ class DistributedTokenLoader:
     is skipped (the record's loader reads the same tokens). With a FlashAttention backend a rank's
     micro-batch is one row of `local` tokens whose documents are cut at each BOS and every `seq_len`
     tokens, so a document across a row edge keeps its context; SDPA gets rows of `seq_len` and a mask.
-    The next batches, their attention layout included, are prepared in a thread in pinned memory."""
+    The last shard ends where the audit's held-out text starts (heldout_start). The next batches, their
+    attention layout included, are prepared in a thread in pinned memory."""
 
-    def __init__(self, data_path: str, rt: Runtime, seq_len: int, backend: str = "sdpa", isolate: bool = True):
+    def __init__(self, data_path: str, rt: Runtime, seq_len: int, backend: str = "sdpa", isolate: bool = True, heldout: int = 0):
         self.files, self.rt, self.seq_len = shard_files(data_path, "train"), rt, seq_len
+        self.stop = heldout_start(self.files, heldout)  # the last shard's held-out tail is the audit's
         self.backend, self.isolate = backend, isolate
         self.file_idx, self.tokens, self.cursor = -1, None, 0
         self.pool, self.pending = ThreadPoolExecutor(1), []
@@ -779,12 +806,13 @@ class DistributedTokenLoader:
     @classmethod
     def for_model(cls, args: Hyperparameters, rt: Runtime, model: "GPT") -> "DistributedTokenLoader":
         """The loader of `model`'s training: its attention backend's layout, its document isolation."""
-        return cls(args.data_path, rt, args.train_seq_len, model.attn_backend, model.cfg.doc_isolation)
+        return cls(args.data_path, rt, args.train_seq_len, model.attn_backend, model.cfg.doc_isolation, args.eval_audit_heldout_tokens)
 
     def _open_next_shard(self):
         self.file_idx = (self.file_idx + 1) % len(self.files)
-        count = shard_token_count(self.files[self.file_idx])
-        self.tokens = np.memmap(self.files[self.file_idx], dtype="<u2", mode="r", offset=SHARD_HEADER_INTS * 4, shape=(count,))
+        self.tokens = mapped_shard(self.files[self.file_idx])
+        if self.file_idx == len(self.files) - 1:
+            self.tokens = self.tokens[: self.stop]
         first_bos = np.flatnonzero(self.tokens[: 1 << 16] == BOS_ID)
         self.cursor = int(first_bos[0]) if first_bos.size else 0
 
@@ -1590,7 +1618,8 @@ class Muon(torch.optim.Optimizer):
     The work is sharded: matrices of one shape are stacked, one reduce-scatter hands rank r the
     averaged gradients of its slice only (`reduce_gradients`), rank r keeps the momentum of and
     orthogonalizes only those, and one all-gather shares the updates (`step`). Nothing else
-    synchronizes the matrices' gradients. All of it in `dtype`: bf16 on GPUs, as the record.
+    synchronizes the matrices' gradients. All of it in `dtype`: bf16 on GPUs, as the record. The
+    collectives are asynchronous: a bucket's all-gather overlaps the next bucket's Newton-Schulz.
     """
 
     def __init__(self, params, lr: float, momentum: float, backend_steps: int, weight_decay: float = 0.0, nesterov: bool = True,
@@ -1613,17 +1642,22 @@ class Muon(torch.optim.Optimizer):
         """Average the matrices' gradients over ranks into each rank's own slice; returns the
         squared norm of all of them (summed over ranks) for gradient clipping."""
         sq = torch.zeros((), device=self.param_groups[0]["params"][0].device)
+        pending = []  # every bucket's reduce-scatter is in flight before the first is waited on
         for key, params in self.buckets.items():
             per_rank, first = self._slice(len(params))
             grads = torch.stack([(p.grad if p.grad is not None else torch.zeros_like(p)).to(self.dtype) for p in params])
+            work = None
             if self.rt.distributed:
                 grads = F.pad(grads, (0, 0, 0, 0, 0, per_rank * self.rt.world_size - len(params)))
                 local = torch.empty_like(grads[:per_rank])
-                _reduce_scatter(local, grads)
-                local /= self.rt.world_size
+                work = _reduce_scatter(local, grads, async_op=True)
             else:
                 local = grads
-            local = local[: max(0, min(per_rank, len(params) - first))]
+            pending.append((key, local[: max(0, min(per_rank, len(params) - first))], work))
+        for key, local, work in pending:
+            if work is not None:
+                work.wait()
+                local /= self.rt.world_size
             self.local_grads[key] = local
             sq += local.float().square().sum()
         if self.rt.distributed:
@@ -1635,6 +1669,7 @@ class Muon(torch.optim.Optimizer):
         """Apply the update to every matrix; `grad_scale` is the clipping factor of the gradients."""
         if not self.local_grads:
             self.reduce_gradients()
+        gathers = []
         for (gi, shape), params in self.buckets.items():
             group = self.param_groups[gi]
             per_rank, first = self._slice(len(params))
@@ -1652,8 +1687,11 @@ class Muon(torch.optim.Optimizer):
                     g = g / g.float().norm(dim=-1, keepdim=True).clamp_min(1e-7).to(g.dtype)
                 g = newton_schulz_orthogonalize(g, group["backend_steps"], self.coeffs)
                 updates[first : first + len(local)] = g * max(1.0, shape[0] / shape[1]) ** 0.5
-            if self.rt.distributed:
-                _all_gather(updates, updates[first : first + per_rank].clone())
+            work = _all_gather(updates, updates[first : first + per_rank].clone(), async_op=True) if self.rt.distributed else None
+            gathers.append((group, params, updates, work))  # the next bucket's Newton-Schulz runs while this one gathers
+        for group, params, updates, work in gathers:
+            if work is not None:
+                work.wait()
             for p, u in zip(params, updates):
                 if group["weight_decay"]:
                     p.mul_(1 - group["lr"] * group["weight_decay"])
@@ -2724,7 +2762,7 @@ class ScoreLedger:
         self._bytes = stream_target_bytes(tokens, tables.to(device))
         self._late = torch.zeros(self.num_targets, dtype=torch.bool, device=device)  # scored after the TTT deadline
         self.updates = 0  # optimizer steps, each checked by require_scored
-        self.audit, self.watch = audit, set(watch)
+        self.audit, self.watch, self.vocab_size = audit, set(watch), tables.base_bytes.numel()
         self.distributions: dict[int, Tensor] = {}  # audit: position -> log p over the vocabulary
         self.normalization_error = 0.0  # audit: max |log sum p| of the scored distributions
         self.nll_mismatch = 0.0  # audit: max |recorded nll - (-log p[target])|
@@ -2790,13 +2828,31 @@ class ScoreLedger:
         self.updates += 1
 
     def merge(self, rt: Runtime):
-        """Each rank scored its share; after this every rank holds all of them."""
+        """Each rank scored its share; after this every rank holds all of them (with audit=True, the
+        watched distributions and the normalization figures too)."""
         if rt.distributed:
             for t in (self._nll, self._count):
                 dist.all_reduce(t)
             late = self._late.to(torch.int32)
             dist.all_reduce(late)
             self._late = late > 0
+            if self.audit:
+                self._merge_audit()
+
+    def _merge_audit(self):
+        watch = sorted(self.watch)
+        shown = torch.zeros(len(watch), self.vocab_size + 1, device=self._nll.device)  # log p, then a 1 where this rank scored it
+        for i, p in enumerate(watch):
+            if p in self.distributions:
+                shown[i, :-1], shown[i, -1] = self.distributions[p], 1.0
+        worst = torch.tensor([self.normalization_error, self.nll_mismatch], device=shown.device)
+        hidden = torch.tensor([self.without_distribution], device=shown.device)
+        dist.all_reduce(shown)
+        dist.all_reduce(worst, op=dist.ReduceOp.MAX)
+        dist.all_reduce(hidden)
+        self.distributions = {p: shown[i, :-1] for i, p in enumerate(watch) if shown[i, -1] > 0}
+        self.normalization_error, self.nll_mismatch = worst.tolist()
+        self.without_distribution = int(hidden)
 
     def result(self) -> EvalResult:
         unscored, repeated = int((self._count == 0).sum()), int((self._count > 1).sum())
@@ -2855,25 +2911,33 @@ def isolated_layout(model, x: Tensor) -> AttentionLayout:
     return layout
 
 
+def window_batches(plan: list[tuple[int, int, int]], window: int, batch_tokens: int, rank: int, world_size: int) -> list[list[tuple[int, int, int]]]:
+    """The batches of windows `rank` scores, in order: its round-robin share of the plan, every batch of
+    one size (the last one filled with (0, 0, 0), which scores nothing), so a compiled model runs one
+    graph; the audit replays some of them exactly."""
+    mine = plan[rank::world_size]
+    rows = max(MIN_ROWS, min(max(1, batch_tokens // (window * world_size)), len(mine)))
+    return [mine[i : i + rows] + [(0, 0, 0)] * max(0, i + rows - len(mine)) for i in range(0, len(mine), rows)]
+
+
+def window_inputs(tokens: Tensor, batch: list[tuple[int, int, int]], window: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Inputs, targets, target positions and the mask of scored targets of a batch of windows, each
+    padded to `window` (a short last window; the padding is masked)."""
+    a, s, e = torch.tensor(batch).T.unsqueeze(-1)
+    idx = a + torch.arange(window)  # (rows, window) input positions
+    valid = idx < e
+    take, keep = torch.where(valid, idx, 0).to(tokens.device), valid.to(tokens.device)
+    x, y = torch.where(keep, tokens[take], 0), torch.where(keep, tokens[take + 1], 0)
+    dynamic_rows(x, y)
+    return x, y, (idx + 1).to(tokens.device), (valid & (idx >= s)).to(tokens.device)
+
+
 @torch.no_grad()
 def score_windows(model, tokens: Tensor, ledger: ScoreLedger, rt: Runtime, window: int, stride: int, batch_tokens: int):
-    """Standard (stride = window) and sliding-window scoring; windows are dealt round-robin to ranks.
-    Every batch has one shape: a short last window, the last batch and its missing rows are padded
-    and their padding masked, so a compiled model runs one graph."""
-    n = tokens.numel()
-    plan = window_plan(n - 1, window, stride)[rt.rank :: rt.world_size]
-    rows = max(MIN_ROWS, min(max(1, batch_tokens // (window * rt.world_size)), len(plan)))
-    offsets = torch.arange(window)
-    for i in range(0, len(plan), rows):
-        batch = plan[i : i + rows]
-        a, s, e = torch.tensor(batch + [(0, 0, 0)] * (rows - len(batch))).T.unsqueeze(-1)  # (0, 0, 0) scores nothing
-        idx = a + offsets  # (rows, window) input positions
-        valid = idx < e
-        take = torch.where(valid, idx, 0).to(tokens.device)
-        x = torch.where(valid.to(tokens.device), tokens[take], 0)
-        y = torch.where(valid.to(tokens.device), tokens[take + 1], 0)
-        dynamic_rows(x, y)
-        ledger.score(model, x, y, (idx + 1).to(tokens.device), (valid & (idx >= s)).to(tokens.device), layout=isolated_layout(model, x))
+    """Standard (stride = window) and sliding-window scoring; windows are dealt round-robin to ranks."""
+    for batch in window_batches(window_plan(tokens.numel() - 1, window, stride), window, batch_tokens, rt.rank, rt.world_size):
+        x, y, positions, mask = window_inputs(tokens, batch, window)
+        ledger.score(model, x, y, positions, mask, layout=isolated_layout(model, x))
 
 
 # ----------------------------------------------------------------------------- evaluation: score-first TTT (per-document LoRA, phased global SGD)
@@ -2949,6 +3013,23 @@ def adapter_lr(c: int, args: Hyperparameters) -> float:
 
 
 @dataclass
+class PhaseStart:
+    """What a phase's documents start from: recorded by the run, the audit rescores documents from it."""
+    first_doc: int
+    weights: dict[str, Tensor]
+    shared_A: list[Tensor] | None
+
+
+@dataclass
+class Replay:
+    """The audit's replay of some of a run's TTT batches: those holding one of `docs` (indices into
+    document_spans), from the run's PhaseStarts; `late`: the documents the run scored after its deadline."""
+    starts: list[PhaseStart]
+    docs: set[int]
+    late: set[int]
+
+
+@dataclass
 class TTTStats:
     docs_adapted: int = 0
     docs_base: int = 0
@@ -2986,32 +3067,44 @@ class ScoreFirstTTT:
             g = torch.Generator(device=rt.device).manual_seed(args.seed * 1_000_003)
             self.shared_A = [(2 * torch.rand(m.A.shape[1:], generator=g, device=rt.device) - 1) / math.sqrt(m.A.size(1)) for m in self.adapters.loras()]
 
-    def __call__(self, model, tokens: Tensor, ledger: ScoreLedger, rt: Runtime, base_ledger: ScoreLedger | None = None, deadline: float | None = None, log=None) -> TTTStats:
-        """Score every target of `tokens` once into `ledger` (and, if given, the base model's scores into `base_ledger`)."""
+    def __call__(self, model, tokens: Tensor, ledger: ScoreLedger, rt: Runtime, base_ledger: ScoreLedger | None = None, deadline: float | None = None, log=None,
+                 phase_starts: list | None = None, replay: Replay | None = None) -> TTTStats:
+        """Score every target of `tokens` once into `ledger` (and, if given, the base model's scores into `base_ledger`).
+
+        The audit's hooks: `phase_starts` gets a PhaseStart at each phase's start; `replay` computes
+        only the batches holding one of its documents, as the run computed them, each phase from its
+        recorded start (no SGD phase; a batch is late where the run's was)."""
         args, stats = self.args, TTTStats()
         docs = document_spans(tokens)
         t_start, done, total = time.perf_counter(), 0, 0
         ranges = phase_ranges(docs, args)
-        for first, end, then_sgd in ranges:
-            phase = docs[first:end]
-            order = sorted(range(len(phase)), key=lambda i: (phase[i][1] - phase[i][0], i))
-            mine = [phase[d] for d, r in zip(order, zigzag_ranks(len(order), rt.world_size)) if r == rt.rank]
+        for p, (first, end, then_sgd) in enumerate(ranges):
+            if replay is not None:
+                getattr(model, "_orig_mod", model).load_state_dict(replay.starts[p].weights)
+                self.shared_A = replay.starts[p].shared_A
+            if phase_starts is not None:
+                state = getattr(model, "_orig_mod", model).state_dict()
+                phase_starts.append(PhaseStart(first, {k: v.detach().clone() for k, v in state.items()}, None if self.shared_A is None else [a.clone() for a in self.shared_A]))
+            order = sorted(range(first, end), key=lambda d: (docs[d][1] - docs[d][0], d))
+            mine = [d for d, r in zip(order, zigzag_ranks(len(order), rt.world_size)) if r == rt.rank]
             total += len(mine)
             A_sum = [torch.zeros_like(a) for a in self.shared_A] if self.shared_A is not None else None
             batches = _batched(mine, args.ttt_batch_size)
             for k, batch in enumerate(batches):
-                late = deadline is not None and time.perf_counter() > deadline
+                if replay is not None and replay.docs.isdisjoint(batch):
+                    continue
+                late = not replay.late.isdisjoint(batch) if replay is not None else deadline is not None and time.perf_counter() > deadline
                 adapt = args.ttt_lr > 0 and not late
                 stats.docs_after_deadline += len(batch) if late else 0
                 stats.docs_adapted += len(batch) if adapt else 0
                 stats.docs_base += len(batch) if not adapt and not late else 0
-                self.score_batch(model, tokens, ledger, batch, adapt, late, base_ledger, stats, A_sum)
+                self.score_batch(model, tokens, ledger, [docs[d] for d in batch], adapt, late, base_ledger, stats, A_sum)
                 done += len(batch)
                 if log is not None and ((k + 1) % max(1, len(batches) // 4) == 0 or k + 1 == len(batches)):
                     elapsed = time.perf_counter() - t_start
                     log(f"ttt_progress phase:{stats.phases + 1}/{sum(r[2] for r in ranges) + 1} docs:{done}/{len(docs)} rank_docs:{done}/{total}+ "
                         f"elapsed:{elapsed:.1f}s computed_per_scored:{stats.tokens_computed / max(stats.tokens_scored, 1):.1f}")
-            if then_sgd:
+            if then_sgd and replay is None:
                 self.global_sgd(model, tokens, docs[end - 1][1], ledger, rt, stats)
                 stats.phases += 1
                 if A_sum is not None:
@@ -3138,11 +3231,15 @@ class ScoreFirstTTT:
 
 # ----------------------------------------------------------------------------- evaluation: legality audit
 
+AUDIT_PROBE_TIMEOUT_S = 3600  # the fresh process of the probes; a hang there must not hold the run forever
+MEMORIZATION_SIGMAS = 4.0  # validation may score better than the held-out text by this many standard errors
+
 
 @dataclass
 class AuditReport:
     path: str
     checks: dict  # name -> (passed, detail)
+    seconds: dict = field(default_factory=dict)  # part -> wall-clock seconds
 
     @property
     def passed(self) -> bool:
@@ -3153,23 +3250,28 @@ class AuditReport:
         return f"eval_audit path:{self.path} verdict:{'PASS' if self.passed else 'FAIL'} {parts}"
 
 
+def scramble_(tokens: Tensor, start: int, end: int, vocab_size: int, seed: int, keep_documents: bool = True):
+    """Replace tokens[start:end] in place by random ones; keep_documents: the BOS tokens among them stay."""
+    part = tokens[start:end]
+    repl = torch.randint(2, vocab_size, part.shape, generator=torch.Generator().manual_seed(seed)).to(tokens.device)
+    tokens[start:end] = torch.where(part == BOS_ID, part, repl) if keep_documents else repl
+
+
 def perturb_after(tokens: Tensor, t: int, vocab_size: int, seed: int = 0, keep_documents: bool = True) -> Tensor:
     """A copy whose tokens after index t are replaced at random. keep_documents: BOS tokens stay, so
     documents keep their bounds; else the BOS go too and the document holding t runs to the end."""
-    g = torch.Generator().manual_seed(seed)
-    tail = tokens[t + 1 :]
-    repl = torch.randint(2, vocab_size, tail.shape, generator=g).to(tokens.device)
     out = tokens.clone()
-    out[t + 1 :] = torch.where(tail == BOS_ID, tail, repl) if keep_documents else repl
+    scramble_(out, t + 1, tokens.numel(), vocab_size, seed, keep_documents)
     return out
 
 
 def audit_cut_points(tokens: Tensor, chunk: int) -> list[int]:
-    """Cuts t (tokens after index t change) where leaks hide: inside a chunk and at a chunk's end in
-    the second chunk of a document long enough to be adapted over several chunks, at a document's
-    BOS, and at N/2 + 1 (a window end for power-of-two windows is N/2)."""
+    """Cuts t (tokens after index t change) where leaks hide: t = 1 (whatever is fitted on the stream
+    given sees a different stream), inside a chunk and at a chunk's end in the second chunk of a
+    document long enough to be adapted over several chunks, at a document's BOS, and at N/2 + 1 (a
+    window end for power-of-two windows is N/2)."""
     n = tokens.numel()
-    cuts = {n // 2 + 1}
+    cuts = {1, n // 2 + 1}
     for s, e in document_spans(tokens):
         if e - s > 3 * chunk and s + 2 * chunk < n - 2:
             cuts |= {s + chunk + chunk // 2, s + 2 * chunk}
@@ -3180,12 +3282,126 @@ def audit_cut_points(tokens: Tensor, chunk: int) -> list[int]:
     return sorted(c for c in cuts if 0 < c < n - 2)
 
 
+def probe_targets(name: str, tokens: Tensor, args: Hyperparameters) -> int:
+    """How many targets the probe covers: about EVAL_AUDIT_TOKENS, ending where one of the run's own
+    units ends (a window of its plan; a document for TTT), so that the probe scores every position
+    with exactly the context the run gave it."""
+    n = tokens.numel() - 1
+    limit = min(args.eval_audit_tokens, n + 1) - 1
+    if name == "ttt":
+        bos = torch.nonzero(tokens[1 : limit + 1] == BOS_ID).flatten()
+        return limit if limit == n or not bos.numel() else int(bos[-1]) + 1
+    window, stride = path_windows(name, args)
+    step = min(stride, window)
+    end = min(window, n)
+    while end < n and min(end + step, n) <= limit:
+        end = min(end + step, n)
+    return end
+
+
+def window_containing(p: int, num_targets: int, window: int, stride: int) -> tuple[int, int, int]:
+    """The window (a, s, e) of window_plan(num_targets, window, stride) that scores target position p."""
+    first, step = min(window, num_targets), min(stride, window)
+    if p <= first:
+        return 0, 0, first
+    k = -(-(p - first) // step)
+    s, e = first + (k - 1) * step, min(first + k * step, num_targets)
+    return (s if stride >= window else max(0, e - window)), s, e
+
+
+def probe_streams(probe: Tensor, cuts: list[int], vocab_size: int) -> list[Tensor]:
+    """The probe's perturbed copies (at each cut, without and with the document boundaries), then the
+    probe. The fresh process reads them in this order as its validation shards, so what a script
+    fits on its validation data at start-up sees the earliest cut first, not the run's tokens."""
+    return [perturb_after(probe, t, vocab_size, seed=t, keep_documents=keep) for t in cuts for keep in (False, True)] + [probe]
+
+
+def probe_phases(name: str, probe: Tensor, args: Hyperparameters) -> str | None:
+    """TTT_PHASE_DOCS of the causal jobs when the run's phases all start beyond the probe: cuts at a
+    third and two thirds of its documents, so that the causal check crosses phase transitions too."""
+    spans = document_spans(probe)
+    docs = len(spans)
+    if name != "ttt" or args.ttt_mode != "phased" or docs < 3 or len(phase_ranges(spans, args)) > 1:
+        return None
+    return f"{docs // 3},{2 * docs // 3}"
+
+
+def probe_jobs(num_streams: int, phases: str | None = None) -> list[tuple[int, bool, str | None]]:
+    """(stream, alone, TTT_PHASE_DOCS or None for the run's): each perturbed copy alone, then the probe
+    alone twice (the noise floor), as the run batches it, and alone with the run's phases if not those."""
+    probe = num_streams - 1
+    jobs = [(i, True, phases) for i in range(num_streams)] + [(probe, True, phases), (probe, False, None)]
+    return jobs + ([(probe, True, None)] if phases else [])
+
+
+def score_probes(score, streams: list[Tensor], jobs: list, tables: ByteTables, watch: list[int], rt: Runtime) -> list[dict]:
+    """Each job scored by `score(tokens, ledger, alone, phases)` into an audit ledger merged over the
+    ranks; a LeakageError ends the list with its message."""
+    out = []
+    for i, alone, phases in jobs:
+        ledger = ScoreLedger(streams[i], tables, audit=True, watch=tuple(watch))
+        try:
+            score(streams[i], ledger, alone, phases)
+            ledger.merge(rt)
+            ledger.result()
+        except LeakageError as e:
+            return out + [{"error": str(e)}]
+        out.append({"nll": ledger.nll.cpu(), "late": ledger.late.cpu(), "updates": ledger.updates, "distributions": {p: d.cpu() for p, d in ledger.distributions.items()},
+                    "normalization": ledger.normalization_error, "mismatch": ledger.nll_mismatch, "unshown": ledger.without_distribution})
+    return out
+
+
+def probe_noise(results: list[dict], cuts: list[int]) -> tuple[float, float]:
+    """(run-to-run noise of the probe alone, how much batching it as the run does moves it)."""
+    reference, again, as_run, *run_alone = results[2 * len(cuts) :]
+    return float((reference["nll"] - again["nll"]).abs().max()), float((as_run["nll"] - (run_alone or [reference])[0]["nll"]).abs().max())
+
+
+def probe_checks(results: list[dict], cuts: list[int], full_ledger: ScoreLedger | None) -> dict:
+    """exactly_once, causal, prefix, normalized and score_before_update from the probes' results (see audit_path)."""
+    if results and "error" in results[-1]:  # the ledger stopped the scorer: charge the check whose rule it broke
+        error = results[-1]["error"]
+        return {"score_before_update" if "before it was scored" in error else "exactly_once": (False, error)}
+    perturbed, (reference, again, as_run) = results[: 2 * len(cuts)], results[2 * len(cuts) : 2 * len(cuts) + 3]
+    floor, regroup = probe_noise(results, cuts)
+    tolerance = 4.0 * floor
+    checks = {}
+    if full_ledger is not None:
+        once = int((full_ledger.count == 1).sum())
+        checks["exactly_once"] = (once == full_ledger.num_targets, f"{once}/{full_ledger.num_targets} probes_ok")
+    else:
+        checks["exactly_once"] = (True, "probes")
+    worst_before, worst_dist, all_moved = 0.0, 0.0, True
+    for (t, _), ledger in zip([(t, keep) for t in cuts for keep in (False, True)], perturbed):
+        worst_before = max(worst_before, float((reference["nll"][:t] - ledger["nll"][:t]).abs().max()))
+        a, b = reference["distributions"].get(t + 1), ledger["distributions"].get(t + 1)
+        if a is not None and b is not None:
+            worst_dist = max(worst_dist, float((a - b).abs().max()))
+        all_moved &= bool((reference["nll"][t:] != ledger["nll"][t:]).any())
+    shown = all(t + 1 in r["distributions"] for r in results for t in cuts)
+    causal_ok = worst_before <= tolerance and worst_dist <= tolerance and all_moved and shown
+    checks["causal"] = (causal_ok, f"cuts:{','.join(map(str, cuts))} max_change_upto_t:{worst_before:.3g} max_dlogp_at_t+1:{worst_dist:.3g} "
+                                   f"later_moved:{all_moved} tolerance:{tolerance:.3g}")
+    if full_ledger is not None:
+        prefix_tolerance = 4.0 * regroup + tolerance
+        n = as_run["nll"].numel()
+        comparable = ~full_ledger.late[:n].cpu()  # documents after the TTT deadline depend on timing only
+        gap = float((full_ledger.nll[:n].cpu() - as_run["nll"])[comparable].abs().max())
+        checks["prefix"] = (gap <= prefix_tolerance, f"max_diff_vs_file:{gap:.3g} tolerance:{prefix_tolerance:.3g} positions:{int(comparable.sum())}")
+    norm, mismatch = max(r["normalization"] for r in results), max(r["mismatch"] for r in results)
+    hidden = sum(r["unshown"] for r in results)
+    checks["normalized"] = (norm <= 1e-4 and mismatch <= 1e-4 and hidden == 0, f"max_abs_log_sum_p:{norm:.2g} nll_vs_distribution:{mismatch:.2g} unshown:{hidden}")
+    checks["score_before_update"] = (True, f"updates:{reference['updates']} all_on_scored_positions")
+    return checks
+
+
 def audit_path(name: str, score, tokens: Tensor, tables: ByteTables, rt: Runtime, vocab_size: int, chunk: int,
                full_ledger: ScoreLedger | None = None, probe_tokens: int = 8192) -> AuditReport:
-    """The legality checks on one evaluation path. `score(tokens, ledger, alone)` must run the path
-    as the run does, from the artifact file (a fresh model and scorer each call); alone=True with
-    every batch of one document or window, so that no shape, and so no rounding, of a document's
-    computation depends on any other document.
+    """The probe checks of one evaluation path, scored here by `score(tokens, ledger, alone)`, which
+    must run the path as the run does from the artifact's weights (a fresh scorer each call);
+    alone=True with every batch of one document or window, so that no shape, and so no rounding,
+    of a document's computation depends on any other document. (The run's audit scores the same
+    probes in a fresh process: audit_final_path.) The probe is the first `probe_tokens` tokens.
 
     exactly_once: every target of the run scored once (and of every probe).
     causal: at several cuts t, with the tokens after t replaced (keeping and removing the document
@@ -3193,63 +3409,262 @@ def audit_path(name: str, score, tokens: Tensor, tables: ByteTables, rt: Runtime
       changed) do not move beyond the run-to-run noise of the same probe (0 on CPU), while some
       later score does. Catches reading ahead, training before scoring, fitting on the tokens
       given, and schedules or routing that depend on where a document ends.
-    prefix: the run's scores on the probe's positions equal a probe scored from the file alone with
-      the run's batch sizes, within a few times how much regrouping alone moves them: anything
-      fitted or changed in memory outside the entry point shows here.
+    prefix: the run's scores on the probe's positions equal the probe scored with the run's batch
+      sizes, within a few times how much regrouping alone moves them.
     normalized: every distribution scored in the probes sums to 1 and the recorded nll is its value
       at the target. score_before_update: every update was on scored positions (the ledger stops it).
     """
-    checks = {}
     probe = tokens[: min(probe_tokens, tokens.numel())]
     cuts = audit_cut_points(probe, chunk)
-    runs = []
+    streams = probe_streams(probe, cuts, vocab_size)
+    results = score_probes(lambda toks, ledger, alone, phases: score(toks, ledger, alone), streams, probe_jobs(len(streams)), tables, [t + 1 for t in cuts], rt)
+    return AuditReport(name, probe_checks(results, cuts, full_ledger))
 
-    def run(toks, alone=True):
-        ledger = ScoreLedger(toks, tables, audit=True, watch=tuple(t + 1 for t in cuts))
-        score(toks, ledger, alone)
-        ledger.merge(rt)
-        ledger.result()
-        runs.append(ledger)
-        return ledger
 
-    try:
-        reference, again = run(probe), run(probe)
-        as_run = run(probe, alone=False) if full_ledger is not None else None
-        perturbed = [(t, run(perturb_after(probe, t, vocab_size, seed=t, keep_documents=keep))) for t in cuts for keep in (True, False)]
-    except LeakageError as e:  # the ledger stopped the scorer: charge the check whose rule it broke
-        rule = "score_before_update" if "before it was scored" in str(e) else "exactly_once"
-        checks[rule] = (False, str(e))
-        return AuditReport(name, checks)
-    floor = float((reference.nll - again.nll).abs().max())
-    tolerance = 4.0 * floor
-    if full_ledger is not None:
-        once = int((full_ledger.count == 1).sum())
-        checks["exactly_once"] = (once == full_ledger.num_targets, f"{once}/{full_ledger.num_targets} probes_ok")
+def weights_sha256(weights: dict[str, Tensor]) -> str:
+    h = hashlib.sha256()
+    for k in sorted(weights):
+        h.update(k.encode())
+        h.update(weights[k].detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def score_probe_jobs(name: str, forward, weights: dict[str, Tensor], streams: list[Tensor], jobs: list, watch: list[int], args: Hyperparameters, rt: Runtime, tables: ByteTables) -> dict:
+    """What the fresh process finds: each job scored through score_path, and the hash of the weights it loaded."""
+
+    def score(toks, ledger, alone, phases):
+        job = one_per_batch(args) if alone else args
+        if phases:
+            job = copy.copy(job)
+            job.ttt_phase_docs = phases
+        score_path(name, forward, weights, toks, ledger, job, rt)
+
+    return {"results": score_probes(score, streams, jobs, tables, watch, rt), "weights_sha256": weights_sha256(weights)}
+
+
+def score_probe_file(name: str, forward, weights: dict[str, Tensor], args: Hyperparameters, rt: Runtime, tables: ByteTables):
+    """The audit's fresh process (EVAL_AUDIT_PROBES): each validation shard is one probe stream; score
+    the jobs the file lists and write what this rank found."""
+    spec = json.loads(Path(args.eval_audit_probes).read_text())
+    streams = [torch.from_numpy(load_data_shard(f).astype(np.int64)).to(rt.device) for f in shard_files(args.data_path, "val")]
+    buffer = io.BytesIO()
+    torch.save(score_probe_jobs(name, forward, weights, streams, spec["jobs"], spec["watch"], args, rt, tables), buffer)
+    write_atomic(f"{spec['out']}.{rt.rank}", buffer.getvalue())
+
+
+def probe_environment(args: Hyperparameters, overrides: dict[str, str]) -> dict[str, str]:
+    """The fresh process's environment: this run's settings and other variables (not torchrun's: the
+    fresh processes form a group of their own), then `overrides`."""
+    launcher = {"WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_PORT"}
+    env = {k: v for k, v in os.environ.items() if k not in launcher and not k.startswith("TORCHELASTIC_") and not misspelt_setting(k)}
+    env.update({k: str(int(v) if isinstance(v, bool) else v) for k, v in args.as_dict().items()})
+    return {**env, **overrides}
+
+
+def write_probe_data(folder: Path, streams: list[Tensor], jobs: list, watch: list[int], tables: ByteTables, args: Hyperparameters) -> Path:
+    """A DATA_PATH whose validation shards are the probe streams (with byte sidecars where the run has
+    them), one train shard for the preflight, the tokenizer fingerprint; and the jobs file."""
+    data = folder / "data"
+    data.mkdir(parents=True)
+    for i, stream in enumerate(streams):
+        shard, tokens = data / f"fineweb_val_{i:06d}.bin", stream.cpu().numpy()
+        write_data_shard(shard, tokens)
+        if tables.sidecar_bytes is not None:
+            write_data_shard(byte_sidecar_path(str(shard)), np.where(tokens == BOS_ID, 0, tables.sidecar_bytes[: tokens.size].cpu().numpy()))
+    train = shard_files(args.data_path, "train")[0]
+    os.symlink(os.path.abspath(train), data / os.path.basename(train))
+    if (Path(args.data_path) / TOKENIZER_FINGERPRINT).is_file():
+        shutil.copy(Path(args.data_path) / TOKENIZER_FINGERPRINT, data / TOKENIZER_FINGERPRINT)
+    jobs_file = folder / "probes.json"
+    jobs_file.write_text(json.dumps({"jobs": jobs, "watch": watch, "out": str(folder / "results")}))
+    return jobs_file
+
+
+def run_probe_process(streams: list[Tensor], jobs: list, watch: list[int], args: Hyperparameters, rt: Runtime, tables: ByteTables, artifact: Path, code: Path):
+    """Score the probe jobs in a fresh process of the shipped code, one per rank in a group of their
+    own: EVAL_ONLY on the artifact with the probe streams as its validation shards, so anything the
+    script fits on validation data at import or start-up is fitted anew there. Returns (results,
+    sha256 of the weights it loaded, None) the same on every rank, or (None, None, why it failed)."""
+    port = [0]
+    if rt.is_master:
+        with socket.socket() as s:
+            s.bind(("", 0))
+            port[0] = s.getsockname()[1]
+    if rt.distributed:
+        dist.broadcast_object_list(port, src=0)
+    found, problem = None, None
+    with tempfile.TemporaryDirectory(prefix="eval_audit_") as tmp:
+        folder = Path(tmp)
+        overrides = dict(EVAL_ONLY=str(Path(artifact).resolve()), DATA_PATH=str(folder / "data"), LOG_DIR=str(folder / "logs"), RUN_ID="eval_audit_probes",
+                         EVAL_AUDIT_PROBES=str(write_probe_data(folder, streams, jobs, watch, tables, args)), EVAL_DUMP="", VAL_MAX_TOKENS="0", QUANTIZE_ONLY="", ARTIFACT_PATH="")
+        if rt.distributed:
+            overrides.update(WORLD_SIZE=str(rt.world_size), RANK=str(rt.rank), LOCAL_RANK=str(rt.local_rank), LOCAL_WORLD_SIZE=os.environ.get("LOCAL_WORLD_SIZE", str(rt.world_size)), MASTER_ADDR=os.environ.get("MASTER_ADDR", "127.0.0.1"), MASTER_PORT=str(port[0]))
+        with open(folder / "output.txt", "w+") as output:
+            try:
+                code_rc = subprocess.run([sys.executable, str(code)], env=probe_environment(args, overrides), stdout=output, stderr=subprocess.STDOUT, timeout=AUDIT_PROBE_TIMEOUT_S).returncode
+            except subprocess.TimeoutExpired:
+                code_rc = f"timeout after {AUDIT_PROBE_TIMEOUT_S}s"
+            output.seek(0)
+            last = (output.read().strip().splitlines() or [""])[-1][-300:]
+        results = folder / f"results.{rt.rank}"
+        if results.is_file():
+            found = torch.load(results, weights_only=True)
+        else:
+            problem = f"the probe process of rank {rt.rank} ended ({code_rc}) without results: {last}"
+    problems = [problem]
+    if rt.distributed:
+        problems = [None] * rt.world_size
+        dist.all_gather_object(problems, problem)
+        shared = [found]
+        dist.broadcast_object_list(shared, src=0)
+        found = shared[0]
+    problem = next((p for p in problems if p), None)
+    return (None, None, problem) if problem else (found["results"], found["weights_sha256"], None)
+
+
+def ledger_seed(ledger: ScoreLedger) -> int:
+    """A seed from every score of the run: the script cannot know it before it has scored everything."""
+    return int.from_bytes(hashlib.sha256(ledger.nll.cpu().numpy().tobytes()).digest()[:8], "little")
+
+
+def sampled_check(name: str, forward, weights: dict[str, Tensor], tokens: Tensor, full_ledger: ScoreLedger, phase_starts: list[PhaseStart],
+                  args: Hyperparameters, rt: Runtime, tables: ByteTables, floor: float) -> tuple[bool, str]:
+    """EVAL_AUDIT_SAMPLES positions drawn from the whole stream with a seed from the run's scores; the
+    batch that scored each (TTT: of documents, from its phase's recorded start; else of windows) is
+    computed again exactly as the run computed it, as is and with the tokens of the position's
+    document or window after the position before it replaced. The first must give the run's scores
+    (every target of the batch); the second, up to that position and in the distribution at it, must
+    not move. Both within the probes' run-to-run noise: a leak keyed on position, document or phase
+    shows in one or the other."""
+    if not args.eval_audit_samples:
+        return False, "off: EVAL_AUDIT_SAMPLES=0"
+    seed = ledger_seed(full_ledger)
+    positions = torch.randint(1, full_ledger.num_targets + 1, (args.eval_audit_samples,), generator=torch.Generator().manual_seed(seed)).tolist()
+    run, versus_run, upto_t, units, extra = full_ledger.nll, 0.0, 0.0, 0, ""
+    if name == "ttt":
+        docs = document_spans(tokens)
+        ends = [e for _, e in docs]
+        picks = {}
+        for p in positions:
+            d = bisect.bisect_left(ends, p)
+            picks.setdefault(d, (*docs[d], p))
+        perturbed = tokens.clone()
+        for s, e, p in picks.values():
+            scramble_(perturbed, p, e, args.vocab_size, seed=p)
+        starts = torch.tensor([s for s, _ in docs], device=tokens.device)
+        replay = Replay(phase_starts, set(picks), set(torch.nonzero(full_ledger.late[starts]).flatten().tolist()))
+        watch = tuple(p for *_, p in picks.values())
+        plain, changed = ScoreLedger(tokens, tables, audit=True, watch=watch), ScoreLedger(perturbed, tables, audit=True, watch=watch)
+        for stream, ledger in ((tokens, plain), (perturbed, changed)):
+            score_path("ttt", forward, weights, stream, ledger, args, rt, replay=replay)
+            ledger.merge(rt)
+        U, P, scored = plain.nll, changed.nll, plain.count > 0
+        versus_run, units = float((U - run)[scored].abs().max()), int(scored.sum())
+        for s, e, p in picks.values():
+            a, b = plain.distributions.get(p), changed.distributions.get(p)  # the distribution at p: its own target changed
+            at_t = math.inf if a is None or b is None else float((a - b).abs().max())
+            upto_t = max(upto_t, at_t, float((U[s : p - 1] - P[s : p - 1]).abs().max()) if p - 1 > s else 0.0)
+        extra = " phase_starts:" + ",".join(f"{ps.first_doc}@{weights_sha256(ps.weights)[:12]}" for ps in phase_starts)
     else:
-        checks["exactly_once"] = (True, "probes")
-    worst_before, worst_dist, all_moved = 0.0, 0.0, True
-    for t, ledger in perturbed:
-        worst_before = max(worst_before, float((reference.nll[:t] - ledger.nll[:t]).abs().max()) if t else 0.0)
-        a, b = reference.distributions.get(t + 1), ledger.distributions.get(t + 1)
-        if a is not None and b is not None:
-            worst_dist = max(worst_dist, float((a - b).abs().max()))
-        all_moved &= bool((reference.nll[t:] != ledger.nll[t:]).any())
-    shown = all(t + 1 in r.distributions for r in runs for t in cuts)
-    causal_ok = worst_before <= tolerance and worst_dist <= tolerance and all_moved and shown
-    checks["causal"] = (causal_ok, f"cuts:{','.join(map(str, cuts))} max_change_upto_t:{worst_before:.3g} max_dlogp_at_t+1:{worst_dist:.3g} "
-                                   f"later_moved:{all_moved} tolerance:{tolerance:.3g}")
-    if full_ledger is not None:
-        regroup = float((as_run.nll - reference.nll).abs().max())
-        prefix_tolerance = 4.0 * regroup + tolerance
-        comparable = ~full_ledger.late[: reference.num_targets]  # documents after the TTT deadline depend on timing only
-        gap = float((full_ledger.nll[: reference.num_targets] - as_run.nll)[comparable].abs().max())
-        checks["prefix"] = (gap <= prefix_tolerance, f"max_diff_vs_file:{gap:.3g} tolerance:{prefix_tolerance:.3g} positions:{int(comparable.sum())}")
-    norm = max(r.normalization_error for r in runs)
-    mismatch = max(r.nll_mismatch for r in runs)
-    hidden = sum(r.without_distribution for r in runs)
-    checks["normalized"] = (norm <= 1e-4 and mismatch <= 1e-4 and hidden == 0, f"max_abs_log_sum_p:{norm:.2g} nll_vs_distribution:{mismatch:.2g} unshown:{hidden}")
-    checks["score_before_update"] = (True, f"updates:{reference.updates} all_on_scored_positions")
-    return AuditReport(name, checks)
+        getattr(forward, "_orig_mod", forward).load_state_dict(weights)
+        window, stride = path_windows(name, args)
+        picks = {}
+        for p in positions:
+            picks.setdefault(window_containing(p, full_ledger.num_targets, window, stride), p)
+        plan = window_plan(full_ledger.num_targets, window, stride)
+        for r in range(rt.world_size):  # every rank replays every picked batch
+            for batch in window_batches(plan, window, args.val_batch_size, r, rt.world_size):
+                rows = [i for i, w in enumerate(batch) if w in picks]
+                if not rows:
+                    continue
+                x, y, pos, mask = window_inputs(tokens, batch, window)
+                changed_x = x.clone()
+                for i in rows:
+                    (a, s, e), p = batch[i], picks[batch[i]]
+                    segment = tokens[a : e + 1].clone()
+                    scramble_(segment, p - a, e + 1 - a, args.vocab_size, seed=p)
+                    changed_x[i, : e - a] = segment[:-1]
+                # the run's forward on its batch, then on the changed inputs with the run's targets:
+                # up to p (its target included) nothing may move
+                with torch.no_grad(), autocast_context(x.device):
+                    U, P = (forward(inputs, y, layout=isolated_layout(forward, inputs), reduction="none").double() for inputs in (x, changed_x))
+                versus_run, units = max(versus_run, float((U[mask] - run[pos[mask] - 1]).abs().max())), units + int(mask.sum())
+                for i in rows:
+                    (a, s, e), p = batch[i], picks[batch[i]]
+                    upto_t = max(upto_t, float((U[i, s - a : p - a] - P[i, s - a : p - a]).abs().max()))
+    tolerance = 4.0 * floor
+    return (versus_run <= tolerance and upto_t <= tolerance,
+            f"positions:{len(positions)} units:{len(picks)} seed:{seed:016x} replayed_targets:{units} max_diff_vs_run:{versus_run:.3g} max_change_upto_t:{upto_t:.3g} tolerance:{tolerance:.3g}{extra}")
+
+
+def mean_and_variance(tokens: Tensor, nll: Tensor) -> tuple[float, float]:
+    """The mean nll per token and its variance with documents as the sampling unit (tokens of one
+    document are not independent): D / (D - 1) * sum_d (S_d - n_d * mean)^2 / N^2."""
+    doc = torch.cumsum(torch.cat([torch.zeros(1, dtype=torch.long, device=tokens.device), (tokens[1:-1] == BOS_ID).long()]), 0)
+    sums = torch.zeros(int(doc[-1]) + 1, dtype=torch.float64, device=nll.device).index_add_(0, doc, nll)
+    counts = torch.bincount(doc).double()
+    mean, docs = float(sums.sum() / nll.numel()), sums.numel()
+    return mean, float(((sums - counts * mean) ** 2).sum()) / nll.numel() ** 2 * docs / max(docs - 1, 1) if docs > 1 else math.inf
+
+
+def memorization_check(forward, weights: dict[str, Tensor], tokens: Tensor, args: Hyperparameters, rt: Runtime, tables: ByteTables) -> tuple[bool, str]:
+    """The artifact's base model on the held-out training text and on as many validation tokens:
+    validation may not score better by more than MEMORIZATION_SIGMAS standard errors of the
+    difference (documents as the unit), which weights that saw the validation set do (#1423)."""
+    if not args.eval_audit_heldout_tokens:
+        return False, "off: EVAL_AUDIT_HELDOUT_TOKENS=0"
+    held = heldout_tokens(shard_files(args.data_path, "train"), args.eval_audit_heldout_tokens)
+    n = min(held.size, tokens.numel())
+    stats = []
+    for stream in (tokens[:n], torch.from_numpy(held[:n].astype(np.int64)).to(tokens.device)):
+        ledger = ScoreLedger(stream, tables)
+        score_path("standard", forward, weights, stream, ledger, args, rt)
+        ledger.merge(rt)
+        stats.append(mean_and_variance(stream, ledger.nll))
+    (val, val_var), (heldout, heldout_var) = stats
+    gap, noise = heldout - val, math.sqrt(val_var + heldout_var)
+    return gap <= MEMORIZATION_SIGMAS * noise, f"val_nll:{val:.4f} heldout_nll:{heldout:.4f} gap:{gap:.4f} noise:{noise:.4f} limit:{MEMORIZATION_SIGMAS:g}x tokens:{n}"
+
+
+def agree_across_ranks(checks: dict, rt: Runtime) -> dict:
+    """One verdict for all ranks: rank 0's checks on every rank, failed if any rank found otherwise."""
+    if not rt.distributed:
+        return checks
+    gathered = [None] * rt.world_size
+    dist.all_gather_object(gathered, checks)
+    differ = [r for r, c in enumerate(gathered) if c != gathered[0]]
+    return {**gathered[0], **({"ranks_agree": (False, f"ranks {differ} found otherwise than rank 0")} if differ else {})}
+
+
+def audit_final_path(name: str, artifact: Path, args: Hyperparameters, rt: Runtime, tables: ByteTables, tokens: Tensor, full_ledger: ScoreLedger,
+                     forward, weights: dict[str, Tensor], phase_starts: list[PhaseStart], code: Path, probe_runner=None) -> AuditReport:
+    """The audit of the scored path, after its timed scoring: the probe checks (audit_path) on a
+    probe aligned with the run's units, scored by a fresh process of the shipped code from the
+    artifact file (`probe_runner`, by default run_probe_process), plus the file's weights being
+    the run's; then here, on every rank, the sampled replay and the memorization check."""
+    probe = tokens[: probe_targets(name, tokens, args) + 1]
+    cuts = audit_cut_points(probe, args.ttt_chunk_size)
+    streams = probe_streams(probe, cuts, args.vocab_size)
+    runner = probe_runner or (lambda *a: run_probe_process(*a, artifact, code))
+    seconds, t0 = {}, sync_time(rt)
+    results, file_sha, problem = runner(streams, probe_jobs(len(streams), probe_phases(name, probe, args)), [t + 1 for t in cuts], args, rt, tables)
+    seconds["probes"], t0 = sync_time(rt) - t0, sync_time(rt)
+    floor = 0.0
+    if problem:
+        checks = {"probes": (False, problem)}
+    else:
+        checks = probe_checks(results, cuts, full_ledger)
+        floor = probe_noise(results, cuts)[0] if "error" not in results[-1] else 0.0
+        run_sha = weights_sha256(weights)
+        checks["weights"] = (run_sha == file_sha, f"run:{run_sha[:16]} file:{file_sha[:16]}")
+    try:
+        checks["sampled"] = sampled_check(name, forward, weights, tokens, full_ledger, phase_starts, args, rt, tables, floor)
+    except LeakageError as e:
+        checks["score_before_update"] = (False, str(e))
+    seconds["sampled"], t0 = sync_time(rt) - t0, sync_time(rt)
+    checks["memorization"] = memorization_check(forward, weights, tokens, args, rt, tables)
+    seconds["memorization"] = sync_time(rt) - t0
+    return AuditReport(name, agree_across_ranks(checks, rt), seconds)
 
 
 # ----------------------------------------------------------------------------- evaluation: the paths and the report
@@ -3278,8 +3693,12 @@ def score_path(name: str, model, weights: dict[str, Tensor], tokens: Tensor, led
     getattr(model, "_orig_mod", model).load_state_dict(weights)
     if name == "ttt":
         return ScoreFirstTTT(getattr(model, "_orig_mod", model).cfg, args, rt)(model, tokens, ledger, rt, **ttt_options)
-    window, stride = (args.train_seq_len, args.train_seq_len) if name == "standard" else (args.eval_seq_len, args.eval_stride)
-    return score_windows(model, tokens, ledger, rt, window, stride, args.val_batch_size)
+    return score_windows(model, tokens, ledger, rt, *path_windows(name, args), args.val_batch_size)
+
+
+def path_windows(name: str, args: Hyperparameters) -> tuple[int, int]:
+    """(window, stride) of a window path."""
+    return (args.train_seq_len, args.train_seq_len) if name == "standard" else (args.eval_seq_len, args.eval_stride)
 
 
 def dummy_token_stream(length: int, vocab_size: int, doc_len: int, device) -> Tensor:
@@ -3337,23 +3756,13 @@ def warm_up_paths(forward, weights, names: list[str], args: Hyperparameters, rt:
         log(f"eval_compile path:{name} seconds:{sync_time(rt) - t0:.1f}")
 
 
-def audit_final_path(name: str, artifact: Path, args: Hyperparameters, rt: Runtime, tables: ByteTables, tokens: Tensor, full_ledger: ScoreLedger, backend: str) -> AuditReport:
-    """The audit of the scored path, from the artifact file alone (not the run's model) and through score_path."""
-    model = load_model_from_artifact(artifact, rt.device, backend)
-    model.requires_grad_(False)
-    weights = {k: v.clone() for k, v in model.state_dict().items()}
-    forward = compile_for_eval(model, args, rt)
-
-    def score(toks, ledger, alone):
-        score_path(name, forward, weights, toks, ledger, one_per_batch(args) if alone else args, rt)
-
-    return audit_path(name, score, tokens, tables, rt, model.cfg.vocab_size, args.ttt_chunk_size, full_ledger, args.eval_audit_tokens)
-
-
-def evaluate_artifact(path: Path, args: Hyperparameters, rt: Runtime, log: Logger, tables: ByteTables, val_tokens: Tensor, scheme: str, backend: str) -> tuple[dict, list]:
+def evaluate_artifact(path: Path, args: Hyperparameters, rt: Runtime, log: Logger, tables: ByteTables, val_tokens: Tensor, scheme: str, backend: str,
+                      code: Path | None = None) -> tuple[dict, list]:
     """Everything after training. Timed, as the evaluation: load the artifact and score each path
     (every path from the artifact's weights). Untimed and logged apart: the compile warm-up on
-    dummy tokens, and afterwards the audit of the final path."""
+    dummy tokens, and afterwards the audit of the final path (its fresh process runs `code`, the
+    shipped train_gpt.py; by default this file). In that fresh process (EVAL_AUDIT_PROBES) only the
+    final path is warmed up, and the probes are scored instead of the paths."""
     t_start, reload = sync_time(rt), Stage("reload", log, rt)
     model = load_model_from_artifact(path, rt.device, backend)
     model.requires_grad_(False)
@@ -3364,17 +3773,20 @@ def evaluate_artifact(path: Path, args: Hyperparameters, rt: Runtime, log: Logge
     warmup_s, graphs = 0.0, forward_graphs()
     if forward is not model:
         warmup = Stage("eval_compile_warmup", log, rt)
-        warm_up_paths(forward, weights, names, args, rt, tables, model.cfg.vocab_size, log)
+        warm_up_paths(forward, weights, names[-1:] if args.eval_audit_probes else names, args, rt, tables, model.cfg.vocab_size, log)
         warmup_s = warmup.done()
         log(f"eval_compile_warmup:{1000.0 * warmup_s:.0f}ms graphs:{forward_graphs() - graphs} (dummy tokens, not counted in eval_time_total)")
+    if args.eval_audit_probes:
+        score_probe_file(names[-1], forward, weights, args, rt, tables)
+        return {}, []
     graphs = forward_graphs()
     deadline = ttt_deadline(t_start + warmup_s, args.ttt_deadline_seconds, rt.world_size)
-    results, ledgers = {}, {}
+    results, ledgers, phase_starts = {}, {}, []
     for name in names:
         ledger = ScoreLedger(val_tokens, tables)
         base_ledger = ScoreLedger(val_tokens, tables) if name == "ttt" and args.ttt_report_base else None
         timer = Stage(f"eval_{path_label(name, args)}", log, rt)
-        options = dict(base_ledger=base_ledger, deadline=deadline, log=log) if name == "ttt" else {}
+        options = dict(base_ledger=base_ledger, deadline=deadline, log=log, phase_starts=phase_starts if args.eval_audit else None) if name == "ttt" else {}
         stats = score_path(name, forward, weights, val_tokens, ledger, args, rt, **options)
         ledger.merge(rt)
         result = ledger.result()
@@ -3407,9 +3819,11 @@ def evaluate_artifact(path: Path, args: Hyperparameters, rt: Runtime, log: Logge
     audits = []
     if args.eval_audit:
         timer = Stage("audit", log, rt)
-        report = audit_final_path(names[-1], path, args, rt, tables, val_tokens, ledgers[names[-1]], backend)
+        report = audit_final_path(names[-1], path, args, rt, tables, val_tokens, ledgers[names[-1]], forward, weights, phase_starts, code or Path(__file__))
         log(report.line())
-        log(f"eval_audit_time:{1000.0 * timer.done():.0f}ms (after the timed evaluation)")
+        audit_s = timer.done()
+        parts = " ".join(f"{part}:{1000.0 * s:.0f}ms" for part, s in report.seconds.items())
+        log(f"eval_audit_time:{1000.0 * audit_s:.0f}ms ratio_to_eval:{audit_s / total_s:.2f} {parts} (after the timed evaluation)")
         audits.append(report)
     return results, audits
 
@@ -3677,6 +4091,10 @@ def run(args: Hyperparameters, rt: Runtime, run_id: str, log: Logger) -> bool:
     log(f"val_tokens:{val_tokens.numel()} targets:{val_tokens.numel() - 1}")
     byte_source = "sidecar (fineweb_val_bytes_*.bin, original UTF-8 bytes)" if tables.sidecar_bytes is not None else "official (tokenizer tables)"
     log(f"bpb_bytes:{int(stream_target_bytes(val_tokens, tables).sum())} source:{byte_source}")
+    if args.eval_audit_heldout_tokens:
+        train_files = shard_files(args.data_path, "train")
+        start = heldout_start(train_files, args.eval_audit_heldout_tokens)
+        log(f"audit_heldout shard:{Path(train_files[-1]).name} from_token:{start} tokens:{shard_token_count(train_files[-1]) - start} (never trained on)")
     scheme = quantization_scheme(args)
     pre_quant, train_result, size = None, None, None
     if args.eval_only:
@@ -3708,10 +4126,12 @@ def run(args: Hyperparameters, rt: Runtime, run_id: str, log: Logger) -> bool:
             stop(e, keep_trained_weights(model, args, rt, run_id, artifact_path, failure(e, where)), log)
         del model
     try:
-        results, audits = evaluate_artifact(artifact_path, args, rt, log, tables, val_tokens, scheme, backend)
+        results, audits = evaluate_artifact(artifact_path, args, rt, log, tables, val_tokens, scheme, backend, log_dir / f"{run_id}.train_gpt.py")
     except BaseException as e:
         command = resume_command(args, rt, RUN_ID=run_id, EVAL_ONLY=artifact_path, QUANTIZE_ONLY=None)
         stop(e, f"{failure(e, 'the evaluation stopped')}; the artifact {artifact_path} is intact: score it without retraining: {command}", log)
+    if args.eval_audit_probes:  # the audit's fresh process: its probes are written, nothing to report
+        return True
     if pre_quant is not None:
         log(f"quant_gap_bpb:{results['standard'].val_bpb - pre_quant.val_bpb:.6f}")
     verdict = "NOT_RUN" if not audits else "PASS" if all(a.passed for a in audits) else "FAIL"
@@ -3723,6 +4143,10 @@ def run(args: Hyperparameters, rt: Runtime, run_id: str, log: Logger) -> bool:
         problems.append("train_time_over_600s")
     if verdict != "PASS":  # a score without its audit is not evidence of legality
         problems.append("audit_failed" if verdict == "FAIL" else "audit_not_run")
+    if rt.distributed:  # rank 0 holds the size report: its decision is every rank's, and so is the exit code
+        shared = [problems]
+        dist.broadcast_object_list(shared, src=0)
+        problems = shared[0]
     log(f"submission_valid:{'no reason:' + ','.join(problems) if problems else 'yes'}")
     return not problems
 

@@ -485,7 +485,7 @@ def outcome_rows(run, lines: list[str], args: tg.Hyperparameters, world: int, re
     if run.submission_valid is not None:
         rows.append(Result("pass" if run.submission_valid else "FAIL", note=f"submission_valid:{'yes' if run.submission_valid else 'no ' + (run.submission_reason or '')}", check="submission_valid"))
     if returncode is not None:
-        rows.append(Result("pass" if returncode == 0 else "FAIL", [figure("exit code", returncode, "")], console_tail if returncode else "", check="exit code (every rank)"))
+        rows.append(Result("pass" if returncode == 0 else "FAIL", [figure("exit code", returncode, "code")], console_tail if returncode else "", check="exit code (every rank)"))
     return rows
 
 
@@ -517,7 +517,7 @@ def run_end_to_end(ctx: Context, part: PartRunner) -> list[Result]:
         why = "stopped at the part's budget" if returncode is None else f"exited with {returncode}"
         rows.append(Result("ERROR", note=f"{why} in stage {open_stage or '(before the first)'}: {last[:200]}", check="run"))
     settings = " ".join(f"{k}={v}" for k, v in E2E_SETTINGS[mode].items())
-    rows.insert(0, Result("measured", [figure("processes", world, "")], f"torchrun --standalone --nproc_per_node={world} train_gpt.py with {settings}", check="command"))
+    rows.insert(0, Result("measured", [figure("processes", world, "count")], f"torchrun --standalone --nproc_per_node={world} train_gpt.py with {settings}", check="command"))
     return rows
 
 

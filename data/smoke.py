@@ -24,6 +24,7 @@ import inspect
 import io
 import json
 import os
+import random
 import subprocess
 import sys
 import warnings
@@ -141,13 +142,16 @@ def stdlib_documents() -> list[str]:
 
 
 def smoke_corpus() -> tuple[list[str], list[str]]:
-    """(validation, training) documents: the first pydoc topics up to VAL_TEXT_BYTES, then the rest."""
-    topics = topic_documents()
+    """(validation, training) documents of one pool shuffled with a fixed seed (pydoc topics and module
+    docstrings): the first up to VAL_TEXT_BYTES, then the rest. Validation and training text are
+    alike, as FineWeb's are: the audit's memorization check compares the two."""
+    docs = topic_documents() + stdlib_documents()
+    random.Random(0).shuffle(docs)
     val_count, size = 0, 0
     while size < VAL_TEXT_BYTES:
-        size += len(topics[val_count].encode("utf-8"))
+        size += len(docs[val_count].encode("utf-8"))
         val_count += 1
-    return topics[:val_count], topics[val_count:] + stdlib_documents()
+    return docs[:val_count], docs[val_count:]
 
 
 # ----------------------------------------------------------------------------- steps

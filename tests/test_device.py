@@ -207,6 +207,17 @@ def write_run_data(folder):
         T.write_data_shard(folder / f"fineweb_{split}_000000.bin", synthetic_stream(docs, seed=len(split)).astype(np.uint16))
 
 
+def probes_on_the_device(streams, jobs, watch, args, rt, tables, artifact, code):
+    """The audit's fresh process, done here (a subprocess cannot share the stand-in device): the
+    artifact loaded onto the device and the probe jobs scored there, as score_probe_file does."""
+    model = T.load_model_from_artifact(artifact, rt.device)
+    model.requires_grad_(False)
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    assert all(on_device(s) for s in streams)
+    found = T.score_probe_jobs(T.evaluation_paths(args)[-1], model, weights, streams, jobs, watch, args, rt, tables)
+    return found["results"], found["weights_sha256"], None
+
+
 def test_the_whole_run_on_the_device(device, tmp_path, monkeypatch):
     """run(): training (the loader, Muon, EMA, a validation pass, calibration inside the budget), GPTQ on
     Hessians from the device, the artifact, its reload onto the device, the paths and the audit of the
@@ -218,6 +229,7 @@ def test_the_whole_run_on_the_device(device, tmp_path, monkeypatch):
     args = tiny_args(DATA_PATH=str(tmp_path), TOKENIZER_PATH=str(tmp_path / "none.model"), LOG_DIR=str(tmp_path / "logs"), ITERATIONS=4,
                      TTT_LR=0.05, TTT_PHASE_DOCS="4", EVAL_STRIDE=0, EVAL_AUDIT_TOKENS=128, CODE_MINIFY=0, ARTIFACT_COMPRESSOR="lzma",
                      MAX_WALLCLOCK_SECONDS=60, GPTQ_RESERVE_SECONDS="auto", VAL_LOSS_EVERY=4)
+    monkeypatch.setattr(T, "run_probe_process", probes_on_the_device)
     log = Recorder()
     valid = T.run(args, device, "device_run", log)
     text = "\n".join(log.lines)

@@ -263,9 +263,9 @@ def write_artifact_of(model, args, path):
     return path
 
 
-def test_eval_dump_reaggregates_to_the_logged_bpb(model, tables, tmp_path):
+def test_eval_dump_reaggregates_to_the_logged_bpb(model, tables, tmp_path, synthetic_data, tiny_tokenizer):
     tokens = doc_stream([40, 60, 35, 50], seed=2)
-    args = tiny_args(EVAL_DUMP=str(tmp_path / "dump"), EVAL_STRIDE=8, TTT_LR=0.05, TTT_PHASE_DOCS="2")
+    args = tiny_args(EVAL_DUMP=str(tmp_path / "dump"), EVAL_STRIDE=8, TTT_LR=0.05, TTT_PHASE_DOCS="2", DATA_PATH=synthetic_data, TOKENIZER_PATH=tiny_tokenizer, CODE_MINIFY=0)
     log = T.Logger(tmp_path / "log.txt")
     results, audits = T.evaluate_artifact(write_artifact_of(model, args, tmp_path / "m.pgz"), args, T.Runtime(), log, tables, tokens, "int6", "sdpa")
     text = (tmp_path / "log.txt").read_text()
@@ -310,7 +310,7 @@ def test_audit_passes_the_real_scorers(model, tables, name, mode):
     report = audit_real(name, args, model, tokens, tables)
     assert report.passed, report.line()
     assert set(report.checks) == {"exactly_once", "prefix", "causal", "normalized", "score_before_update"}
-    assert "cuts:12,16,100,129 " in report.checks["causal"][1], "inside and at the end of a chunk, a document start, N/2 + 1"
+    assert "cuts:1,12,16,100,129 " in report.checks["causal"][1], "t = 1, inside and at the end of a chunk, a document start, N/2 + 1"
     assert "tolerance:0" in report.checks["causal"][1], "bit for bit on CPU"
     if name == "ttt":
         assert int(re.search(r"updates:(\d+)", report.checks["score_before_update"][1]).group(1)) > 0
@@ -319,7 +319,7 @@ def test_audit_passes_the_real_scorers(model, tables, name, mode):
 def test_audit_cut_points_cover_chunks_document_starts_and_the_middle():
     tokens = audit_stream()
     starts = [s for s, _ in T.document_spans(tokens)]
-    assert T.audit_cut_points(tokens, CHUNK) == [12, 16, 100, 129]
+    assert T.audit_cut_points(tokens, CHUNK) == [1, 12, 16, 100, 129]
     assert 12 % CHUNK == 4 and 16 % CHUNK == 0  # inside a chunk and at a chunk's end of the first (adapted) document
     assert 100 in starts and 129 == tokens.numel() // 2 + 1
 
