@@ -25,4 +25,5 @@ def test_readme_opens_with_the_main_job_and_the_test_command():
     assert "torchrun --standalone --nproc_per_node=8 train_gpt.py" in first_block
     assert "bash .ci/run" in first_block
     ci = (REPO / ".ci" / "run").read_text()
-    assert "python3 -m pytest -q tests" in ci
+    command = "python3 -m pytest -q -n 2 --dist loadfile tests"
+    assert command in ci and f"`{command}`" in readme()
