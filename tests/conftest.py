@@ -1,6 +1,7 @@
 """Shared helpers for the CPU test suite: tiny configurations, toy byte tables, synthetic shards."""
 
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -139,3 +140,12 @@ def sp1024():
     import sentencepiece as spm
 
     return spm.SentencePieceProcessor(model_file=str(SP1024))
+
+
+def assert_fails(report, check, detail=None):
+    """An audit report that FAILs, its `check` among the failed ones (its detail matching `detail`)."""
+    assert not report.passed and "verdict:FAIL" in report.line(), report.line()
+    ok, text = report.checks[check]
+    assert not ok, report.line()
+    if detail:
+        assert re.search(detail, text), text

@@ -23,19 +23,22 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import train_gpt as T
-from conftest import REPO, TINY, clean_env, mark_synthetic, synthetic_stream, tiny_args, tiny_model, toy_tables
+from conftest import REPO, TINY, assert_fails, clean_env, mark_synthetic, synthetic_stream, tiny_args, tiny_model, toy_tables
 
 VOCAB = 64
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    """A DATA_PATH of synthetic documents: one train shard, one validation shard of the same kind."""
-    folder = tmp_path_factory.mktemp("data")
-    T.write_data_shard(folder / "fineweb_train_000000.bin", synthetic_stream(400, seed=1))
-    T.write_data_shard(folder / "fineweb_val_000000.bin", synthetic_stream(40, seed=2))
+def data_folder(folder, train, val):
+    """A DATA_PATH of one train shard and one validation shard of the same kind of documents."""
+    T.write_data_shard(folder / "fineweb_train_000000.bin", train)
+    T.write_data_shard(folder / "fineweb_val_000000.bin", val)
     mark_synthetic(folder)
     return folder
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return data_folder(tmp_path_factory.mktemp("data"), synthetic_stream(400, seed=1), synthetic_stream(40, seed=2))
 
 
 def write_artifact(model, path):
@@ -93,14 +96,6 @@ def run_and_audit(args, rt, artifact, tokens=None, tables=None):
 
 def audit_args(data, **overrides):
     return tiny_args(**{"DATA_PATH": data, "TTT_LR": 0.05, "EVAL_AUDIT_TOKENS": 120, "EVAL_AUDIT_SAMPLES": 8, **overrides})
-
-
-def assert_fails(report, check, detail=None):
-    assert not report.passed and "verdict:FAIL" in report.line(), report.line()
-    ok, text = report.checks[check]
-    assert not ok, report.line()
-    if detail:
-        assert re.search(detail, text), text
 
 
 # ----------------------------------------------------------------------------- the probe, aligned with the run's units
@@ -351,11 +346,7 @@ def random_documents(count: int, seed: int) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def random_data(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("random_data")
-    T.write_data_shard(folder / "fineweb_train_000000.bin", random_documents(400, seed=1))
-    T.write_data_shard(folder / "fineweb_val_000000.bin", random_documents(100, seed=2))
-    mark_synthetic(folder)
-    return folder
+    return data_folder(tmp_path_factory.mktemp("random_data"), random_documents(400, seed=1), random_documents(100, seed=2))
 
 
 def test_weights_that_saw_the_validation_set_fail_the_memorization_check(random_data, tmp_path):

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import train_gpt as T
-from conftest import tiny_args, tiny_model, toy_tables, synthetic_stream
+from conftest import assert_fails, tiny_args, tiny_model, toy_tables, synthetic_stream
 
 VOCAB = 64
 CHUNK = 8  # TINY's TTT_CHUNK_SIZE
@@ -348,14 +348,6 @@ def test_ledger_records_are_written_only_through_its_methods(tables):
 
 
 # ----------------------------------------------------------------------------- leaky scorers
-
-
-def assert_fails(report, check, detail=None):
-    assert not report.passed and "verdict:FAIL" in report.line(), report.line()
-    ok, text = report.checks[check]
-    assert not ok, report.line()
-    if detail:
-        assert re.search(detail, text), text
 
 
 def test_audit_fails_a_rescoring_pass(model, tables):
