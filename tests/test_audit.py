@@ -563,3 +563,24 @@ def test_two_processes_exit_alike_with_one_verdict(tmp_path, data, tiny_tokenize
     assert [r.returncode for r in leaky] == [3, 3], [r.stdout[-2000:] + r.stderr[-2000:] for r in leaky]
     assert "verdict:FAIL" in audit_line(leaky[0].stdout) and leaky[0].stdout.strip().endswith("submission_valid:no reason:audit_failed")
     assert leaky[1].stdout == "", "rank 1 logs nothing"
+
+
+def probe_result(gaps) -> dict:
+    """A probe's result whose recorded nll differs from its distribution's by `gaps` (one per target)."""
+    g = torch.tensor(gaps, dtype=torch.float64)
+    return {"nll": torch.ones(4, dtype=torch.float64), "late": torch.zeros(4, dtype=torch.bool), "updates": 0, "distributions": {}, "normalization": 0.0,
+            "mismatch": float(g.abs().max()), "moments": [g.numel(), float(g.sum()), float(g.square().sum())], "unshown": 0}
+
+
+def test_on_a_gpu_the_nll_must_match_its_distribution_on_average():
+    """fp32 (CPU): each recorded nll within 1e-4 of -log p[target]. bf16 (GPU, two compiled graphs):
+    per-token rounding differences pass when they average to 0; a recorded nll lowered on average fails."""
+    noise = [0.01 * (-1) ** i for i in range(1000)]
+    lowered = [x - 0.003 for x in noise]
+
+    def normalized(gaps, exact):
+        return T.probe_checks([probe_result(gaps)] * 3, [], None, exact)["normalized"]
+
+    assert normalized([1e-6] * 1000, True)[0] and not normalized(noise, True)[0]
+    assert normalized(noise, False)[0] and "rule:mean" in normalized(noise, False)[1]
+    assert not normalized(lowered, False)[0]
